@@ -1,0 +1,1023 @@
+//! The replication connection: startup, TLS, authentication, replication
+//! commands and the CopyBoth stream.
+//!
+//! tokio-postgres cannot enter CopyBoth mode, so this connection is framed by
+//! hand on postgres-protocol's message encoders. The sequence is:
+//!
+//! 1. TCP connect; with TLS, an SSLRequest answered `S` (then the handshake)
+//!    or `N` (acceptable only for `sslmode=prefer`).
+//! 2. StartupMessage with `replication=database`, which makes the backend a
+//!    walsender that also accepts simple-query SQL. The session is pinned to
+//!    UTF-8, ISO dates and UTC, so the text pgoutput sends for each column is
+//!    the same whatever the server's defaults.
+//! 3. Authentication: trust, cleartext, md5 or SCRAM-SHA-256 (with
+//!    `tls-server-end-point` channel binding over TLS when the server offers
+//!    SCRAM-SHA-256-PLUS).
+//! 4. Replication commands as simple queries (`IDENTIFY_SYSTEM`,
+//!    `CREATE_REPLICATION_SLOT`, `SHOW`), then `START_REPLICATION`, answered
+//!    by CopyBothResponse.
+//!
+//! Once streaming, reading and writing are split: the caller reads
+//! [`ReplicationMessage`]s from [`ReplicationStream::next`], while a task of
+//! its own sends standby status updates on a timer and at once when a
+//! keepalive asks for one. Status updates therefore keep flowing while the
+//! reader is blocked on a full producer queue, and the walsender does not
+//! time the connection out.
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::lsn::Lsn;
+use super::params::ConnectParams;
+use super::protocol::{
+    BackendCodec, BackendMessage, ReplicationMessage, ReplicationMessageError, StandbyStatus,
+    put_standby_status_update,
+};
+use super::tls::{TlsError, TlsSetup, channel_binding};
+
+/// The default and largest interval between standby status updates.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The shortest gap between two status updates sent because the confirmed
+/// position moved: the slot follows within a fraction of a second, at a few
+/// small messages a second however many transactions are confirmed.
+pub const PROGRESS_REPORT_GAP: Duration = Duration::from_millis(200);
+
+/// An error or fatal message the server sent, with its SQLSTATE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    /// `ERROR`, `FATAL` or `PANIC`.
+    pub severity: String,
+    /// The SQLSTATE, such as `28P01`.
+    pub code: String,
+    /// The primary message.
+    pub message: String,
+    /// The optional detail.
+    pub detail: Option<String>,
+    /// The optional hint.
+    pub hint: Option<String>,
+}
+
+impl ServerError {
+    fn from_fields(mut fields: backend::ErrorFields<'_>) -> io::Result<Self> {
+        let mut e = ServerError {
+            severity: String::new(),
+            code: String::new(),
+            message: String::new(),
+            detail: None,
+            hint: None,
+        };
+        while let Some(field) = fields.next()? {
+            let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
+                // 'V' is the untranslated severity; prefer it over 'S'.
+                b'V' => e.severity = value,
+                b'S' if e.severity.is_empty() => e.severity = value,
+                b'C' => e.code = value,
+                b'M' => e.message = value,
+                b'D' => e.detail = Some(value),
+                b'H' => e.hint = Some(value),
+                _ => {}
+            }
+        }
+        Ok(e)
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " (detail: {detail})")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Why the replication connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// TCP connect failed.
+    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    Connect {
+        /// `host:port`.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting, TLS and authentication took longer than `connect_timeout`.
+    #[error("connecting to PostgreSQL at {target} timed out after {after:?}")]
+    Timeout {
+        /// `host:port`.
+        target: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// The server answered `N` to SSLRequest.
+    #[error(
+        "PostgreSQL at {target} does not accept TLS, but the sslmode requires it: \
+         enable ssl on the server or use sslmode=prefer or disable"
+    )]
+    TlsRefused {
+        /// `host:port`.
+        target: String,
+    },
+    /// TLS could not be configured.
+    #[error(transparent)]
+    TlsSetup(#[from] TlsError),
+    /// The handshake failed (a certificate that does not verify, say).
+    #[error("TLS handshake with PostgreSQL at {target} failed: {source}")]
+    TlsHandshake {
+        /// `host:port`.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The server asked for an authentication method walrelay lacks.
+    #[error(
+        "PostgreSQL asks for {0} authentication, which walrelay does not support; \
+         use scram-sha-256, md5, password or trust in pg_hba.conf"
+    )]
+    UnsupportedAuth(&'static str),
+    /// The server asked for a password and none was given.
+    #[error(
+        "PostgreSQL asks for a password, but none was given: put it in the URL, \
+         PGPASSWORD or --postgres-password-file"
+    )]
+    NoPassword,
+    /// The SCRAM exchange failed on our side (a server signature that does not match, say).
+    #[error("SCRAM-SHA-256 authentication failed: {0}")]
+    Scram(#[source] io::Error),
+    /// The server reported an error.
+    #[error("PostgreSQL: {0}")]
+    Server(#[from] ServerError),
+    /// Reading or writing the socket failed.
+    #[error("the connection to PostgreSQL failed: {0}")]
+    Io(#[from] io::Error),
+    /// The server closed the connection.
+    #[error("PostgreSQL closed the connection")]
+    Closed,
+    /// The server sent a message that makes no sense here.
+    #[error("unexpected message from PostgreSQL: {0}")]
+    Protocol(String),
+    /// A CopyData body that is not a replication message.
+    #[error("malformed replication message: {0}")]
+    Replication(#[from] ReplicationMessageError),
+}
+
+impl ConnError {
+    /// The SQLSTATE when the server reported the error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ConnError::Server(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may succeed without anyone changing anything:
+    /// network trouble, a server restarting or out of connections, a slot
+    /// another process holds. Wrong credentials, missing objects and bad
+    /// settings are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnError::Connect { .. }
+            | ConnError::Timeout { .. }
+            | ConnError::Io(_)
+            | ConnError::Closed => true,
+            ConnError::TlsHandshake { source, .. } => source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_none(),
+            ConnError::Server(e) => {
+                e.code.starts_with("08")
+                    || e.code.starts_with("53")
+                    || matches!(
+                        e.code.as_str(),
+                        "57P01" | "57P02" | "57P03" | "55006" | "40001"
+                    )
+            }
+            ConnError::TlsRefused { .. }
+            | ConnError::TlsSetup(_)
+            | ConnError::UnsupportedAuth(_)
+            | ConnError::NoPassword
+            | ConnError::Scram(_)
+            | ConnError::Protocol(_)
+            | ConnError::Replication(_) => false,
+        }
+    }
+}
+
+/// A plain or TLS socket.
+#[derive(Debug)]
+enum Socket {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Reads whole backend messages; cancel-safe, since bytes read stay in `buf`.
+#[derive(Debug)]
+struct Reader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    async fn next(&mut self) -> Result<BackendMessage, ConnError> {
+        loop {
+            if let Some(message) = BackendCodec::decode(&mut self.buf)? {
+                return Ok(message);
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(64 * 1024);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+    }
+}
+
+/// One row of a simple-query result, every value in text form.
+pub type Row = Vec<Option<String>>;
+
+/// A slot made by `CREATE_REPLICATION_SLOT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    /// The slot's name.
+    pub name: String,
+    /// The first position it decodes from: transactions committing after it.
+    pub consistent_point: Lsn,
+    /// The snapshot exported for reading the rows that existed before, if asked for.
+    pub snapshot_name: Option<String>,
+}
+
+/// What `CREATE_REPLICATION_SLOT` does with the snapshot taken at the consistent point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// Export it for other sessions (`SET TRANSACTION SNAPSHOT`) until the next command.
+    Export,
+    /// Do not keep it.
+    Discard,
+}
+
+/// The server's `IDENTIFY_SYSTEM` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemId {
+    /// The cluster's unique system identifier.
+    pub system_id: String,
+    /// The current timeline.
+    pub timeline: u32,
+    /// The current WAL flush position.
+    pub xlog_pos: Lsn,
+    /// The database connected to.
+    pub dbname: Option<String>,
+}
+
+/// A replication connection, before streaming.
+#[derive(Debug)]
+pub struct ReplicationConnection {
+    reader: Reader<ReadHalf<Socket>>,
+    writer: WriteHalf<Socket>,
+    out: BytesMut,
+    backend_pid: i32,
+    server_version: String,
+}
+
+impl ReplicationConnection {
+    /// Connects, negotiates TLS and authenticates, within `connect_timeout`.
+    pub async fn connect(params: &ConnectParams) -> Result<Self, ConnError> {
+        let tls = TlsSetup::new(params)?;
+        let target = format!("{}:{}", params.host, params.port);
+        tokio::time::timeout(
+            params.connect_timeout,
+            Self::connect_inner(params, tls, &target),
+        )
+        .await
+        .map_err(|_| ConnError::Timeout {
+            target,
+            after: params.connect_timeout,
+        })?
+    }
+
+    async fn connect_inner(
+        params: &ConnectParams,
+        tls: Option<TlsSetup>,
+        target: &str,
+    ) -> Result<Self, ConnError> {
+        let tcp = TcpStream::connect((params.host.as_str(), params.port))
+            .await
+            .map_err(|source| ConnError::Connect {
+                target: target.to_owned(),
+                source,
+            })?;
+        tcp.set_nodelay(true)?;
+        let (socket, binding) = match tls {
+            None => (Socket::Plain(tcp), None),
+            Some(tls) => start_tls(tcp, tls, target).await?,
+        };
+        let (read, writer) = tokio::io::split(socket);
+        let mut conn = ReplicationConnection {
+            reader: Reader {
+                io: read,
+                buf: BytesMut::with_capacity(64 * 1024),
+            },
+            writer,
+            out: BytesMut::with_capacity(1024),
+            backend_pid: 0,
+            server_version: String::new(),
+        };
+        conn.startup(params, binding).await?;
+        Ok(conn)
+    }
+
+    /// The process ID of the walsender serving this connection.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// The server's `server_version`, such as `15.18 (Debian 15.18-0+deb12u1)`.
+    pub fn server_version(&self) -> &str {
+        &self.server_version
+    }
+
+    async fn send(&mut self) -> Result<(), ConnError> {
+        self.writer.write_all(&self.out).await?;
+        self.writer.flush().await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    async fn startup(
+        &mut self,
+        params: &ConnectParams,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), ConnError> {
+        let startup = [
+            ("user", params.user.as_str()),
+            ("database", params.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", params.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("TimeZone", "UTC"),
+            ("IntervalStyle", "iso_8601"),
+            ("extra_float_digits", "3"),
+        ];
+        frontend::startup_message(startup.iter().copied(), &mut self.out)?;
+        self.send().await?;
+        self.authenticate(params, binding).await?;
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
+                BackendMessage::Other(backend::Message::BackendKeyData(body)) => {
+                    self.backend_pid = body.process_id();
+                }
+                BackendMessage::Other(backend::Message::ParameterStatus(body)) => {
+                    if body.name()? == "server_version" {
+                        body.value()?.clone_into(&mut self.server_version);
+                    }
+                }
+                other => Self::unexpected(other, "waiting for ReadyForQuery after login")?,
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        params: &ConnectParams,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), ConnError> {
+        let password = || params.password().ok_or(ConnError::NoPassword);
+        match self.reader.next().await? {
+            BackendMessage::Other(backend::Message::AuthenticationOk) => return Ok(()),
+            BackendMessage::Other(backend::Message::AuthenticationCleartextPassword) => {
+                frontend::password_message(password()?.as_bytes(), &mut self.out)?;
+            }
+            BackendMessage::Other(backend::Message::AuthenticationMd5Password(body)) => {
+                let hash = md5_hash(params.user.as_bytes(), password()?.as_bytes(), body.salt());
+                frontend::password_message(hash.as_bytes(), &mut self.out)?;
+            }
+            BackendMessage::Other(backend::Message::AuthenticationSasl(body)) => {
+                let mut mechanisms = body.mechanisms();
+                let (mut scram_offered, mut plus_offered) = (false, false);
+                while let Some(m) = mechanisms.next()? {
+                    scram_offered |= m == sasl::SCRAM_SHA_256;
+                    plus_offered |= m == sasl::SCRAM_SHA_256_PLUS;
+                }
+                return self
+                    .scram(password()?, binding, scram_offered, plus_offered)
+                    .await;
+            }
+            BackendMessage::Other(backend::Message::AuthenticationGss) => {
+                return Err(ConnError::UnsupportedAuth("GSSAPI"));
+            }
+            BackendMessage::Other(backend::Message::AuthenticationSspi) => {
+                return Err(ConnError::UnsupportedAuth("SSPI"));
+            }
+            BackendMessage::Other(backend::Message::AuthenticationKerberosV5) => {
+                return Err(ConnError::UnsupportedAuth("Kerberos V5"));
+            }
+            BackendMessage::Other(backend::Message::AuthenticationScmCredential) => {
+                return Err(ConnError::UnsupportedAuth("SCM credential"));
+            }
+            other => return Self::unexpected(other, "authenticating"),
+        }
+        self.send().await?;
+        self.expect_auth_ok().await
+    }
+
+    async fn scram(
+        &mut self,
+        password: &str,
+        binding: Option<Vec<u8>>,
+        scram_offered: bool,
+        plus_offered: bool,
+    ) -> Result<(), ConnError> {
+        // Bind the exchange to the TLS session when both sides can; tell the
+        // server "I could have" ('y') when it did not offer binding over TLS,
+        // so a man in the middle that stripped -PLUS is detected.
+        let (mechanism, cb) = match (binding, plus_offered) {
+            (Some(hash), true) => (
+                sasl::SCRAM_SHA_256_PLUS,
+                sasl::ChannelBinding::tls_server_end_point(hash),
+            ),
+            (Some(_), false) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+            (None, _) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+        };
+        if mechanism == sasl::SCRAM_SHA_256 && !scram_offered {
+            return Err(ConnError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
+        }
+        let mut scram = sasl::ScramSha256::new(password.as_bytes(), cb);
+        frontend::sasl_initial_response(mechanism, scram.message(), &mut self.out)?;
+        self.send().await?;
+        match self.reader.next().await? {
+            BackendMessage::Other(backend::Message::AuthenticationSaslContinue(body)) => {
+                scram.update(body.data()).map_err(ConnError::Scram)?;
+            }
+            other => return Self::unexpected(other, "waiting for SASL continue"),
+        }
+        frontend::sasl_response(scram.message(), &mut self.out)?;
+        self.send().await?;
+        match self.reader.next().await? {
+            BackendMessage::Other(backend::Message::AuthenticationSaslFinal(body)) => {
+                scram.finish(body.data()).map_err(ConnError::Scram)?;
+            }
+            other => return Self::unexpected(other, "waiting for SASL final"),
+        }
+        self.expect_auth_ok().await
+    }
+
+    async fn expect_auth_ok(&mut self) -> Result<(), ConnError> {
+        match self.reader.next().await? {
+            BackendMessage::Other(backend::Message::AuthenticationOk) => Ok(()),
+            other => Self::unexpected(other, "waiting for AuthenticationOk"),
+        }
+    }
+
+    /// Turns a message that should not have come into an error; an
+    /// ErrorResponse becomes the server's error, a notice is only logged.
+    fn unexpected(message: BackendMessage, during: &str) -> Result<(), ConnError> {
+        match message {
+            BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                Err(ServerError::from_fields(body.fields())?.into())
+            }
+            BackendMessage::Other(backend::Message::NoticeResponse(body)) => {
+                let notice = ServerError::from_fields(body.fields())?;
+                tracing::info!(severity = %notice.severity, code = %notice.code, "postgres: {}", notice.message);
+                Ok(())
+            }
+            // Parameter changes mid-session (a reload) are of no interest.
+            BackendMessage::Other(backend::Message::ParameterStatus(_)) => Ok(()),
+            other => Err(ConnError::Protocol(format!("{other:?} while {during}"))),
+        }
+    }
+
+    /// Runs one simple query (a replication command or SQL) and returns its rows.
+    pub async fn simple_query(&mut self, query: &str) -> Result<Vec<Row>, ConnError> {
+        frontend::query(query, &mut self.out)?;
+        self.send().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => {
+                    return error.map_or(Ok(rows), Err);
+                }
+                BackendMessage::Other(backend::Message::DataRow(body)) => {
+                    let buffer = body.buffer();
+                    let row = body
+                        .ranges()
+                        .map(|range| {
+                            Ok(range.map(|r| String::from_utf8_lossy(&buffer[r]).into_owned()))
+                        })
+                        .collect()?;
+                    rows.push(row);
+                }
+                BackendMessage::Other(
+                    backend::Message::RowDescription(_)
+                    | backend::Message::CommandComplete(_)
+                    | backend::Message::EmptyQueryResponse,
+                ) => {}
+                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                    // The server still sends ReadyForQuery; wait for it so the
+                    // connection stays usable.
+                    error = Some(ServerError::from_fields(body.fields())?.into());
+                }
+                other => Self::unexpected(other, "running a query")?,
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`.
+    pub async fn identify_system(&mut self) -> Result<SystemId, ConnError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ConnError::Protocol("IDENTIFY_SYSTEM returned no row".to_owned()))?;
+        let text = |i: usize| row.get(i).cloned().flatten();
+        let bad =
+            |what: &str| ConnError::Protocol(format!("IDENTIFY_SYSTEM returned a bad {what}"));
+        Ok(SystemId {
+            system_id: text(0).ok_or_else(|| bad("systemid"))?,
+            timeline: text(1)
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad("timeline"))?,
+            xlog_pos: text(2)
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad("xlogpos"))?,
+            dbname: text(3),
+        })
+    }
+
+    /// `SHOW name`, as the walsender answers it.
+    pub async fn show(&mut self, name: &str) -> Result<String, ConnError> {
+        let rows = self
+            .simple_query(&format!("SHOW {}", quote_ident(name)))
+            .await?;
+        rows.into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten())
+            .ok_or_else(|| ConnError::Protocol(format!("SHOW {name} returned nothing")))
+    }
+
+    /// `CREATE_REPLICATION_SLOT name [TEMPORARY] LOGICAL pgoutput ...`.
+    ///
+    /// The form used is the one PostgreSQL 14 understands and later versions
+    /// still accept.
+    pub async fn create_logical_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+        snapshot: SnapshotAction,
+    ) -> Result<CreatedSlot, ConnError> {
+        let query = format!(
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
+            quote_ident(name),
+            if temporary { " TEMPORARY" } else { "" },
+            match snapshot {
+                SnapshotAction::Export => "EXPORT_SNAPSHOT",
+                SnapshotAction::Discard => "NOEXPORT_SNAPSHOT",
+            }
+        );
+        let rows = self.simple_query(&query).await?;
+        let row = rows.into_iter().next().ok_or_else(|| {
+            ConnError::Protocol("CREATE_REPLICATION_SLOT returned no row".to_owned())
+        })?;
+        let mut cols = row.into_iter();
+        let name = cols.next().flatten().unwrap_or_else(|| name.to_owned());
+        let consistent_point = cols
+            .next()
+            .flatten()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| {
+                ConnError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into())
+            })?;
+        Ok(CreatedSlot {
+            name,
+            consistent_point,
+            snapshot_name: cols.next().flatten(),
+        })
+    }
+
+    /// `START_REPLICATION SLOT s LOGICAL start (options)`: from here on the
+    /// connection streams. Pass [`Lsn::ZERO`] to resume where the slot was
+    /// confirmed; `confirmed` is that position, from which the status updates
+    /// start, so they never report less than the slot already has.
+    pub async fn start_logical(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+        confirmed: Lsn,
+        status_interval: Duration,
+    ) -> Result<ReplicationStream, ConnError> {
+        let options = options
+            .iter()
+            .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let query = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
+            quote_ident(slot)
+        );
+        frontend::query(&query, &mut self.out)?;
+        self.send().await?;
+        let mut error = None;
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::CopyBothResponse => break,
+                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                    error = Some(ServerError::from_fields(body.fields())?);
+                }
+                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => {
+                    return Err(error.map_or_else(
+                        || ConnError::Protocol("START_REPLICATION ended without streaming".into()),
+                        ConnError::Server,
+                    ));
+                }
+                other => Self::unexpected(other, "starting replication")?,
+            }
+        }
+        let feedback = Feedback::new(confirmed);
+        let cancel = CancellationToken::new();
+        let writer = tokio::spawn(status_updates(
+            self.writer,
+            feedback.clone(),
+            status_interval,
+            cancel.clone(),
+        ));
+        Ok(ReplicationStream {
+            reader: self.reader,
+            feedback,
+            writer: Some(writer),
+            cancel: cancel.drop_guard(),
+        })
+    }
+}
+
+async fn start_tls(
+    mut tcp: TcpStream,
+    tls: TlsSetup,
+    target: &str,
+) -> Result<(Socket, Option<Vec<u8>>), ConnError> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    tcp.write_all(&buf).await?;
+    match tcp.read_u8().await? {
+        b'S' => {}
+        b'N' if tls.optional => return Ok((Socket::Plain(tcp), None)),
+        b'N' => {
+            return Err(ConnError::TlsRefused {
+                target: target.to_owned(),
+            });
+        }
+        other => {
+            return Err(ConnError::Protocol(format!(
+                "answer {:?} to SSLRequest",
+                char::from(other)
+            )));
+        }
+    }
+    let stream = tokio_rustls::TlsConnector::from(tls.config)
+        .connect(tls.server_name, tcp)
+        .await
+        .map_err(|source| ConnError::TlsHandshake {
+            target: target.to_owned(),
+            source,
+        })?;
+    let binding = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| channel_binding(cert));
+    Ok((Socket::Tls(Box::new(stream)), binding))
+}
+
+/// How often to send status updates, given the server's `wal_sender_timeout`
+/// as `SHOW` prints it (`60s`, `1min`, `500ms`, `0`): a third of the timeout,
+/// and never less often than every [`DEFAULT_STATUS_INTERVAL`].
+pub fn status_interval(wal_sender_timeout: &str) -> Duration {
+    let text = wal_sender_timeout.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let Ok(number) = number.parse::<u64>() else {
+        return DEFAULT_STATUS_INTERVAL;
+    };
+    let millis = match unit.trim() {
+        "ms" => number,
+        "" | "s" => number.saturating_mul(1000),
+        "min" => number.saturating_mul(60_000),
+        "h" => number.saturating_mul(3_600_000),
+        "d" => number.saturating_mul(86_400_000),
+        _ => return DEFAULT_STATUS_INTERVAL,
+    };
+    if millis == 0 {
+        // 0 disables the timeout.
+        return DEFAULT_STATUS_INTERVAL;
+    }
+    Duration::from_millis((millis / 3).max(100)).min(DEFAULT_STATUS_INTERVAL)
+}
+
+/// Quotes an identifier for a replication command or SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal (standard_conforming_strings is always on since 9.1).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[derive(Debug)]
+struct FeedbackState {
+    write: AtomicU64,
+    flush: AtomicU64,
+    wake: Notify,
+    progress: Notify,
+}
+
+/// A handle on the positions the status updates report.
+///
+/// `confirm` moves the flush position, which is what lets the server recycle
+/// WAL; it never moves backwards, whatever order calls come in.
+#[derive(Debug, Clone)]
+pub struct Feedback(Arc<FeedbackState>);
+
+impl Feedback {
+    fn new(confirmed: Lsn) -> Self {
+        Feedback(Arc::new(FeedbackState {
+            write: AtomicU64::new(confirmed.0),
+            flush: AtomicU64::new(confirmed.0),
+            wake: Notify::new(),
+            progress: Notify::new(),
+        }))
+    }
+
+    /// Everything up to `lsn` is durably handled: the slot may move there.
+    pub fn confirm(&self, lsn: Lsn) {
+        let before = self.0.flush.fetch_max(lsn.0, Ordering::AcqRel);
+        self.0.write.fetch_max(lsn.0, Ordering::AcqRel);
+        if lsn.0 > before {
+            self.0.progress.notify_one();
+        }
+    }
+
+    /// Everything up to `lsn` has been received (informational for the server).
+    pub fn received(&self, lsn: Lsn) {
+        self.0.write.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    /// The confirmed position.
+    pub fn confirmed(&self) -> Lsn {
+        Lsn(self.0.flush.load(Ordering::Acquire))
+    }
+
+    /// Sends a status update now rather than at the next tick.
+    pub fn send_now(&self) {
+        self.0.wake.notify_one();
+    }
+
+    fn status(&self) -> StandbyStatus {
+        let flush = Lsn(self.0.flush.load(Ordering::Acquire));
+        let write = Lsn(self.0.write.load(Ordering::Acquire)).max(flush);
+        StandbyStatus {
+            write,
+            flush,
+            apply: flush,
+        }
+    }
+}
+
+/// Sends status updates until cancelled, then a last one and Terminate.
+async fn status_updates(
+    mut writer: WriteHalf<Socket>,
+    feedback: Feedback,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> Result<(), ConnError> {
+    let mut buf = BytesMut::with_capacity(64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent = tokio::time::Instant::now();
+    loop {
+        let progress_reported = async {
+            feedback.0.progress.notified().await;
+            tokio::time::sleep_until(last_sent + PROGRESS_REPORT_GAP).await;
+        };
+        tokio::select! {
+            biased;
+            // Shutdown: report the final position, then leave cleanly.
+            () = cancel.cancelled() => break,
+            // A keepalive asked for a reply, or the caller wants one out now.
+            () = feedback.0.wake.notified() => {}
+            // The regular update that keeps wal_sender_timeout from firing.
+            _ = ticker.tick() => {}
+            // The confirmed position moved: let the slot follow, throttled.
+            () = progress_reported => {}
+        }
+        put_standby_status_update(feedback.status(), SystemTime::now(), false, &mut buf);
+        writer.write_all(&buf).await?;
+        writer.flush().await?;
+        buf.clear();
+        last_sent = tokio::time::Instant::now();
+        ticker.reset();
+    }
+    put_standby_status_update(feedback.status(), SystemTime::now(), false, &mut buf);
+    frontend::terminate(&mut buf);
+    writer.write_all(&buf).await?;
+    writer.flush().await?;
+    // The server closes after Terminate; a failing TLS close_notify is harmless.
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+/// A streaming replication connection.
+#[derive(Debug)]
+pub struct ReplicationStream {
+    reader: Reader<ReadHalf<Socket>>,
+    feedback: Feedback,
+    writer: Option<JoinHandle<Result<(), ConnError>>>,
+    cancel: tokio_util::sync::DropGuard,
+}
+
+impl ReplicationStream {
+    /// The next XLogData or keepalive. A keepalive that asks for a reply
+    /// triggers a status update before it is returned. Cancel-safe.
+    pub async fn next(&mut self) -> Result<ReplicationMessage, ConnError> {
+        loop {
+            let body = match self.reader.next().await? {
+                BackendMessage::CopyData(body) => body,
+                BackendMessage::Other(backend::Message::CopyDone) => {
+                    return Err(ConnError::Protocol(
+                        "the server ended the replication stream (CopyDone)".into(),
+                    ));
+                }
+                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(ServerError::from_fields(body.fields())?.into());
+                }
+                BackendMessage::Other(backend::Message::NoticeResponse(body)) => {
+                    let notice = ServerError::from_fields(body.fields())?;
+                    tracing::info!(code = %notice.code, "postgres: {}", notice.message);
+                    continue;
+                }
+                BackendMessage::Other(backend::Message::ParameterStatus(_)) => continue,
+                other => {
+                    return Err(ConnError::Protocol(format!("{other:?} while streaming")));
+                }
+            };
+            let message = ReplicationMessage::parse(body)?;
+            if let ReplicationMessage::PrimaryKeepalive {
+                reply_requested: true,
+                ..
+            } = message
+            {
+                self.feedback.send_now();
+            }
+            return Ok(message);
+        }
+    }
+
+    /// The handle on the positions reported to the server.
+    pub fn feedback(&self) -> &Feedback {
+        &self.feedback
+    }
+
+    /// Sends the final status update and closes the connection. An error
+    /// here means the last confirmation may not have reached the server; the
+    /// slot then stays at the one before, and the events after it are sent
+    /// again next time.
+    pub async fn close(mut self) -> Result<(), ConnError> {
+        let writer = self.writer.take();
+        drop(self.cancel);
+        match writer {
+            Some(handle) => handle
+                .await
+                .map_err(|e| ConnError::Io(io::Error::other(e)))?,
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_the_quote_character() {
+        assert_eq!(quote_ident("my\"slot"), "\"my\"\"slot\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn status_interval_is_a_third_of_the_timeout_at_most_ten_seconds() {
+        assert_eq!(status_interval("60s"), Duration::from_secs(10));
+        assert_eq!(status_interval("1min"), Duration::from_secs(10));
+        assert_eq!(status_interval("9s"), Duration::from_secs(3));
+        assert_eq!(status_interval("1500ms"), Duration::from_millis(500));
+        assert_eq!(status_interval("0"), DEFAULT_STATUS_INTERVAL);
+        assert_eq!(status_interval("nonsense"), DEFAULT_STATUS_INTERVAL);
+    }
+
+    #[test]
+    fn feedback_never_moves_backwards() {
+        let fb = Feedback::new(Lsn(100));
+        fb.confirm(Lsn(50));
+        assert_eq!(fb.confirmed(), Lsn(100));
+        fb.confirm(Lsn(300));
+        fb.received(Lsn(200));
+        assert_eq!(
+            fb.status(),
+            StandbyStatus {
+                write: Lsn(300),
+                flush: Lsn(300),
+                apply: Lsn(300)
+            }
+        );
+        fb.received(Lsn(400));
+        assert_eq!(fb.status().write, Lsn(400));
+        assert_eq!(fb.status().flush, Lsn(300));
+    }
+
+    #[test]
+    fn classifies_server_errors() {
+        let server = |code: &str| {
+            ConnError::Server(ServerError {
+                severity: "FATAL".into(),
+                code: code.into(),
+                message: String::new(),
+                detail: None,
+                hint: None,
+            })
+        };
+        for transient in ["57P01", "53300", "08006", "55006"] {
+            assert!(server(transient).is_transient(), "{transient}");
+        }
+        for definite in ["28P01", "3D000", "55000", "42704"] {
+            assert!(!server(definite).is_transient(), "{definite}");
+        }
+    }
+}

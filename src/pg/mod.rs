@@ -1,0 +1,8 @@
+//! Everything that talks to PostgreSQL.
+pub mod conn;
+pub mod lsn;
+pub mod metadata;
+pub mod params;
+pub mod pgoutput;
+pub mod protocol;
+pub mod tls;

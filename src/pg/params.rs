@@ -1,0 +1,431 @@
+//! Connection parameters, from a libpq connection URL.
+//!
+//! The accepted form is libpq's URI:
+//! `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`
+//! with percent-encoding. Query parameters override the parts before them, as
+//! in libpq. `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
+//! `PGSSLMODE`, `PGSSLROOTCERT` and `PGAPPNAME` fill in what the URL leaves out.
+//!
+//! The password never leaves this module in text form except to authenticate:
+//! [`ConnectParams`]'s `Debug` and [`ConnectParams::redacted_url`] hide it.
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The default port of PostgreSQL.
+pub const DEFAULT_PORT: u16 = 5432;
+/// The default connect timeout when the URL names none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The `application_name` walrelay reports unless the URL names another.
+pub const DEFAULT_APPLICATION_NAME: &str = "walrelay";
+
+/// How the connection uses TLS, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, without verifying its certificate.
+    Prefer,
+    /// TLS or fail; the certificate is verified only when `sslrootcert` is given
+    /// (libpq behaves the same way).
+    Require,
+    /// TLS with the certificate chain verified against `sslrootcert`.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate must name the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Result<Self, ParamsError> {
+        Ok(match value {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            "allow" => {
+                return Err(ParamsError::Unsupported(
+                    "sslmode=allow (use disable or prefer)".into(),
+                ));
+            }
+            other => {
+                return Err(ParamsError::InvalidValue {
+                    param: "sslmode",
+                    value: other.into(),
+                    expected: "disable, prefer, require, verify-ca or verify-full",
+                });
+            }
+        })
+    }
+}
+
+/// Where the trusted CA certificates for `verify-ca`/`verify-full` come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCerts {
+    /// A PEM file (`sslrootcert=/path/to/ca.crt`).
+    File(PathBuf),
+    /// The operating system's trust store (`sslrootcert=system`, as libpq 16+).
+    System,
+}
+
+/// Everything needed to open a connection to one PostgreSQL server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectParams {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// The role to log in as.
+    pub user: String,
+    /// The password, if any; see [`ConnectParams::password`].
+    password: Option<String>,
+    /// The database.
+    pub dbname: String,
+    /// TLS mode.
+    pub sslmode: SslMode,
+    /// Trusted roots; `None` means libpq's default `~/.postgresql/root.crt`.
+    pub sslrootcert: Option<RootCerts>,
+    /// Reported in `pg_stat_activity.application_name`.
+    pub application_name: String,
+    /// How long a TCP connect plus TLS and authentication may take.
+    pub connect_timeout: Duration,
+}
+
+/// A connection URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ParamsError {
+    /// Not a URL at all. The text is not echoed since it may hold a password.
+    #[error(
+        "the PostgreSQL URL is not a valid URL ({0}); expected postgres://user:password@host:port/dbname?sslmode=..."
+    )]
+    Syntax(#[source] url::ParseError),
+    /// Another scheme than postgres:// or postgresql://.
+    #[error("the PostgreSQL URL has scheme {0:?}; expected postgres:// or postgresql://")]
+    Scheme(String),
+    /// A query parameter libpq has but walrelay does not support.
+    #[error("the PostgreSQL URL asks for {0}, which walrelay does not support")]
+    Unsupported(String),
+    /// A query parameter walrelay (and libpq) does not know.
+    #[error("the PostgreSQL URL has an unknown parameter {0:?}")]
+    UnknownParam(String),
+    /// A parameter value that does not parse.
+    #[error("the PostgreSQL URL has {param}={value:?}; expected {expected}")]
+    InvalidValue {
+        /// Which parameter.
+        param: &'static str,
+        /// What it said.
+        value: String,
+        /// What would have been right.
+        expected: &'static str,
+    },
+    /// A part that is not valid UTF-8 after percent-decoding.
+    #[error("the PostgreSQL URL's {0} is not valid UTF-8 after percent-decoding")]
+    Encoding(&'static str),
+    /// No user in the URL nor in `PGUSER`/`USER`.
+    #[error("the PostgreSQL URL names no user, and neither PGUSER nor USER is set")]
+    NoUser,
+}
+
+impl ConnectParams {
+    /// Parses a libpq URL, filling gaps from the `PG*` environment variables.
+    pub fn from_url(text: &str) -> Result<Self, ParamsError> {
+        Self::from_url_with_env(text, |name| std::env::var(name).ok())
+    }
+
+    /// As [`ConnectParams::from_url`], with the environment given as a lookup
+    /// function (so tests need not mutate the process environment).
+    pub fn from_url_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ParamsError> {
+        let url = url::Url::parse(text).map_err(ParamsError::Syntax)?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(ParamsError::Scheme(url.scheme().to_owned()));
+        }
+        let decode = |part: &str, what: &'static str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|_| ParamsError::Encoding(what))
+        };
+
+        let mut host = url.host_str().filter(|h| !h.is_empty()).map(|h| {
+            // IPv6 literals come back in brackets.
+            h.trim_start_matches('[').trim_end_matches(']').to_owned()
+        });
+        let mut port = url.port();
+        let mut user = Some(url.username())
+            .filter(|u| !u.is_empty())
+            .map(|u| decode(u, "user"))
+            .transpose()?;
+        let mut password = url.password().map(|p| decode(p, "password")).transpose()?;
+        let mut dbname = Some(url.path().trim_start_matches('/'))
+            .filter(|d| !d.is_empty())
+            .map(|d| decode(d, "database name"))
+            .transpose()?;
+        let mut sslmode = None;
+        let mut sslrootcert = None;
+        let mut application_name = None;
+        let mut connect_timeout = None;
+
+        for (key, value) in url.query_pairs() {
+            let value = value.into_owned();
+            match &*key {
+                "host" => host = Some(value),
+                "port" => port = Some(parse_port(&value)?),
+                "user" => user = Some(value),
+                "password" => password = Some(value),
+                "dbname" => dbname = Some(value),
+                "sslmode" => sslmode = Some(SslMode::parse(&value)?),
+                "sslrootcert" => sslrootcert = Some(parse_root_certs(value)),
+                "application_name" => application_name = Some(value),
+                "connect_timeout" => connect_timeout = Some(parse_timeout(&value)?),
+                "sslcert" | "sslkey" | "sslpassword" => {
+                    return Err(ParamsError::Unsupported(format!(
+                        "{key} (client certificates)"
+                    )));
+                }
+                "options"
+                | "target_session_attrs"
+                | "gssencmode"
+                | "channel_binding"
+                | "replication"
+                | "hostaddr"
+                | "passfile"
+                | "service" => {
+                    return Err(ParamsError::Unsupported(key.into_owned()));
+                }
+                _ => return Err(ParamsError::UnknownParam(key.into_owned())),
+            }
+        }
+
+        let host = match host.or_else(|| env("PGHOST")) {
+            Some(h) if h.starts_with('/') => {
+                return Err(ParamsError::Unsupported(
+                    "a Unix-domain socket host (use a TCP host name or address)".into(),
+                ));
+            }
+            Some(h) if h.contains(',') => {
+                return Err(ParamsError::Unsupported("several hosts".into()));
+            }
+            Some(h) => h,
+            None => "localhost".to_owned(),
+        };
+        let port = match port {
+            Some(0) => return Err(invalid_port("0")),
+            Some(p) => p,
+            None => env("PGPORT").map_or(Ok(DEFAULT_PORT), |p| parse_port(&p))?,
+        };
+        let user = user
+            .or_else(|| env("PGUSER"))
+            .or_else(|| env("USER"))
+            .ok_or(ParamsError::NoUser)?;
+        let sslmode = match sslmode {
+            Some(m) => m,
+            None => env("PGSSLMODE").map_or(Ok(SslMode::Prefer), |m| SslMode::parse(&m))?,
+        };
+        Ok(ConnectParams {
+            host,
+            port,
+            password: password.or_else(|| env("PGPASSWORD")),
+            dbname: dbname
+                .or_else(|| env("PGDATABASE"))
+                .unwrap_or_else(|| user.clone()),
+            user,
+            sslmode,
+            sslrootcert: sslrootcert.or_else(|| env("PGSSLROOTCERT").map(parse_root_certs)),
+            application_name: application_name
+                .or_else(|| env("PGAPPNAME"))
+                .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned()),
+            connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        })
+    }
+
+    /// The password, for authentication only.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// Sets the password (from `--postgres-password-file`, say).
+    pub fn set_password(&mut self, password: String) {
+        self.password = Some(password);
+    }
+
+    /// The URL without its password, for logs and error messages.
+    pub fn redacted_url(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let secret = if self.password.is_some() {
+            ":********"
+        } else {
+            ""
+        };
+        format!(
+            "postgres://{}{secret}@{host}:{}/{}?sslmode={}",
+            self.user,
+            self.port,
+            self.dbname,
+            match self.sslmode {
+                SslMode::Disable => "disable",
+                SslMode::Prefer => "prefer",
+                SslMode::Require => "require",
+                SslMode::VerifyCa => "verify-ca",
+                SslMode::VerifyFull => "verify-full",
+            }
+        )
+    }
+}
+
+impl fmt::Debug for ConnectParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "********"))
+            .field("dbname", &self.dbname)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("application_name", &self.application_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+fn parse_port(value: &str) -> Result<u16, ParamsError> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid_port(value))
+}
+
+fn invalid_port(value: &str) -> ParamsError {
+    ParamsError::InvalidValue {
+        param: "port",
+        value: value.into(),
+        expected: "a TCP port from 1 to 65535",
+    }
+}
+
+fn parse_timeout(value: &str) -> Result<Duration, ParamsError> {
+    // libpq: seconds; 0 or negative means wait forever, which walrelay does not
+    // want for a service: a connect that hangs must be retried.
+    match value.parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(ParamsError::InvalidValue {
+            param: "connect_timeout",
+            value: value.into(),
+            expected: "a whole number of seconds greater than 0",
+        }),
+    }
+}
+
+fn parse_root_certs(value: String) -> RootCerts {
+    if value == "system" {
+        RootCerts::System
+    } else {
+        RootCerts::File(PathBuf::from(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn parses_a_full_url() {
+        let p = ConnectParams::from_url_with_env(
+            "postgres://relay:p%40ss%2Fw@db.example.com:6543/shop?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=r1&connect_timeout=3",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(p.host, "db.example.com");
+        assert_eq!(p.port, 6543);
+        assert_eq!(p.user, "relay");
+        assert_eq!(p.password(), Some("p@ss/w"));
+        assert_eq!(p.dbname, "shop");
+        assert_eq!(p.sslmode, SslMode::VerifyFull);
+        assert_eq!(p.sslrootcert, Some(RootCerts::File("/etc/ca.pem".into())));
+        assert_eq!(p.application_name, "r1");
+        assert_eq!(p.connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn fills_gaps_like_libpq() {
+        let env = |name: &str| match name {
+            "PGPASSWORD" => Some("from-env".to_owned()),
+            "PGUSER" => Some("envuser".to_owned()),
+            _ => None,
+        };
+        let p = ConnectParams::from_url_with_env("postgresql://", env).unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.user.as_str(), p.dbname.as_str()),
+            ("localhost", 5432, "envuser", "envuser")
+        );
+        assert_eq!(p.password(), Some("from-env"));
+        assert_eq!(p.sslmode, SslMode::Prefer);
+        // The URL's own password wins over PGPASSWORD.
+        let p = ConnectParams::from_url_with_env("postgres://u:url@h/d", env).unwrap();
+        assert_eq!(p.password(), Some("url"));
+    }
+
+    #[test]
+    fn query_parameters_override_the_authority() {
+        let p = ConnectParams::from_url_with_env(
+            "postgres://a@h1:1/d1?host=h2&port=2&user=b&dbname=d2",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("h2", 2));
+        assert_eq!((p.user.as_str(), p.dbname.as_str()), ("b", "d2"));
+    }
+
+    #[test]
+    fn ipv6_hosts_lose_their_brackets() {
+        let p = ConnectParams::from_url_with_env("postgres://u@[::1]:5433/d", no_env).unwrap();
+        assert_eq!(p.host, "::1");
+        assert!(p.redacted_url().contains("@[::1]:5433/"));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_honour() {
+        for (url, needle) in [
+            ("mysql://u@h/d", "scheme"),
+            ("postgres://u@h/d?sslmode=strict", "sslmode"),
+            ("postgres://u@h/d?sslcert=/c", "client certificates"),
+            ("postgres://u@h/d?bogus=1", "bogus"),
+            ("postgres://u@h:0/d", "port"),
+            ("postgres://u@h/d?connect_timeout=0", "connect_timeout"),
+            ("postgres://u@h/d?host=/var/run/postgresql", "Unix-domain"),
+        ] {
+            let err = ConnectParams::from_url_with_env(url, no_env).unwrap_err();
+            assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let secret = "hunter2-Xy";
+        let p = ConnectParams::from_url_with_env(&format!("postgres://u:{secret}@h/d"), no_env)
+            .unwrap();
+        assert!(!format!("{p:?}").contains(secret));
+        assert!(!p.redacted_url().contains(secret));
+        assert_eq!(
+            p.redacted_url(),
+            "postgres://u:********@h:5432/d?sslmode=prefer"
+        );
+        // A URL too broken to parse is not echoed either.
+        let err =
+            ConnectParams::from_url_with_env(&format!("postgres://u:{secret}@h:99999/d"), no_env)
+                .unwrap_err();
+        assert!(!err.to_string().contains(secret), "{err}");
+    }
+}

@@ -1,0 +1,230 @@
+//! `walrelay tail`: the events table's committed inserts as JSON lines, in
+//! the message contract, from a temporary slot.
+//!
+//! It is the operator's `kcat` for the source side: it shows what walrelay
+//! would publish without touching the service's own slot (a TEMPORARY slot
+//! vanishes when the session ends) or any broker. It confirms its slot after
+//! each printed transaction, so a long tail does not pin WAL.
+use std::future::Future;
+use std::io::{self, Write};
+
+use crate::event::{Event, TableName, TopicTemplate};
+use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction};
+use crate::pg::lsn::Lsn;
+use crate::pg::metadata::{self, MetadataError, PublicationState};
+use crate::pg::params::ConnectParams;
+use crate::source::{Source, SourceError, Step};
+
+/// What `tail` reads.
+#[derive(Debug, Clone)]
+pub struct TailOptions {
+    /// The server.
+    pub postgres: ConnectParams,
+    /// The publication to stream.
+    pub publication: String,
+    /// The events table.
+    pub table: TableName,
+    /// The topic each event is shown with.
+    pub topic: TopicTemplate,
+}
+
+/// Why `tail` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// The metadata connection failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The replication connection failed.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The server cannot do logical decoding.
+    #[error(
+        "wal_level is {0:?}, but logical replication needs wal_level=logical: \
+         run ALTER SYSTEM SET wal_level = logical and restart PostgreSQL"
+    )]
+    WalLevel(String),
+    /// The publication is missing or does not cover the table.
+    #[error("publication {publication:?} {problem}; apply sql/003_publication.sql")]
+    Publication {
+        /// The publication.
+        publication: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The stream could not be followed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Writing the output failed.
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// Streams until `shutdown` completes or an error occurs. A closed output
+/// (`walrelay tail | head`) ends it cleanly.
+pub async fn run<W: Write>(
+    options: &TailOptions,
+    mut out: W,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TailError> {
+    let client = metadata::connect(&options.postgres).await?;
+    let wal_level = metadata::wal_level(&client).await?;
+    if wal_level != "logical" {
+        return Err(TailError::WalLevel(wal_level));
+    }
+    let problem = match metadata::publication_state(&client, &options.publication, &options.table)
+        .await?
+    {
+        PublicationState::Ok => None,
+        PublicationState::Missing => Some("does not exist".to_owned()),
+        PublicationState::TableNotIncluded => Some(format!("does not include {}", options.table)),
+        PublicationState::InsertsNotPublished => Some("does not publish inserts".to_owned()),
+    };
+    if let Some(problem) = problem {
+        return Err(TailError::Publication {
+            publication: options.publication.clone(),
+            problem,
+        });
+    }
+    drop(client);
+
+    let mut repl = ReplicationConnection::connect(&options.postgres).await?;
+    let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+    let slot_name = format!("walrelay_tail_{}", repl.backend_pid());
+    let slot = repl
+        .create_logical_slot(&slot_name, true, SnapshotAction::Discard)
+        .await?;
+    let publications = conn::quote_ident(&options.publication);
+    let mut stream = repl
+        .start_logical(
+            &slot.name,
+            Lsn::ZERO,
+            &[("proto_version", "1"), ("publication_names", &publications)],
+            slot.consistent_point,
+            interval,
+        )
+        .await?;
+    tracing::info!(slot = %slot.name, start = %slot.consistent_point, table = %options.table, "tailing");
+
+    let mut source = Source::new(options.table.clone(), options.topic.clone());
+    tokio::pin!(shutdown);
+    let result = loop {
+        let message = tokio::select! {
+            biased;
+            // Ctrl-C or SIGTERM: stop reading; what was printed is confirmed below.
+            () = &mut shutdown => break Ok(()),
+            // The next message; cancel-safe, so nothing is lost to the shutdown arm.
+            message = stream.next() => message,
+        };
+        let step = match message {
+            Ok(message) => source.step(message),
+            Err(e) => break Err(e.into()),
+        };
+        let outcome = match step {
+            Ok(Step::Event(event)) => write_event(&mut out, &event),
+            Ok(Step::Commit { end_lsn, .. }) => {
+                // Printed and flushed: the transaction is handled.
+                out.flush().map(|()| stream.feedback().confirm(end_lsn))
+            }
+            Ok(Step::Idle { wal_end }) => {
+                // Nothing is pending outside a transaction.
+                stream.feedback().confirm(wal_end);
+                Ok(())
+            }
+            Ok(Step::Unexpected(change)) => {
+                tracing::warn!(kind = change.kind, lsn = %change.commit_lsn,
+                    "the append-only events table was changed by other than INSERT; not shown");
+                Ok(())
+            }
+            Ok(Step::Nothing | Step::Begin { .. } | Step::Received { .. }) => Ok(()),
+            Err(e) => break Err(e.into()),
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Ok(()),
+            Err(e) => break Err(TailError::Output(e)),
+        }
+    };
+    let closed = stream.close().await;
+    result?;
+    closed?;
+    Ok(())
+}
+
+/// Writes `event` as one JSON line in the `tail` format:
+/// `{"topic": ..., "key": ..., "headers": {...}, "value": ...}`.
+pub fn write_event(out: &mut impl Write, event: &Event) -> io::Result<()> {
+    out.write_all(b"{\"topic\":")?;
+    serde_json::to_writer(&mut *out, &event.topic)?;
+    out.write_all(b",\"key\":")?;
+    serde_json::to_writer(&mut *out, &String::from_utf8_lossy(&event.key))?;
+    out.write_all(b",\"headers\":{")?;
+    for (i, (name, value)) in event.headers.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut *out, &**name)?;
+        out.write_all(b":")?;
+        serde_json::to_writer(&mut *out, &String::from_utf8_lossy(value))?;
+    }
+    out.write_all(b"},\"value\":")?;
+    match &event.value {
+        None => out.write_all(b"null")?,
+        // json and jsonb text is JSON already; anything else becomes a string.
+        Some(v)
+            if event.value_is_json
+                && serde_json::from_slice::<&serde_json::value::RawValue>(v).is_ok() =>
+        {
+            out.write_all(v)?;
+        }
+        Some(v) => serde_json::to_writer(&mut *out, &String::from_utf8_lossy(v))?,
+    }
+    out.write_all(b"}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn event(value: Option<&'static str>, value_is_json: bool) -> Event {
+        Event {
+            topic: "events".into(),
+            key: Bytes::from_static(b"order-\"1\""),
+            value: value.map(|v| Bytes::from_static(v.as_bytes())),
+            value_is_json,
+            headers: vec![
+                (Arc::from("seq_nr"), Bytes::from_static(b"7")),
+                (Arc::from("lsn"), Bytes::from_static(b"0/16B3748")),
+            ],
+            commit_lsn: Lsn(0x16B_3748),
+        }
+    }
+
+    fn line(e: &Event) -> String {
+        let mut out = Vec::new();
+        write_event(&mut out, e).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn writes_the_contract_as_one_json_line() {
+        let text = line(&event(Some("{\"total\": 12.5}"), true));
+        assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
+        assert_eq!(
+            text,
+            "{\"topic\":\"events\",\"key\":\"order-\\\"1\\\"\",\"headers\":{\"seq_nr\":\"7\",\"lsn\":\"0/16B3748\"},\"value\":{\"total\": 12.5}}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["value"]["total"], 12.5);
+    }
+
+    #[test]
+    fn non_json_values_become_strings_and_null_stays_null() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(&line(&event(Some("42"), false))).unwrap();
+        assert_eq!(parsed["value"], "42");
+        let parsed: serde_json::Value = serde_json::from_str(&line(&event(None, true))).unwrap();
+        assert!(parsed["value"].is_null());
+    }
+}
