@@ -1,0 +1,4 @@
+//! Integration tests: real PostgreSQL clusters started per test, the built
+//! `walrelay` binary run as a child process.
+mod source;
+mod support;

@@ -1,0 +1,203 @@
+//! The replication connection against a real server: every authentication
+//! method, every sslmode, and the errors an operator meets first.
+use walrelay::pg::conn::{ConnError, ReplicationConnection};
+use walrelay::pg::params::ConnectParams;
+
+use crate::support::postgres::{
+    MD5_PASSWORD, MD5_USER, PLAIN_PASSWORD, PLAIN_USER, PgOptions, PgServer, SCRAM_PASSWORD,
+    SCRAM_USER, TRUST_USER,
+};
+
+fn params(url: &str) -> ConnectParams {
+    // No PG* variable of the test runner may change what is tested.
+    ConnectParams::from_url_with_env(url, |_| None).expect("valid URL")
+}
+
+async fn connect(url: &str) -> Result<ReplicationConnection, ConnError> {
+    ReplicationConnection::connect(&params(url)).await
+}
+
+/// Whether the walsender of `conn` runs over TLS, as the server sees it.
+async fn server_sees_tls(pg: &PgServer, conn: &ReplicationConnection) -> bool {
+    let row = pg
+        .client()
+        .await
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = $1",
+            &[&conn.backend_pid()],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    row.get(0)
+}
+
+#[tokio::test]
+async fn every_auth_method_logs_in_with_and_without_tls() {
+    let pg = PgServer::start_default().await;
+    let ca = pg.ca_cert_path().expect("TLS is on");
+    let ca = ca.to_str().unwrap();
+    let roles = [
+        (SCRAM_USER, Some(SCRAM_PASSWORD)),
+        (MD5_USER, Some(MD5_PASSWORD)),
+        (PLAIN_USER, Some(PLAIN_PASSWORD)),
+        (TRUST_USER, None),
+    ];
+    let modes = [
+        ("sslmode=disable".to_owned(), false),
+        ("sslmode=prefer".to_owned(), true),
+        ("sslmode=require".to_owned(), true),
+        (format!("sslmode=verify-ca&sslrootcert={ca}"), true),
+        (format!("sslmode=verify-full&sslrootcert={ca}"), true),
+    ];
+    for (user, password) in roles {
+        for (mode, tls) in &modes {
+            let url = pg.url(user, password, mode);
+            let mut conn = connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{user} with {mode}: {e}"));
+            let system = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
+            assert!(system.timeline >= 1);
+            assert_eq!(system.dbname.as_deref(), Some("walrelay_test"));
+            assert_eq!(
+                server_sees_tls(&pg, &conn).await,
+                *tls,
+                "{user} with {mode}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_the_servers_error_without_the_password() {
+    let pg = PgServer::start_default().await;
+    let wrong = "not-the-Password-93";
+    for user in [SCRAM_USER, MD5_USER, PLAIN_USER] {
+        let Err(err) = connect(&pg.url(user, Some(wrong), "sslmode=require")).await else {
+            panic!("{user} logged in with a wrong password");
+        };
+        assert_eq!(err.sqlstate(), Some("28P01"), "{user}: {err}");
+        assert!(
+            !err.is_transient(),
+            "{user}: a wrong password must not be retried forever"
+        );
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("password authentication failed"), "{text}");
+        assert!(!text.contains(wrong), "the password leaked: {text}");
+    }
+    // Asked for a password and given none.
+    let err = connect(&pg.url(SCRAM_USER, None, "sslmode=disable"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnError::NoPassword), "{err}");
+}
+
+#[tokio::test]
+async fn the_password_can_come_from_pgpassword() {
+    let pg = PgServer::start_default().await;
+    let url = pg.url(SCRAM_USER, None, "sslmode=disable");
+    let p = ConnectParams::from_url_with_env(&url, |name| {
+        (name == "PGPASSWORD").then(|| SCRAM_PASSWORD.to_owned())
+    })
+    .unwrap();
+    ReplicationConnection::connect(&p)
+        .await
+        .expect("PGPASSWORD is used");
+}
+
+#[tokio::test]
+async fn verification_rejects_an_unknown_ca_and_a_foreign_host_name() {
+    let pg = PgServer::start(PgOptions {
+        // A second address, so the certificate (for localhost and 127.0.0.1)
+        // is presented to a client that asked for another name.
+        extra_conf: vec!["listen_addresses = '127.0.0.1,127.0.0.2'".into()],
+        ..PgOptions::default()
+    })
+    .await;
+    let ca = pg.ca_cert_path().unwrap();
+    let ca = ca.to_str().unwrap();
+
+    // A CA that did not sign the server's certificate.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = other.path().join("other-ca.crt");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut cp = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    cp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other_ca, cp.self_signed(&key).unwrap().pem()).unwrap();
+    let url = pg.url(
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        &format!("sslmode=verify-ca&sslrootcert={}", other_ca.display()),
+    );
+    let err = connect(&url).await.expect_err("an unknown CA is refused");
+    assert!(matches!(err, ConnError::TlsHandshake { .. }), "{err}");
+    assert!(!err.is_transient(), "{err}");
+
+    // The right CA, the wrong name: verify-full refuses, verify-ca accepts.
+    let foreign = |mode: &str| {
+        pg.url(
+            SCRAM_USER,
+            Some(SCRAM_PASSWORD),
+            &format!("sslmode={mode}&sslrootcert={ca}"),
+        )
+        .replace("127.0.0.1", "127.0.0.2")
+    };
+    let err = connect(&foreign("verify-full"))
+        .await
+        .expect_err("wrong host refused");
+    assert!(matches!(err, ConnError::TlsHandshake { .. }), "{err}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    connect(&foreign("verify-ca"))
+        .await
+        .expect("verify-ca does not check the name");
+}
+
+#[tokio::test]
+async fn a_server_without_tls_fails_require_and_serves_prefer_in_plain() {
+    let pg = PgServer::start(PgOptions {
+        tls: false,
+        ..PgOptions::default()
+    })
+    .await;
+    let err = connect(&pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=require"))
+        .await
+        .expect_err("require without server TLS");
+    assert!(matches!(err, ConnError::TlsRefused { .. }), "{err}");
+    let conn = connect(&pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=prefer"))
+        .await
+        .unwrap();
+    assert!(!server_sees_tls(&pg, &conn).await);
+}
+
+#[tokio::test]
+async fn server_errors_carry_their_sqlstate() {
+    let pg = PgServer::start_default().await;
+    let mut conn = connect(&pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable"))
+        .await
+        .unwrap();
+    let err = conn
+        .simple_query("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("42P01"), "{err}");
+    assert!(err.to_string().contains("no_such_table"), "{err}");
+    // The connection survives an error.
+    let rows = conn.simple_query("SELECT 1 + 1").await.unwrap();
+    assert_eq!(rows, vec![vec![Some("2".to_owned())]]);
+    // A database that does not exist.
+    let url = pg
+        .url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable")
+        .replace("/walrelay_test", "/nodb");
+    let err = connect(&url).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("3D000"), "{err}");
+    // Nothing listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = connect(&format!("postgres://u@127.0.0.1:{port}/d?sslmode=disable"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnError::Connect { .. }) && err.is_transient(),
+        "{err}"
+    );
+}

@@ -1,0 +1,8 @@
+//! Test support shared by the modules of the integration test binary.
+
+// Each test uses a different part of the harness, and rustc judges dead code
+// per binary: without this, a helper no test calls yet fails `-D warnings`.
+#![allow(dead_code)]
+
+pub mod postgres;
+pub mod walrelay;
