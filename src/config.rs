@@ -2,12 +2,17 @@
 //! checked before anything connects.
 //!
 //! Every problem is reported naming the setting, and exits with code 2.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
 
 use crate::event::{TableName, TopicTemplate};
 use crate::pg::params::{ConnectParams, ParamsError};
+use crate::sink::{SinkConfigError, parse_properties};
 use crate::tail::TailOptions;
 
 /// The default publication.
@@ -16,6 +21,12 @@ pub const DEFAULT_PUBLICATION: &str = "walrelay_events";
 pub const DEFAULT_TABLE: &str = "public.events";
 /// The default topic.
 pub const DEFAULT_TOPIC: &str = "events";
+/// The default replication slot.
+pub const DEFAULT_SLOT: &str = "walrelay";
+/// The default metrics address.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
+/// How long a shutdown waits for outstanding acknowledgements by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// walrelay publishes the events a PostgreSQL table receives to Kafka, straight
 /// from the write-ahead log.
@@ -45,6 +56,8 @@ pub enum Command {
     /// Print each committed insert of the events table as one JSON line, from a
     /// temporary slot (the service's slot is not touched).
     Tail(TailArgs),
+    /// Stream the events table to Kafka from the service's own slot.
+    Run(RunArgs),
 }
 
 /// Where the events come from.
@@ -76,6 +89,194 @@ pub struct TailArgs {
     pub topic: String,
 }
 
+/// Flags of `walrelay run`. Each is optional here so that the configuration
+/// file can supply it; flags and environment win over the file.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// A TOML file with any of the settings below (keys as the flags, with
+    /// underscores: postgres_url = "...", kafka_properties = { "linger.ms" = "10" }).
+    #[arg(long, env = "WALRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL connection URL (libpq form).
+    #[arg(long, env = "WALRELAY_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    /// A file holding the PostgreSQL password.
+    #[arg(long, env = "WALRELAY_POSTGRES_PASSWORD_FILE")]
+    pub postgres_password_file: Option<PathBuf>,
+    /// The replication slot [default: walrelay].
+    #[arg(long, env = "WALRELAY_SLOT")]
+    pub slot: Option<String>,
+    /// The publication that covers the events table [default: walrelay_events].
+    #[arg(long, env = "WALRELAY_PUBLICATION")]
+    pub publication: Option<String>,
+    /// The events table, schema.table [default: public.events].
+    #[arg(long, env = "WALRELAY_TABLE")]
+    pub table: Option<String>,
+    /// Create the slot when it is missing [default: true].
+    #[arg(long, env = "WALRELAY_CREATE_SLOT", num_args = 0..=1, default_missing_value = "true")]
+    pub create_slot: Option<bool>,
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "WALRELAY_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// The topic; may name columns: events.{event_type} [default: events].
+    #[arg(long, env = "WALRELAY_TOPIC")]
+    pub topic: Option<String>,
+    /// A librdkafka producer property, key=value (repeatable; in the
+    /// environment separated by ';').
+    #[arg(
+        long = "kafka-property",
+        env = "WALRELAY_KAFKA_PROPERTY",
+        value_delimiter = ';'
+    )]
+    pub kafka_property: Vec<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoint [default: 0.0.0.0:9187].
+    #[arg(long, env = "WALRELAY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// How long SIGTERM waits for outstanding acknowledgements [default: 30s].
+    #[arg(long, env = "WALRELAY_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
+}
+
+/// The configuration file: the flags of `run`, as TOML keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    postgres_url: Option<String>,
+    postgres_password_file: Option<PathBuf>,
+    slot: Option<String>,
+    publication: Option<String>,
+    table: Option<String>,
+    create_slot: Option<bool>,
+    kafka_brokers: Option<String>,
+    topic: Option<String>,
+    kafka_properties: Option<BTreeMap<String, String>>,
+    metrics_addr: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+/// A validated configuration of `walrelay run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The server.
+    pub postgres: ConnectParams,
+    /// The replication slot.
+    pub slot: String,
+    /// The publication.
+    pub publication: String,
+    /// The events table.
+    pub table: TableName,
+    /// Whether to create a missing slot.
+    pub create_slot: bool,
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// librdkafka properties given by the user.
+    pub kafka_properties: BTreeMap<String, String>,
+    /// The topic template.
+    pub topic: TopicTemplate,
+    /// The metrics endpoint's address.
+    pub metrics_addr: SocketAddr,
+    /// How long a shutdown waits for acknowledgements.
+    pub shutdown_timeout: Duration,
+}
+
+impl RunArgs {
+    /// Merges flags, environment and the configuration file, and checks every
+    /// setting; nothing connects before this succeeds.
+    pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                    path: path.display().to_string(),
+                    message: source.to_string(),
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::File {
+                    path: path.display().to_string(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let source = SourceArgs {
+            postgres_url: self
+                .postgres_url
+                .or(file.postgres_url)
+                .ok_or_else(|| invalid("postgres-url", "is required".into()))?,
+            postgres_password_file: self.postgres_password_file.or(file.postgres_password_file),
+            publication: self
+                .publication
+                .or(file.publication)
+                .unwrap_or_else(|| DEFAULT_PUBLICATION.to_owned()),
+            table: self
+                .table
+                .or(file.table)
+                .unwrap_or_else(|| DEFAULT_TABLE.to_owned()),
+        };
+        let slot = self
+            .slot
+            .or(file.slot)
+            .unwrap_or_else(|| DEFAULT_SLOT.to_owned());
+        if !crate::slot::valid_name(&slot) {
+            return Err(invalid(
+                "slot",
+                format!(
+                    "{slot:?} is not a valid slot name: use lower-case letters, digits and _ (at most 63)"
+                ),
+            ));
+        }
+        let kafka_brokers = self
+            .kafka_brokers
+            .or(file.kafka_brokers)
+            .filter(|b| !b.trim().is_empty())
+            .ok_or_else(|| invalid("kafka-brokers", "is required".into()))?;
+        let mut kafka_properties = match file.kafka_properties {
+            Some(map) => parse_properties(
+                &map.into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>(),
+            )?,
+            None => BTreeMap::new(),
+        };
+        kafka_properties.extend(parse_properties(&self.kafka_property)?);
+        let topic = self
+            .topic
+            .or(file.topic)
+            .unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
+        let metrics_addr = self
+            .metrics_addr
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned());
+        let shutdown_timeout = match self.shutdown_timeout.or(file.shutdown_timeout) {
+            Some(text) => humantime::parse_duration(&text).map_err(|e| {
+                invalid("shutdown-timeout", format!("{text:?}: {e} (say 30s or 2m)"))
+            })?,
+            None => DEFAULT_SHUTDOWN_TIMEOUT,
+        };
+        Ok(RunConfig {
+            postgres: source.connect_params()?,
+            publication: source.publication()?,
+            table: source.table()?,
+            slot,
+            create_slot: self.create_slot.or(file.create_slot).unwrap_or(true),
+            // The same check librdkafka would make later, now, with the flag's name.
+            kafka_properties: {
+                crate::sink::producer_config(&kafka_brokers, &kafka_properties)?;
+                kafka_properties
+            },
+            kafka_brokers,
+            topic: topic
+                .parse()
+                .map_err(|e: crate::event::TopicTemplateError| invalid("topic", e.to_string()))?,
+            metrics_addr: metrics_addr.parse().map_err(|_| {
+                invalid(
+                    "metrics-addr",
+                    format!("{metrics_addr:?} is not an address like 0.0.0.0:9187"),
+                )
+            })?,
+            shutdown_timeout,
+        })
+    }
+}
+
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -91,6 +292,17 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration file.
+    #[error("--config {path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A producer property.
+    #[error(transparent)]
+    Kafka(#[from] SinkConfigError),
     /// Another setting.
     #[error("--{setting}: {message}")]
     Invalid {
@@ -159,7 +371,9 @@ mod tests {
         let mut argv = vec!["walrelay", "tail"];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        let Command::Tail(tail) = cli.command;
+        let Command::Tail(tail) = cli.command else {
+            unreachable!("parsed as tail")
+        };
         tail.validate().map_err(|e| e.to_string())
     }
 
@@ -197,6 +411,141 @@ mod tests {
             let err = tail(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    fn run(args: &[&str]) -> Result<RunConfig, String> {
+        let mut argv = vec!["walrelay", "run"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            unreachable!("parsed as run")
+        };
+        run.validate().map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: [&str; 4] = [
+        "--postgres-url",
+        "postgres://u@h/d",
+        "--kafka-brokers",
+        "k:9092",
+    ];
+
+    #[test]
+    fn run_defaults_follow_the_design() {
+        let c = run(&MINIMAL).unwrap();
+        assert_eq!(c.slot, "walrelay");
+        assert_eq!(c.publication, "walrelay_events");
+        assert_eq!(c.table.to_string(), "public.events");
+        assert_eq!(c.topic.to_string(), "events");
+        assert!(c.create_slot);
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9187");
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert!(c.kafka_properties.is_empty());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            r#"
+postgres_url = "postgres://file@h/d"
+kafka_brokers = "file:9092"
+slot = "from_file"
+create_slot = false
+shutdown_timeout = "45s"
+[kafka_properties]
+"linger.ms" = "20"
+"compression.type" = "zstd"
+"#,
+        )
+        .unwrap();
+        let c = run(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--kafka-brokers",
+            "flag:9092",
+            "--kafka-property",
+            "linger.ms=1",
+        ])
+        .unwrap();
+        assert_eq!(c.postgres.user, "file");
+        assert_eq!(c.kafka_brokers, "flag:9092");
+        assert_eq!(c.slot, "from_file");
+        assert!(!c.create_slot);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(45));
+        assert_eq!(c.kafka_properties["linger.ms"], "1");
+        assert_eq!(c.kafka_properties["compression.type"], "zstd");
+        let c = run(&["--config", path.to_str().unwrap(), "--create-slot"]).unwrap();
+        assert!(c.create_slot);
+    }
+
+    #[test]
+    fn run_settings_that_break_guarantees_or_make_no_sense_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let unknown = dir.path().join("unknown.toml");
+        std::fs::write(
+            &unknown,
+            "postgres_url = \"postgres://u@h/d\"\nbrokers = \"x\"\n",
+        )
+        .unwrap();
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (
+                vec!["--postgres-url", "postgres://u@h/d"],
+                "--kafka-brokers",
+            ),
+            (vec!["--kafka-brokers", "k:9092"], "--postgres-url"),
+            (
+                [&MINIMAL[..], &["--kafka-property", "acks=1"]].concat(),
+                "acks",
+            ),
+            (
+                [
+                    &MINIMAL[..],
+                    &["--kafka-property", "enable.idempotence=false"],
+                ]
+                .concat(),
+                "idempotence",
+            ),
+            (
+                [&MINIMAL[..], &["--kafka-property", "nonsense"]].concat(),
+                "key=value",
+            ),
+            (
+                [
+                    &MINIMAL[..],
+                    &["--kafka-property", "bootstrap.servers=other:1"],
+                ]
+                .concat(),
+                "bootstrap.servers",
+            ),
+            ([&MINIMAL[..], &["--slot", "Bad-Slot"]].concat(), "--slot"),
+            (
+                [&MINIMAL[..], &["--metrics-addr", "nowhere"]].concat(),
+                "--metrics-addr",
+            ),
+            (
+                [&MINIMAL[..], &["--shutdown-timeout", "soon"]].concat(),
+                "--shutdown-timeout",
+            ),
+            (
+                vec![
+                    "--config",
+                    unknown.to_str().unwrap(),
+                    "--kafka-brokers",
+                    "k:1",
+                ],
+                "brokers",
+            ),
+            (vec!["--config", "/nonexistent/walrelay.toml"], "--config"),
+        ];
+        for (args, needle) in cases {
+            let err = run(&args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        // acks=-1 is acks=all.
+        assert!(run(&[&MINIMAL[..], &["--kafka-property", "acks=-1"]].concat()).is_ok());
     }
 
     #[test]

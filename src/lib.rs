@@ -1,9 +1,15 @@
 //! walrelay: publishes the rows appended to a PostgreSQL events table, read from
 //! a logical replication slot, and confirms the slot only after they are
 //! delivered.
+pub mod checkpoint;
 pub mod config;
 pub mod event;
+pub mod metrics;
 pub mod pg;
+pub mod pipeline;
+pub mod service;
 pub mod shutdown;
+pub mod sink;
+pub mod slot;
 pub mod source;
 pub mod tail;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use walrelay::config::{Cli, Command, LogFormat};
+use walrelay::service::{self, ServiceError};
 use walrelay::{shutdown, tail};
 
 /// Runtime failure.
@@ -16,14 +17,6 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let Command::Tail(args) = cli.command;
-    let options = match args.validate() {
-        Ok(options) => options,
-        Err(error) => {
-            tracing::error!("invalid configuration: {error}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -34,16 +27,51 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let stdout = BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
-    let result = runtime.block_on(tail::run(&options, stdout, async {
-        let signal = shutdown::signal_received().await;
-        tracing::info!(signal, "stopping");
-    }));
+    match cli.command {
+        Command::Tail(args) => {
+            let options = match args.validate() {
+                Ok(options) => options,
+                Err(error) => return config_error(&error),
+            };
+            let stdout = BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+            let result = runtime.block_on(tail::run(&options, stdout, stop()));
+            exit(result.map_err(|e| (e.to_string(), EXIT_FAILURE)))
+        }
+        Command::Run(args) => {
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(error) => return config_error(&error),
+            };
+            let result = runtime.block_on(service::run(config, stop()));
+            exit(result.map_err(|e| {
+                let code = if matches!(e, ServiceError::Bind { .. }) {
+                    EXIT_CONFIG
+                } else {
+                    EXIT_FAILURE
+                };
+                (e.to_string(), code)
+            }))
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM, logging which.
+async fn stop() {
+    let signal = shutdown::signal_received().await;
+    tracing::info!(signal, "stopping");
+}
+
+fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
+    tracing::error!("invalid configuration: {error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn exit(result: Result<(), (String, u8)>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error}");
-            ExitCode::from(EXIT_FAILURE)
+        Err((message, code)) => {
+            tracing::error!("{message}");
+            ExitCode::from(code)
         }
     }
 }

@@ -26,6 +26,8 @@ pub enum Step {
     Begin {
         /// Its commit LSN.
         commit_lsn: Lsn,
+        /// Its commit time, microseconds since 2000-01-01 UTC.
+        commit_ts: i64,
     },
     /// A row was inserted into the events table.
     Event(Event),
@@ -134,6 +136,7 @@ impl Source {
                 self.txn = Some(Transaction::new(begin.final_lsn, begin.commit_ts));
                 Step::Begin {
                     commit_lsn: begin.final_lsn,
+                    commit_ts: begin.commit_ts,
                 }
             }
             Message::Commit(commit) => {

@@ -9,9 +9,9 @@ use std::future::Future;
 use std::io::{self, Write};
 
 use crate::event::{Event, TableName, TopicTemplate};
-use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction};
+use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
-use crate::pg::metadata::{self, MetadataError, PublicationState};
+use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::pg::params::ConnectParams;
 use crate::source::{Source, SourceError, Step};
 
@@ -37,20 +37,9 @@ pub enum TailError {
     /// The replication connection failed.
     #[error(transparent)]
     Conn(#[from] ConnError),
-    /// The server cannot do logical decoding.
-    #[error(
-        "wal_level is {0:?}, but logical replication needs wal_level=logical: \
-         run ALTER SYSTEM SET wal_level = logical and restart PostgreSQL"
-    )]
-    WalLevel(String),
-    /// The publication is missing or does not cover the table.
-    #[error("publication {publication:?} {problem}; apply sql/003_publication.sql")]
-    Publication {
-        /// The publication.
-        publication: String,
-        /// What is wrong.
-        problem: String,
-    },
+    /// The server or the publication is not set up for streaming.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     /// The stream could not be followed.
     #[error(transparent)]
     Source(#[from] SourceError),
@@ -67,24 +56,7 @@ pub async fn run<W: Write>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TailError> {
     let client = metadata::connect(&options.postgres).await?;
-    let wal_level = metadata::wal_level(&client).await?;
-    if wal_level != "logical" {
-        return Err(TailError::WalLevel(wal_level));
-    }
-    let problem = match metadata::publication_state(&client, &options.publication, &options.table)
-        .await?
-    {
-        PublicationState::Ok => None,
-        PublicationState::Missing => Some("does not exist".to_owned()),
-        PublicationState::TableNotIncluded => Some(format!("does not include {}", options.table)),
-        PublicationState::InsertsNotPublished => Some("does not publish inserts".to_owned()),
-    };
-    if let Some(problem) = problem {
-        return Err(TailError::Publication {
-            publication: options.publication.clone(),
-            problem,
-        });
-    }
+    metadata::verify_source(&client, &options.publication, &options.table).await?;
     drop(client);
 
     let mut repl = ReplicationConnection::connect(&options.postgres).await?;
@@ -99,7 +71,7 @@ pub async fn run<W: Write>(
             &slot.name,
             Lsn::ZERO,
             &[("proto_version", "1"), ("publication_names", &publications)],
-            slot.consistent_point,
+            Feedback::new(slot.consistent_point),
             interval,
         )
         .await?;

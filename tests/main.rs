@@ -1,4 +1,5 @@
 //! Integration tests: real PostgreSQL clusters started per test, the built
 //! `walrelay` binary run as a child process.
+mod relay;
 mod source;
 mod support;

@@ -662,14 +662,15 @@ impl ReplicationConnection {
 
     /// `START_REPLICATION SLOT s LOGICAL start (options)`: from here on the
     /// connection streams. Pass [`Lsn::ZERO`] to resume where the slot was
-    /// confirmed; `confirmed` is that position, from which the status updates
-    /// start, so they never report less than the slot already has.
+    /// confirmed. The status updates report `feedback`'s positions; keep one
+    /// [`Feedback`] across reconnects, started at the slot's confirmed
+    /// position, so they never report less than the slot already has.
     pub async fn start_logical(
         mut self,
         slot: &str,
         start: Lsn,
         options: &[(&str, &str)],
-        confirmed: Lsn,
+        feedback: Feedback,
         status_interval: Duration,
     ) -> Result<ReplicationStream, ConnError> {
         let options = options
@@ -699,7 +700,6 @@ impl ReplicationConnection {
                 other => Self::unexpected(other, "starting replication")?,
             }
         }
-        let feedback = Feedback::new(confirmed);
         let cancel = CancellationToken::new();
         let writer = tokio::spawn(status_updates(
             self.writer,
@@ -808,7 +808,8 @@ struct FeedbackState {
 pub struct Feedback(Arc<FeedbackState>);
 
 impl Feedback {
-    fn new(confirmed: Lsn) -> Self {
+    /// Positions starting at `confirmed`, the slot's `confirmed_flush_lsn`.
+    pub fn new(confirmed: Lsn) -> Self {
         Feedback(Arc::new(FeedbackState {
             write: AtomicU64::new(confirmed.0),
             flush: AtomicU64::new(confirmed.0),

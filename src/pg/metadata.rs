@@ -10,6 +10,51 @@ use super::params::{ConnectParams, SslMode};
 use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
 use crate::event::TableName;
 
+/// The server cannot stream the events table as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The metadata connection failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The server cannot do logical decoding.
+    #[error(
+        "wal_level is {0:?}, but logical replication needs wal_level=logical: \
+         run ALTER SYSTEM SET wal_level = logical and restart PostgreSQL"
+    )]
+    WalLevel(String),
+    /// The publication is missing or does not cover the table.
+    #[error("publication {publication:?} {problem}; apply sql/003_publication.sql")]
+    Publication {
+        /// The publication.
+        publication: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Checks that the server decodes logically and that `publication`
+/// publishes the inserts of `table`.
+pub async fn verify_source(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<(), SetupError> {
+    let level = wal_level(client).await?;
+    if level != "logical" {
+        return Err(SetupError::WalLevel(level));
+    }
+    let problem = match publication_state(client, publication, table).await? {
+        PublicationState::Ok => return Ok(()),
+        PublicationState::Missing => "does not exist".to_owned(),
+        PublicationState::TableNotIncluded => format!("does not include {table}"),
+        PublicationState::InsertsNotPublished => "does not publish inserts".to_owned(),
+    };
+    Err(SetupError::Publication {
+        publication: publication.to_owned(),
+        problem,
+    })
+}
+
 /// The metadata connection failed or a query on it did.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

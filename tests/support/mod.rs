@@ -4,5 +4,7 @@
 // per binary: without this, a helper no test calls yet fails `-D warnings`.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod postgres;
 pub mod walrelay;
+pub mod workload;

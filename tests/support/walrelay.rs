@@ -150,3 +150,73 @@ fn collect(stream: impl AsyncRead + Unpin + Send + 'static) -> Lines {
     });
     lines
 }
+
+impl Walrelay {
+    /// Starts `walrelay run` against `postgres_url` and `brokers`, with the
+    /// metrics endpoint on a free local port, and waits until it streams.
+    pub async fn run(
+        postgres_url: &str,
+        brokers: &str,
+        extra: &[&str],
+    ) -> (Self, std::net::SocketAddr) {
+        let metrics = free_local_addr();
+        let metrics_arg = metrics.to_string();
+        let mut args = vec![
+            "run",
+            "--postgres-url",
+            postgres_url,
+            "--kafka-brokers",
+            brokers,
+            "--metrics-addr",
+            &metrics_arg,
+        ];
+        args.extend_from_slice(extra);
+        let mut w = Self::spawn(&args, &[]);
+        w.wait_for_stderr("streaming", Duration::from_secs(60))
+            .await;
+        (w, metrics)
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+}
+
+/// A local address nothing listens on right now.
+pub fn free_local_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("local addr")
+}
+
+/// `GET path` over HTTP/1.0; returns the status code and body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of an integer metric (summed over its labels).
+pub fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -1,0 +1,334 @@
+//! The watermark that decides which LSN may be confirmed to PostgreSQL.
+//!
+//! Transactions enter in commit order (the order pgoutput sends them). Their
+//! events go to the producer as they arrive, and acknowledgements come back in
+//! any order. The confirmed position moves to a transaction's commit end LSN
+//! only when that transaction and every one before it has been committed in
+//! the stream and fully acknowledged; when nothing is in flight, it moves to
+//! the WAL end a keepalive reported. It never moves backwards.
+//!
+//! Why `Commit.end_lsn`: PostgreSQL resends every transaction whose commit
+//! record starts at or after the confirmed position, so confirming the end of
+//! a commit record says "this one is done", and nothing after it is skipped.
+//!
+//! Each transaction is counted, not listed: its events add up in a signed
+//! counter, so an acknowledgement may arrive before the commit has been seen
+//! (the counter then dips below zero) without any per-event bookkeeping.
+use std::collections::VecDeque;
+
+use crate::pg::lsn::Lsn;
+
+/// Names a transaction in the watermark; carried with each produced event.
+pub type TxnId = u64;
+
+#[derive(Debug, Clone)]
+struct Pending {
+    /// Events sent minus events acknowledged (sent is added at commit).
+    outstanding: i64,
+    /// Set at commit.
+    end_lsn: Option<Lsn>,
+    /// Commit time, microseconds since 2000-01-01 UTC.
+    commit_ts: i64,
+    /// An event of it failed for good: it never completes.
+    poisoned: bool,
+}
+
+/// What a step changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Advance {
+    /// The new confirmed position, when it moved.
+    pub confirmed: Option<Lsn>,
+    /// Transactions completed by this step.
+    pub completed: u64,
+    /// The commit time of the newest of them (PostgreSQL microseconds).
+    pub last_commit_ts: Option<i64>,
+}
+
+/// What an acknowledgement changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The watermark's movement.
+    pub advance: Advance,
+    /// The acknowledged event's commit time (PostgreSQL microseconds), when known.
+    pub commit_ts: Option<i64>,
+}
+
+/// The in-flight transactions and the confirmed position.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pending: VecDeque<Pending>,
+    /// The ID of `pending[0]`.
+    first_id: TxnId,
+    confirmed: Lsn,
+}
+
+impl Checkpoint {
+    /// Starts at the position the slot is already confirmed to.
+    pub fn new(confirmed: Lsn) -> Self {
+        Checkpoint {
+            pending: VecDeque::new(),
+            first_id: 0,
+            confirmed,
+        }
+    }
+
+    /// The confirmed position.
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Transactions begun and not yet confirmed.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// A transaction began; its events carry the returned ID.
+    pub fn begin(&mut self, commit_ts: i64) -> TxnId {
+        self.pending.push_back(Pending {
+            outstanding: 0,
+            end_lsn: None,
+            commit_ts,
+            poisoned: false,
+        });
+        self.first_id + self.pending.len() as u64 - 1
+    }
+
+    /// Transaction `id` committed at `end_lsn` after `sent` events were handed
+    /// to the producer. Returns the new confirmed position if it moved.
+    pub fn commit(&mut self, id: TxnId, sent: u64, end_lsn: Lsn) -> Advance {
+        let Some(pending) = self.get(id) else {
+            return Advance::default();
+        };
+        pending.outstanding += i64::try_from(sent).unwrap_or(i64::MAX);
+        pending.end_lsn = Some(end_lsn);
+        self.advance()
+    }
+
+    /// One event of transaction `id` was acknowledged by the broker.
+    pub fn acked(&mut self, id: TxnId) -> Ack {
+        let Some(pending) = self.get(id) else {
+            // A transaction abandoned by a reconnect: it is being replayed.
+            return Ack {
+                advance: Advance::default(),
+                commit_ts: None,
+            };
+        };
+        pending.outstanding -= 1;
+        let commit_ts = Some(pending.commit_ts);
+        Ack {
+            advance: self.advance(),
+            commit_ts,
+        }
+    }
+
+    /// An event of transaction `id` failed for good: the watermark stays
+    /// before it until the process restarts and the slot replays it.
+    pub fn poison(&mut self, id: TxnId) {
+        if let Some(pending) = self.get(id) {
+            pending.poisoned = true;
+        }
+    }
+
+    /// The replication session ended inside a transaction: forget it (the
+    /// next session replays it whole). Acknowledgements of its events that
+    /// arrive later are ignored.
+    pub fn abandon_open(&mut self) {
+        if self.pending.back().is_some_and(|p| p.end_lsn.is_none()) {
+            self.pending.pop_back();
+        }
+    }
+
+    /// A keepalive outside any transaction reported the server's WAL end.
+    /// With nothing in flight, everything before it is handled.
+    pub fn idle(&mut self, wal_end: Lsn) -> Option<Lsn> {
+        if self.pending.is_empty() && wal_end > self.confirmed {
+            self.confirmed = wal_end;
+            return Some(wal_end);
+        }
+        None
+    }
+
+    fn get(&mut self, id: TxnId) -> Option<&mut Pending> {
+        let index = usize::try_from(id.checked_sub(self.first_id)?).ok()?;
+        self.pending.get_mut(index)
+    }
+
+    fn advance(&mut self) -> Advance {
+        let before = self.confirmed;
+        let mut advance = Advance::default();
+        while let Some(front) = self.pending.front() {
+            match front.end_lsn {
+                Some(end) if front.outstanding <= 0 && !front.poisoned => {
+                    self.confirmed = self.confirmed.max(end);
+                    advance.completed += 1;
+                    advance.last_commit_ts = Some(front.commit_ts);
+                    self.pending.pop_front();
+                    self.first_id += 1;
+                }
+                _ => break,
+            }
+        }
+        advance.confirmed = (self.confirmed > before).then_some(self.confirmed);
+        advance
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn confirms_in_commit_order_whatever_the_ack_order() {
+        let mut c = Checkpoint::new(Lsn(10));
+        let a = c.begin(0);
+        assert_eq!(c.commit(a, 2, Lsn(100)).confirmed, None);
+        let b = c.begin(0);
+        assert_eq!(c.commit(b, 1, Lsn(200)).confirmed, None);
+        // b done first: nothing moves, a is still out.
+        assert_eq!(c.acked(b).advance.confirmed, None);
+        assert_eq!(c.acked(a).advance.confirmed, None);
+        let last = c.acked(a).advance;
+        assert_eq!(last.confirmed, Some(Lsn(200)));
+        assert_eq!(last.completed, 2);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_ack_before_the_commit_is_counted() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        assert_eq!(c.acked(a).advance.confirmed, None, "not committed yet");
+        assert_eq!(c.commit(a, 1, Lsn(50)).confirmed, Some(Lsn(50)));
+    }
+
+    #[test]
+    fn idle_moves_only_when_nothing_is_in_flight() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        c.commit(a, 1, Lsn(100));
+        assert_eq!(c.idle(Lsn(500)), None);
+        assert_eq!(c.acked(a).advance.confirmed, Some(Lsn(100)));
+        assert_eq!(c.idle(Lsn(500)), Some(Lsn(500)));
+        assert_eq!(c.idle(Lsn(400)), None, "never backwards");
+        assert_eq!(c.confirmed(), Lsn(500));
+    }
+
+    #[test]
+    fn a_poisoned_transaction_holds_the_watermark() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        c.commit(a, 1, Lsn(100));
+        c.poison(a);
+        assert_eq!(c.acked(a).advance.confirmed, None);
+        let b = c.begin(0);
+        let _ = c.commit(b, 0, Lsn(200));
+        assert_eq!(c.confirmed(), Lsn(0));
+        assert_eq!(c.idle(Lsn(300)), None);
+    }
+
+    #[test]
+    fn an_abandoned_transaction_is_forgotten_and_its_acks_ignored() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        c.commit(a, 1, Lsn(100));
+        let open = c.begin(0);
+        c.abandon_open();
+        // The replay of `open` in the next session gets a new ID.
+        let replay = c.begin(0);
+        assert_ne!(replay, open - 1);
+        assert_eq!(c.acked(a).advance.confirmed, Some(Lsn(100)));
+        assert_eq!(c.commit(replay, 1, Lsn(300)).confirmed, None);
+        assert_eq!(c.acked(replay).advance.confirmed, Some(Lsn(300)));
+    }
+
+    /// One step of a simulated session.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Deliver the acknowledgement at this index of the unacknowledged set.
+        Ack(usize),
+        /// Feed the next stream item (event, commit, keepalive).
+        Stream,
+    }
+
+    proptest! {
+        /// Random transactions, random interleaving of stream progress and
+        /// out-of-order acknowledgements: the confirmed position is always
+        /// exactly the end of the newest transaction that, with all before it,
+        /// is committed and acknowledged (or a keepalive's WAL end with nothing
+        /// in flight), and so never passes an unacknowledged event.
+        #[test]
+        fn never_passes_an_unacknowledged_event(
+            sizes in proptest::collection::vec(0u64..5, 1..30),
+            ops in proptest::collection::vec(prop_oneof![any::<usize>().prop_map(Op::Ack), Just(Op::Stream)], 0..400),
+        ) {
+            // The stream: for each transaction, its events, then its commit,
+            // then a keepalive with a WAL end past it.
+            #[derive(Debug, Clone, Copy)]
+            enum Item { Event(usize), Commit(usize), Keepalive(usize) }
+            let mut stream = Vec::new();
+            for (t, n) in sizes.iter().enumerate() {
+                for _ in 0..*n { stream.push(Item::Event(t)); }
+                stream.push(Item::Commit(t));
+                stream.push(Item::Keepalive(t));
+            }
+            let end = |t: usize| Lsn(1000 * (t as u64 + 1));
+            let keepalive_end = |t: usize| Lsn(1000 * (t as u64 + 1) + 500);
+
+            let mut c = Checkpoint::new(Lsn(1));
+            let mut ids = vec![None; sizes.len()];
+            let mut sent = vec![0u64; sizes.len()];
+            let mut acked = vec![0u64; sizes.len()];
+            let mut committed = vec![false; sizes.len()];
+            let mut unacked: Vec<usize> = Vec::new();
+            let mut next = 0;
+            let mut ops = ops.into_iter();
+            loop {
+                let op = ops.next().unwrap_or(Op::Stream);
+                match op {
+                    Op::Ack(i) if !unacked.is_empty() => {
+                        let t = unacked.swap_remove(i % unacked.len());
+                        acked[t] += 1;
+                        c.acked(ids[t].unwrap());
+                    }
+                    Op::Ack(_) | Op::Stream if next < stream.len() => {
+                        match stream[next] {
+                            Item::Event(t) => {
+                                ids[t].get_or_insert_with(|| c.begin(0));
+                                sent[t] += 1;
+                                unacked.push(t);
+                            }
+                            Item::Commit(t) => {
+                                let id = *ids[t].get_or_insert_with(|| c.begin(0));
+                                committed[t] = true;
+                                c.commit(id, sent[t], end(t));
+                            }
+                            Item::Keepalive(t) => { c.idle(keepalive_end(t)); }
+                        }
+                        next += 1;
+                    }
+                    _ if !unacked.is_empty() => {
+                        let t = unacked.pop().unwrap();
+                        acked[t] += 1;
+                        c.acked(ids[t].unwrap());
+                    }
+                    _ => break,
+                }
+                // The model: the newest transaction done along with all before it.
+                let done = (0..sizes.len()).take_while(|&t| committed[t] && acked[t] == sent[t]).last();
+                let confirmed = c.confirmed();
+                // Never past the first transaction that is not done.
+                if let Some(first_open) = (0..sizes.len()).find(|&t| !(committed[t] && acked[t] == sent[t])) {
+                    prop_assert!(confirmed < end(first_open), "confirmed {confirmed} past open transaction {first_open}");
+                }
+                if let Some(t) = done {
+                    prop_assert!(confirmed >= end(t), "confirmed {confirmed} lags done transaction {t}");
+                }
+            }
+            // Everything acknowledged, then one more keepalive: all confirmed.
+            c.idle(keepalive_end(sizes.len() - 1));
+            prop_assert_eq!(c.confirmed(), keepalive_end(sizes.len() - 1));
+            prop_assert_eq!(c.in_flight(), 0);
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Every metric walrelay exports, defined once, and the HTTP endpoint that
+//! serves them with the health probes.
+//!
+//! `/metrics` is the Prometheus text format, `/healthz` answers 200 while the
+//! process runs, `/readyz` answers 200 only while walrelay streams from
+//! PostgreSQL and the broker is reachable (503 with the reason otherwise).
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::pg::lsn::Lsn;
+
+/// Buckets of the commit-to-acknowledgement histogram, in seconds: 1 ms to 5 min.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The metric families, registered on a registry of their own.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Events acknowledged by the broker.
+    pub events_published: IntCounter,
+    /// Key, value and header bytes of the acknowledged events.
+    pub bytes_published: IntCounter,
+    /// Transactions of the events table fully acknowledged and confirmable.
+    pub transactions: IntCounter,
+    /// Events the broker refused or that could not be sent, by reason.
+    pub publish_errors: IntCounterVec,
+    /// Events handed to the producer and not yet acknowledged.
+    pub inflight_events: IntGauge,
+    /// The highest WAL position received from the server.
+    pub received_lsn: IntGauge,
+    /// The position confirmed to the server (the slot's flush position).
+    pub confirmed_lsn: IntGauge,
+    /// Server WAL end minus confirmed position.
+    pub source_lag_bytes: IntGauge,
+    /// From the commit timestamp to the broker's acknowledgement, per event.
+    pub commit_to_ack: Histogram,
+    /// Commit time of the newest fully acknowledged transaction, Unix seconds.
+    pub last_commit_timestamp: prometheus::Gauge,
+    /// Connections re-established after a failure, by target (postgres, kafka).
+    pub reconnects: IntCounterVec,
+    /// UPDATE, DELETE or TRUNCATE seen on the events table, by kind.
+    pub unexpected_changes: IntCounterVec,
+    health: Arc<Health>,
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    streaming: AtomicBool,
+    broker_up: AtomicBool,
+}
+
+impl Health {
+    /// Whether the replication stream is running.
+    pub fn set_streaming(&self, up: bool) {
+        self.streaming.store(up, Ordering::Relaxed);
+    }
+
+    /// Whether the broker answers.
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.streaming.load(Ordering::Relaxed) {
+            Some("not streaming from PostgreSQL")
+        } else if !self.broker_up.load(Ordering::Relaxed) {
+            Some("the Kafka broker is not reachable")
+        } else {
+            None
+        }
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    #[allow(clippy::too_many_lines)] // One flat list of families reads best.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let commit_to_ack = Histogram::with_opts(
+            HistogramOpts::new(
+                "walrelay_commit_to_ack_seconds",
+                "Time from a transaction's commit to the broker's acknowledgement of each of its events.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(commit_to_ack.clone()))
+            .expect("unique metric");
+        let last_commit_timestamp = prometheus::Gauge::new(
+            "walrelay_last_commit_timestamp_seconds",
+            "Commit time (Unix seconds) of the newest transaction whose events were all acknowledged.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(last_commit_timestamp.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "walrelay_build_info",
+                "Always 1; the labels say which walrelay runs.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        let metrics = Metrics {
+            events_published: counter(
+                "walrelay_events_published_total",
+                "Events the broker acknowledged.",
+            ),
+            bytes_published: counter(
+                "walrelay_bytes_published_total",
+                "Key, value and header bytes of the events the broker acknowledged.",
+            ),
+            transactions: counter(
+                "walrelay_transactions_total",
+                "Transactions of the events table fully acknowledged.",
+            ),
+            publish_errors: counter_vec(
+                "walrelay_publish_errors_total",
+                "Events the broker refused or that could not be produced, by reason.",
+                "reason",
+            ),
+            inflight_events: gauge(
+                "walrelay_inflight_events",
+                "Events handed to the producer and not yet acknowledged.",
+            ),
+            received_lsn: gauge(
+                "walrelay_received_lsn",
+                "Highest WAL position received from PostgreSQL, as a number.",
+            ),
+            confirmed_lsn: gauge(
+                "walrelay_confirmed_lsn",
+                "WAL position confirmed to PostgreSQL (the slot's flush position), as a number.",
+            ),
+            source_lag_bytes: gauge(
+                "walrelay_source_lag_bytes",
+                "Server WAL end minus the confirmed position: WAL the slot holds back.",
+            ),
+            commit_to_ack,
+            last_commit_timestamp,
+            reconnects: counter_vec(
+                "walrelay_reconnects_total",
+                "Connections re-established after a failure, by target (postgres, kafka).",
+                "target",
+            ),
+            unexpected_changes: counter_vec(
+                "walrelay_unexpected_changes_total",
+                "UPDATE, DELETE or TRUNCATE seen on the append-only events table, by kind.",
+                "kind",
+            ),
+            registry,
+            health: Arc::new(Health::default()),
+        };
+        // Export the labelled series at 0 so alerts and rates see them from the start.
+        for reason in ["refused", "timed_out", "fatal", "invalid_row"] {
+            metrics.publish_errors.with_label_values(&[reason]);
+        }
+        for target in ["postgres", "kafka"] {
+            metrics.reconnects.with_label_values(&[target]);
+        }
+        for kind in ["update", "delete", "truncate"] {
+            metrics.unexpected_changes.with_label_values(&[kind]);
+        }
+        metrics
+    }
+
+    /// The readiness flags.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Sets an LSN gauge (LSNs fit in i64 for the next few million years of WAL).
+    pub fn set_lsn(gauge: &IntGauge, lsn: Lsn) {
+        gauge.set(i64::try_from(lsn.0).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for valid families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+
+    let for_metrics = metrics.clone();
+    let health = Arc::clone(metrics.health());
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = for_metrics.render();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let reason = health.not_ready_reason();
+                async move {
+                    match reason {
+                        None => (StatusCode::OK, "ready\n".to_owned()),
+                        Some(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the metrics address, before anything else starts, so a port clash is
+/// a configuration error.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_family_is_exported() {
+        let text = Metrics::new().render();
+        for name in [
+            "walrelay_events_published_total",
+            "walrelay_bytes_published_total",
+            "walrelay_transactions_total",
+            "walrelay_publish_errors_total",
+            "walrelay_inflight_events",
+            "walrelay_received_lsn",
+            "walrelay_confirmed_lsn",
+            "walrelay_source_lag_bytes",
+            "walrelay_commit_to_ack_seconds",
+            "walrelay_last_commit_timestamp_seconds",
+            "walrelay_reconnects_total",
+            "walrelay_unexpected_changes_total",
+            "walrelay_build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{text}"
+            );
+        }
+        // Every family also appears in the README's reference.
+        let readme = include_str!("../README.md");
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            let documented =
+                readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{"));
+            assert!(documented, "{name} is not documented in README.md");
+        }
+    }
+
+    #[test]
+    fn readiness_needs_both_sides() {
+        let h = Health::default();
+        assert!(h.not_ready_reason().is_some());
+        h.set_streaming(true);
+        assert_eq!(
+            h.not_ready_reason(),
+            Some("the Kafka broker is not reachable")
+        );
+        h.set_broker_up(true);
+        assert_eq!(h.not_ready_reason(), None);
+    }
+}

@@ -1,0 +1,418 @@
+//! `walrelay run`: the loop that wires source → event → sink → checkpoint,
+//! with backpressure, reconnects and shutdown.
+//!
+//! ```text
+//! replication stream ──► Source::step ──► Sink::send ──► producer queue ──► broker
+//!        ▲                                                     │ delivery reports
+//!        └── status updates ◄── Feedback ◄── Checkpoint ◄──────┘
+//! ```
+//!
+//! One task reads the stream and feeds the producer. When the producer's
+//! queue is full, `Sink::send` waits, so the socket is not read and the
+//! server's WAL sender waits in turn: memory stays bounded whatever the size of
+//! a transaction. The status updates go out from their own task meanwhile.
+//!
+//! A lost replication connection is re-established with capped exponential
+//! backoff and jitter; the new session resumes at the slot's confirmed
+//! position (`START_REPLICATION ... 0/0`), so transactions that were in flight
+//! are sent again (duplicates, never gaps). The producer, and with it the
+//! watermark, lives across sessions.
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{Checkpoint, TxnId};
+use crate::config::RunConfig;
+use crate::metrics::Metrics;
+use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
+use crate::pg::lsn::Lsn;
+use crate::pg::metadata::{self, MetadataError, SetupError};
+use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
+use crate::slot::{self, SlotProblem};
+use crate::source::{Source, SourceError, Step, UnexpectedChange};
+
+/// How long a session that failed waits for outstanding acknowledgements
+/// before it closes the replication connection.
+const ERROR_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a topic check waits for the cluster before it retries.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `run` stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The producer could not be configured.
+    #[error(transparent)]
+    SinkConfig(#[from] SinkConfigError),
+    /// The producer failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// An event was refused for good.
+    #[error("{0}")]
+    Publish(Box<PublishFailure>),
+    /// The replication connection failed for good.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The metadata connection failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The server or the publication is not set up for streaming.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The slot does not exist and may not be created.
+    #[error(
+        "replication slot {0:?} does not exist and --create-slot=false; create it \
+         (SELECT pg_create_logical_replication_slot('{0}', 'pgoutput')) or allow walrelay to"
+    )]
+    NoSlot(String),
+    /// The slot cannot be used.
+    #[error(transparent)]
+    Slot(#[from] SlotProblem),
+    /// The stream could not be followed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// An UPDATE, DELETE or TRUNCATE of the events table.
+    #[error(
+        "the append-only events table saw a {} in the transaction committed at {}; walrelay does not \
+         publish changes other than inserts and stops here so that nothing is skipped silently. \
+         Find who bypassed the guard (sql/002_append_only.sql), then restart walrelay",
+        .0.kind.to_uppercase(), .0.commit_lsn
+    )]
+    Unexpected(UnexpectedChange),
+}
+
+impl RunError {
+    /// Whether a new session may succeed without anyone changing anything.
+    fn is_transient(&self) -> bool {
+        match self {
+            RunError::Conn(e) => e.is_transient(),
+            RunError::Metadata(MetadataError::Postgres(e))
+            | RunError::Setup(SetupError::Metadata(MetadataError::Postgres(e))) => {
+                e.as_db_error().is_none()
+                    || e.code()
+                        .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
+            }
+            RunError::Sink(SinkError::Unreachable(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(250);
+    const CAP: Duration = Duration::from_secs(30);
+
+    fn next(&mut self) -> Duration {
+        let ceiling = Self::BASE
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(Self::CAP);
+        self.attempt += 1;
+        // At least a tenth of the ceiling, so retries never spin.
+        ceiling.mul_f64(0.1 + 0.9 * fastrand::f64())
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Waits `delay` unless shutdown comes first; returns whether it did.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// Runs until `shutdown` is cancelled (then drains and returns `Ok`) or a
+/// definite error occurs.
+pub async fn run(
+    config: &RunConfig,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let producer_config = producer_config(&config.kafka_brokers, &config.kafka_properties)?;
+    let mut backoff = Backoff { attempt: 0 };
+
+    // The slot's position is where the watermark starts; it takes a working
+    // database connection, which may take a few tries.
+    let confirmed = loop {
+        match prepare_source(config).await {
+            Ok(confirmed) => break confirmed,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
+                metrics.reconnects.with_label_values(&["postgres"]).inc();
+                if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    backoff.reset();
+    Metrics::set_lsn(&metrics.confirmed_lsn, confirmed);
+    let sink = Sink::new(
+        &producer_config,
+        Checkpoint::new(confirmed),
+        Feedback::new(confirmed),
+        metrics.clone(),
+    )?;
+
+    let mut known_topics = HashSet::new();
+    if let Some(topic) = config.topic.fixed() {
+        if !ensure_topic(&sink, topic, &metrics, &shutdown).await? {
+            return Ok(());
+        }
+        known_topics.insert(topic.to_owned());
+    }
+
+    let result = loop {
+        let session = Session {
+            config,
+            sink: &sink,
+            metrics: &metrics,
+            shutdown: &shutdown,
+            known_topics: &mut known_topics,
+            open: None,
+        };
+        match session.run().await {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_transient() => {
+                metrics.health().set_streaming(false);
+                let delay = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
+                metrics.reconnects.with_label_values(&["postgres"]).inc();
+                if sleep_or_shutdown(delay, &shutdown).await {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    metrics.health().set_streaming(false);
+    tracing::info!(confirmed = %sink.confirmed(), "stopped");
+    result
+}
+
+/// Checks the server and the publication, makes sure the slot exists, and
+/// returns its confirmed position.
+async fn prepare_source(config: &RunConfig) -> Result<Lsn, RunError> {
+    let client = metadata::connect(&config.postgres).await?;
+    metadata::verify_source(&client, &config.publication, &config.table).await?;
+    if let Some(state) = slot::inspect(&client, &config.slot).await? {
+        if let Some(problem) = state.problem(&config.slot, &config.postgres.dbname) {
+            return Err(problem.into());
+        }
+        let confirmed = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+        tracing::info!(slot = %config.slot, confirmed = %confirmed, "resuming from the slot");
+        return Ok(confirmed);
+    }
+    if !config.create_slot {
+        return Err(RunError::NoSlot(config.slot.clone()));
+    }
+    let mut repl = ReplicationConnection::connect(&config.postgres).await?;
+    let created = repl
+        .create_logical_slot(&config.slot, false, SnapshotAction::Discard)
+        .await?;
+    tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
+        "created the replication slot; events committed from here on are published");
+    Ok(created.consistent_point)
+}
+
+/// Waits until `topic` is known to exist; `Ok(false)` when shutdown came first.
+async fn ensure_topic(
+    sink: &Sink,
+    topic: &str,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<bool, RunError> {
+    let mut backoff = Backoff { attempt: 0 };
+    loop {
+        match sink.check_topic(topic, METADATA_TIMEOUT).await {
+            Ok(()) => return Ok(true),
+            Err(SinkError::Unreachable(e)) => {
+                metrics.health().set_broker_up(false);
+                metrics.reconnects.with_label_values(&["kafka"]).inc();
+                tracing::warn!(error = %e, "the Kafka cluster is not reachable yet; retrying");
+                if sleep_or_shutdown(backoff.next(), shutdown).await {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One replication session.
+struct Session<'a> {
+    config: &'a RunConfig,
+    sink: &'a Sink,
+    metrics: &'a Metrics,
+    shutdown: &'a CancellationToken,
+    known_topics: &'a mut HashSet<String>,
+    /// The transaction being received, with the events sent of it so far.
+    open: Option<(TxnId, u64)>,
+}
+
+/// What the session loop does after a step.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Session<'_> {
+    async fn run(mut self) -> Result<(), RunError> {
+        let mut repl = ReplicationConnection::connect(&self.config.postgres).await?;
+        let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        let publications = conn::quote_ident(&self.config.publication);
+        let mut stream = repl
+            .start_logical(
+                &self.config.slot,
+                Lsn::ZERO,
+                &[("proto_version", "1"), ("publication_names", &publications)],
+                self.sink.feedback().clone(),
+                interval,
+            )
+            .await?;
+        self.metrics.health().set_streaming(true);
+        tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
+
+        let mut source = Source::new(self.config.table.clone(), self.config.topic.clone());
+        let result = loop {
+            let message = tokio::select! {
+                biased;
+                // SIGTERM or SIGINT: stop reading; the drain below confirms what it can.
+                () = self.shutdown.cancelled() => break Ok(()),
+                // An event refused for good: stop before anything passes it.
+                failure = self.sink.failed() => break Err(RunError::Publish(Box::new(failure))),
+                // The next message; cancel-safe.
+                message = stream.next() => message,
+            };
+            let step = match message
+                .map_err(RunError::from)
+                .and_then(|m| source.step(m).map_err(RunError::from))
+            {
+                Ok(step) => step,
+                Err(e) => break Err(e),
+            };
+            match self.handle(step).await {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        self.metrics.health().set_streaming(false);
+        if self.open.is_some() {
+            self.sink.abandon_open();
+        }
+        // Wait for the acknowledgements of what was sent, so that the final
+        // status update confirms as much as possible: all of it on shutdown;
+        // up to a refused event (which the watermark never passes) on error.
+        let timeout = if result.is_ok() {
+            self.config.shutdown_timeout
+        } else {
+            self.config.shutdown_timeout.min(ERROR_DRAIN_TIMEOUT)
+        };
+        let left = self.sink.flush(timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                unacknowledged = left,
+                "stopped waiting for acknowledgements; those events will be published again after a restart"
+            );
+        }
+        let confirmed = self.sink.confirmed();
+        let closed = stream.close().await;
+        tracing::info!(confirmed = %confirmed, "replication connection closed");
+        result?;
+        closed.map_err(RunError::from)
+    }
+
+    /// Acts on one step of the source.
+    async fn handle(&mut self, step: Step) -> Result<Flow, RunError> {
+        match step {
+            Step::Begin { commit_ts, .. } => self.open = Some((self.sink.begin(commit_ts), 0)),
+            Step::Event(event) => {
+                let Some((txn, _)) = self.open else {
+                    return Err(SourceError::Order("event outside a transaction").into());
+                };
+                if !self.known_topics.contains(&event.topic) {
+                    if !ensure_topic(self.sink, &event.topic, self.metrics, self.shutdown).await? {
+                        return Ok(Flow::Stop);
+                    }
+                    self.known_topics.insert(event.topic.clone());
+                }
+                tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => return Ok(Flow::Stop),
+                    // Waits while the producer queue is full: backpressure.
+                    sent = self.sink.send(txn, &event) => sent?,
+                }
+                if let Some((_, sent)) = self.open.as_mut() {
+                    *sent += 1;
+                }
+            }
+            Step::Commit { end_lsn, .. } => {
+                if let Some((txn, sent)) = self.open.take() {
+                    self.sink.commit(txn, sent, end_lsn);
+                }
+                self.received(end_lsn);
+            }
+            Step::Idle { wal_end } => {
+                self.sink.idle(wal_end);
+                self.received(wal_end);
+                let lag = wal_end.bytes_since(self.sink.confirmed());
+                self.metrics
+                    .source_lag_bytes
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+            Step::Received { wal_end } => self.received(wal_end),
+            Step::Unexpected(change) => {
+                self.metrics
+                    .unexpected_changes
+                    .with_label_values(&[change.kind])
+                    .inc();
+                return Err(RunError::Unexpected(change));
+            }
+            Step::Nothing => {}
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn received(&self, lsn: Lsn) {
+        self.sink.feedback().received(lsn);
+        let current = u64::try_from(self.metrics.received_lsn.get()).unwrap_or(0);
+        if lsn.0 > current {
+            Metrics::set_lsn(&self.metrics.received_lsn, lsn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff { attempt: 0 };
+        let delays: Vec<Duration> = (0..20).map(|_| b.next()).collect();
+        assert!(delays[0] <= Backoff::BASE);
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d <= Backoff::CAP && *d >= Backoff::BASE / 10)
+        );
+        assert!(
+            delays[15..].iter().any(|d| *d > Duration::from_secs(3)),
+            "{delays:?}"
+        );
+        b.reset();
+        assert!(b.next() <= Backoff::BASE);
+    }
+}

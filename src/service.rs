@@ -1,0 +1,63 @@
+//! `walrelay run` as a process: the metrics endpoint, the signal that stops
+//! it, and the pipeline, started and stopped in one place.
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RunConfig;
+use crate::metrics::{self, Metrics};
+use crate::pipeline::{self, RunError};
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The metrics address cannot be bound (a configuration problem).
+    #[error("--metrics-addr {addr}: cannot listen: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pipeline stopped.
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// Serves metrics and runs the pipeline until `stop` completes (then drains)
+/// or the pipeline fails.
+pub async fn run(
+    config: RunConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let metrics = Metrics::new();
+    let listener =
+        metrics::bind(config.metrics_addr)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                addr: config.metrics_addr,
+                source,
+            })?;
+    tracing::info!(addr = %config.metrics_addr, postgres = %config.postgres.redacted_url(),
+        brokers = %config.kafka_brokers, topic = %config.topic, slot = %config.slot, "starting");
+
+    let shutdown = CancellationToken::new();
+    let server_stop = shutdown.clone();
+    let server = tokio::spawn(metrics::serve(listener, metrics.clone(), async move {
+        server_stop.cancelled().await;
+    }));
+    let on_signal = shutdown.clone();
+    let signal = tokio::spawn(async move {
+        stop.await;
+        on_signal.cancel();
+    });
+
+    let result = pipeline::run(&config, metrics, shutdown.clone()).await;
+    signal.abort();
+    shutdown.cancel();
+    if let Ok(Err(error)) = server.await {
+        tracing::warn!(error = %error, "metrics endpoint failed");
+    }
+    Ok(result?)
+}

@@ -1,0 +1,5 @@
+//! `walrelay run` end to end: a real PostgreSQL, librdkafka's mock cluster
+//! over TCP, the built binary in its own process.
+mod config;
+mod delivery;
+mod faults;
