@@ -58,6 +58,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Stream the events table to Kafka from the service's own slot.
     Run(RunArgs),
+    /// Verify the setup without streaming: list every problem with its fix
+    /// (exit 0 when clean, 2 otherwise). Takes the flags of `run`.
+    Check(RunArgs),
 }
 
 /// Where the events come from.

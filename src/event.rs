@@ -164,6 +164,14 @@ impl fmt::Display for TopicTemplate {
 }
 
 impl TopicTemplate {
+    /// The columns the template names.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Column(c) => Some(c.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
     /// The topic when it names no column, else `None`.
     pub fn fixed(&self) -> Option<&str> {
         match self.parts.as_slice() {

@@ -1,6 +1,7 @@
 //! walrelay: publishes the rows appended to a PostgreSQL events table, read from
 //! a logical replication slot, and confirms the slot only after they are
 //! delivered.
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod event;

@@ -7,7 +7,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use walrelay::config::{Cli, Command, LogFormat};
 use walrelay::service::{self, ServiceError};
-use walrelay::{shutdown, tail};
+use walrelay::{check, shutdown, tail};
 
 /// Runtime failure.
 const EXIT_FAILURE: u8 = 1;
@@ -51,6 +51,21 @@ fn main() -> ExitCode {
                 };
                 (e.to_string(), code)
             }))
+        }
+        Command::Check(args) => {
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(error) => return config_error(&error),
+            };
+            let findings = runtime.block_on(check::findings(&config));
+            match check::report(&findings, &mut std::io::stdout().lock()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_CONFIG),
+                Err(error) => exit(Err((
+                    format!("cannot write the report: {error}"),
+                    EXIT_FAILURE,
+                ))),
+            }
         }
     }
 }

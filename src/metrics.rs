@@ -244,7 +244,15 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let body = for_metrics.render();
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))

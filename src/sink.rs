@@ -512,6 +512,17 @@ impl Sink {
         }
     }
 
+    /// Checks that the cluster answers a metadata request (for no topic, so
+    /// that nothing is auto-created).
+    pub async fn check_cluster(&self, timeout: Duration) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
+            .await
+            .map_err(|_| SinkError::Unreachable(KafkaError::Canceled))?
+            .map(|_| ())
+            .map_err(SinkError::Unreachable)
+    }
+
     /// Waits up to `timeout` for every produced event to be acknowledged;
     /// returns how many were not.
     pub async fn flush(&self, timeout: Duration) -> i32 {

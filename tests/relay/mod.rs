@@ -1,5 +1,6 @@
 //! `walrelay run` end to end: a real PostgreSQL, librdkafka's mock cluster
 //! over TCP, the built binary in its own process.
+mod check;
 mod config;
 mod delivery;
 mod faults;
