@@ -61,6 +61,32 @@ pub enum Command {
     /// Verify the setup without streaming: list every problem with its fix
     /// (exit 0 when clean, 2 otherwise). Takes the flags of `run`.
     Check(RunArgs),
+    /// Run everything locally for a first look: a throwaway PostgreSQL, an
+    /// in-process Kafka mock, sample events, and what walrelay publishes.
+    Demo(DemoArgs),
+}
+
+/// Flags of `walrelay demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Address of the demo's /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+    pub metrics_addr: String,
+}
+
+impl DemoArgs {
+    /// The metrics address.
+    pub fn validate(&self) -> Result<SocketAddr, ConfigError> {
+        self.metrics_addr.parse().map_err(|_| {
+            invalid(
+                "metrics-addr",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9187",
+                    self.metrics_addr
+                ),
+            )
+        })
+    }
 }
 
 /// Where the events come from.

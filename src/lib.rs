@@ -4,6 +4,7 @@
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod metrics;
 pub mod pg;

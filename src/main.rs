@@ -7,7 +7,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use walrelay::config::{Cli, Command, LogFormat};
 use walrelay::service::{self, ServiceError};
-use walrelay::{check, shutdown, tail};
+use walrelay::{check, demo, shutdown, tail};
 
 /// Runtime failure.
 const EXIT_FAILURE: u8 = 1;
@@ -67,6 +67,14 @@ fn main() -> ExitCode {
                 ))),
             }
         }
+        Command::Demo(args) => {
+            let addr = match args.validate() {
+                Ok(addr) => addr,
+                Err(error) => return config_error(&error),
+            };
+            let result = runtime.block_on(demo::run(addr, stop(), std::io::stdout()));
+            exit(result.map_err(|e| (e.to_string(), EXIT_FAILURE)))
+        }
     }
 }
 
@@ -92,7 +100,8 @@ fn exit(result: Result<(), (String, u8)>) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WALRELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("WALRELAY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -3,4 +3,5 @@
 mod check;
 mod config;
 mod delivery;
+mod demo;
 mod faults;
