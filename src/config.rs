@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::event::{TableName, TopicTemplate};
 use crate::pg::params::{ConnectParams, ParamsError};
 use crate::sink::{SinkConfigError, parse_properties};
+use crate::snapshot::SnapshotMode;
 use crate::tail::TailOptions;
 
 /// The default publication.
@@ -164,6 +165,13 @@ pub struct RunArgs {
     /// How long SIGTERM waits for outstanding acknowledgements [default: 30s].
     #[arg(long, env = "WALRELAY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// Write a heartbeat into the WAL this often (`30s`); off by default.
+    #[arg(long, env = "WALRELAY_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<String>,
+    /// When walrelay creates the slot: publish the rows already in the table
+    /// first (initial), or only what commits later (never) [default: initial].
+    #[arg(long, env = "WALRELAY_SNAPSHOT", value_enum)]
+    pub snapshot: Option<SnapshotMode>,
 }
 
 /// The configuration file: the flags of `run`, as TOML keys.
@@ -181,6 +189,34 @@ struct FileConfig {
     kafka_properties: Option<BTreeMap<String, String>>,
     metrics_addr: Option<String>,
     shutdown_timeout: Option<String>,
+    heartbeat_interval: Option<String>,
+    snapshot: Option<SnapshotMode>,
+}
+
+impl FileConfig {
+    fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let error = |message: String| ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| error(e.message().to_owned()))
+    }
+}
+
+/// Parses a duration setting (`30s`, `2m`) of at least `min`.
+fn parse_duration(
+    setting: &'static str,
+    text: &str,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= min => Ok(d),
+        _ => Err(invalid(
+            setting,
+            format!("{text:?}: expected a duration of at least {min:?}, like 30s or 2m"),
+        )),
+    }
 }
 
 /// A validated configuration of `walrelay run`.
@@ -206,25 +242,22 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     /// How long a shutdown waits for acknowledgements.
     pub shutdown_timeout: Duration,
+    /// How often to write a heartbeat into the WAL, if at all.
+    pub heartbeat_interval: Option<Duration>,
+    /// Whether a new slot starts with the table's existing rows.
+    pub snapshot: SnapshotMode,
 }
 
 impl RunArgs {
     /// Merges flags, environment and the configuration file, and checks every
     /// setting; nothing connects before this succeeds.
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-                    path: path.display().to_string(),
-                    message: source.to_string(),
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::File {
-                    path: path.display().to_string(),
-                    message: e.message().to_owned(),
-                })?
-            }
-            None => FileConfig::default(),
-        };
+        let file = self
+            .config
+            .as_deref()
+            .map(FileConfig::load)
+            .transpose()?
+            .unwrap_or_default();
         let source = SourceArgs {
             postgres_url: self
                 .postgres_url
@@ -275,12 +308,20 @@ impl RunArgs {
             .or(file.metrics_addr)
             .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned());
         let shutdown_timeout = match self.shutdown_timeout.or(file.shutdown_timeout) {
-            Some(text) => humantime::parse_duration(&text).map_err(|e| {
-                invalid("shutdown-timeout", format!("{text:?}: {e} (say 30s or 2m)"))
-            })?,
+            Some(text) => parse_duration("shutdown-timeout", &text, Duration::ZERO)?,
             None => DEFAULT_SHUTDOWN_TIMEOUT,
         };
+        let heartbeat_interval = self
+            .heartbeat_interval
+            .or(file.heartbeat_interval)
+            .map(|text| parse_duration("heartbeat-interval", &text, Duration::from_secs(1)))
+            .transpose()?;
         Ok(RunConfig {
+            heartbeat_interval,
+            snapshot: self
+                .snapshot
+                .or(file.snapshot)
+                .unwrap_or(SnapshotMode::Initial),
             postgres: source.connect_params()?,
             publication: source.publication()?,
             table: source.table()?,

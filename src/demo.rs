@@ -264,6 +264,8 @@ pub async fn run(
             .map_err(|e| pg_error("topic", e))?,
         metrics_addr,
         shutdown_timeout: Duration::from_secs(5),
+        heartbeat_interval: None,
+        snapshot: crate::snapshot::SnapshotMode::Initial,
     };
     eprintln!(
         "walrelay demo\n  PostgreSQL  {} (database {DATABASE}, table events; psql -h 127.0.0.1 -p {} -U postgres {DATABASE})\n  Kafka       mock cluster at {brokers}, topic events\n  metrics     http://{metrics_addr}/metrics\n  Ctrl-C stops the demo.\n",

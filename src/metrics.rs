@@ -20,6 +20,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// The values of `pg_replication_slots.wal_status`.
+pub const SLOT_WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+
 /// The metric families, registered on a registry of their own.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -48,6 +51,14 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// UPDATE, DELETE or TRUNCATE seen on the events table, by kind.
     pub unexpected_changes: IntCounterVec,
+    /// 1 while this instance waits for a slot another process holds.
+    pub standby: IntGauge,
+    /// `pg_replication_slots.safe_wal_size` of the slot, by slot; absent when unlimited.
+    pub slot_safe_wal_size: IntGaugeVec,
+    /// 1 for the slot's current `wal_status`, 0 for the others.
+    pub slot_wal_status: IntGaugeVec,
+    /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`.
+    pub slot_retained_wal: IntGauge,
     health: Arc<Health>,
 }
 
@@ -102,6 +113,13 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -187,6 +205,24 @@ impl Metrics {
                 "UPDATE, DELETE or TRUNCATE seen on the append-only events table, by kind.",
                 "kind",
             ),
+            standby: gauge(
+                "walrelay_standby",
+                "1 while this instance waits as a standby for a slot another process holds.",
+            ),
+            slot_safe_wal_size: gauge_vec(
+                "walrelay_slot_safe_wal_size_bytes",
+                "WAL that can still be written before the slot is invalidated (absent: unlimited).",
+                "slot",
+            ),
+            slot_wal_status: gauge_vec(
+                "walrelay_slot_wal_status",
+                "1 for the slot's current wal_status (reserved, extended, unreserved, lost).",
+                "status",
+            ),
+            slot_retained_wal: gauge(
+                "walrelay_slot_retained_wal_bytes",
+                "WAL the slot keeps: the server's WAL position minus the slot's restart_lsn.",
+            ),
             registry,
             health: Arc::new(Health::default()),
         };
@@ -199,6 +235,9 @@ impl Metrics {
         }
         for kind in ["update", "delete", "truncate"] {
             metrics.unexpected_changes.with_label_values(&[kind]);
+        }
+        for status in SLOT_WAL_STATUSES {
+            metrics.slot_wal_status.with_label_values(&[status]);
         }
         metrics
     }
@@ -303,6 +342,9 @@ mod tests {
             "walrelay_reconnects_total",
             "walrelay_unexpected_changes_total",
             "walrelay_build_info",
+            "walrelay_standby",
+            "walrelay_slot_wal_status",
+            "walrelay_slot_retained_wal_bytes",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

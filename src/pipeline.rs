@@ -30,7 +30,15 @@ use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
 use crate::slot::{self, SlotProblem};
+use crate::snapshot::{self, InitialSnapshot, SnapshotMode};
 use crate::source::{Source, SourceError, Step, UnexpectedChange};
+
+/// SQLSTATE undefined_object: START_REPLICATION on a slot that does not exist.
+const SLOT_MISSING: &str = "42704";
+/// SQLSTATE object_in_use: START_REPLICATION on a slot another PID holds.
+const SLOT_IN_USE: &str = "55006";
+/// How often a standby tries to take the slot over.
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a session that failed waits for outstanding acknowledgements
 /// before it closes the replication connection.
@@ -69,6 +77,20 @@ pub enum RunError {
     /// The slot cannot be used.
     #[error(transparent)]
     Slot(#[from] SlotProblem),
+    /// The slot disappeared while walrelay used it.
+    #[error(
+        "replication slot {slot:?} disappeared while walrelay streamed from it (last confirmed position \
+         {confirmed}); someone dropped it. walrelay does not recreate it silently: transactions committed \
+         after {confirmed} that PostgreSQL no longer keeps WAL for would be skipped. Recover by starting \
+         walrelay again with --snapshot initial (the default): it creates a new slot and publishes every \
+         row of the table first, so nothing is lost (consumers drop the duplicates by seq_nr)"
+    )]
+    SlotVanished {
+        /// The slot.
+        slot: String,
+        /// The last position confirmed to it.
+        confirmed: Lsn,
+    },
     /// The stream could not be followed.
     #[error(transparent)]
     Source(#[from] SourceError),
@@ -143,9 +165,9 @@ pub async fn run(
 
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
-    let confirmed = loop {
+    let (confirmed, initial) = loop {
         match prepare_source(config).await {
-            Ok(confirmed) => break confirmed,
+            Ok(prepared) => break prepared,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
                 metrics.reconnects.with_label_values(&["postgres"]).inc();
@@ -165,65 +187,173 @@ pub async fn run(
         metrics.clone(),
     )?;
 
-    let mut known_topics = HashSet::new();
-    if let Some(topic) = config.topic.fixed() {
-        if !ensure_topic(&sink, topic, &metrics, &shutdown).await? {
-            return Ok(());
-        }
-        known_topics.insert(topic.to_owned());
-    }
-
-    let result = loop {
-        let session = Session {
-            config,
-            sink: &sink,
-            metrics: &metrics,
-            shutdown: &shutdown,
-            known_topics: &mut known_topics,
-            open: None,
-        };
-        match session.run().await {
-            Ok(()) => break Ok(()),
-            Err(e) if e.is_transient() => {
-                metrics.health().set_streaming(false);
-                let delay = backoff.next();
-                tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
-                metrics.reconnects.with_label_values(&["postgres"]).inc();
-                if sleep_or_shutdown(delay, &shutdown).await {
-                    break Ok(());
-                }
-            }
-            Err(e) => break Err(e),
-        }
-    };
+    let monitor = tokio::spawn(crate::monitor::run(
+        config.postgres.clone(),
+        config.slot.clone(),
+        config.heartbeat_interval,
+        metrics.clone(),
+        shutdown.child_token(),
+    ));
+    let result = stream(config, &sink, &metrics, &shutdown, &mut backoff, initial).await;
+    monitor.abort();
     metrics.health().set_streaming(false);
     tracing::info!(confirmed = %sink.confirmed(), "stopped");
     result
 }
 
+/// Sessions, one after another, until shutdown or a definite error.
+async fn stream(
+    config: &RunConfig,
+    sink: &Sink,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+    initial: Option<InitialSnapshot>,
+) -> Result<(), RunError> {
+    let mut known_topics = HashSet::new();
+    if let Some(topic) = config.topic.fixed() {
+        if !ensure_topic(sink, topic, metrics, shutdown).await? {
+            return Ok(());
+        }
+        known_topics.insert(topic.to_owned());
+    }
+    if let Some(initial) = initial {
+        let known = &mut known_topics;
+        let ensure = async |topic: &str| -> Result<bool, RunError> {
+            if known.contains(topic) {
+                return Ok(true);
+            }
+            let exists = ensure_topic(sink, topic, metrics, shutdown).await?;
+            if exists {
+                known.insert(topic.to_owned());
+            }
+            Ok(exists)
+        };
+        let publish = snapshot::publish(config, sink, initial, ensure);
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                tracing::warn!("stopped during the initial snapshot; the next start begins it again");
+                return Ok(());
+            }
+            published = publish => { published?; }
+        }
+    }
+    let mut standby_since: Option<tokio::time::Instant> = None;
+    loop {
+        let session = Session {
+            config,
+            sink,
+            metrics,
+            shutdown,
+            known_topics: &mut known_topics,
+            open: None,
+        };
+        let result = session.run().await;
+        metrics.health().set_streaming(false);
+        let delay = match result {
+            Ok(()) => return Ok(()),
+            Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_MISSING) => {
+                return Err(RunError::SlotVanished {
+                    slot: config.slot.clone(),
+                    confirmed: sink.confirmed(),
+                });
+            }
+            Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_IN_USE) => {
+                // Another process streams from the slot: stand by and take
+                // over as soon as it lets go.
+                if standby_since.is_none() {
+                    tracing::info!(slot = %config.slot, error = %e, "the slot is in use by another process; standing by");
+                    standby_since = Some(tokio::time::Instant::now());
+                }
+                metrics.standby.set(1);
+                STANDBY_RETRY
+            }
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
+                metrics.reconnects.with_label_values(&["postgres"]).inc();
+                delay
+            }
+            Err(e) => return Err(e),
+        };
+        if sleep_or_shutdown(delay, shutdown).await {
+            return Ok(());
+        }
+    }
+}
+
 /// Checks the server and the publication, makes sure the slot exists, and
-/// returns its confirmed position.
-async fn prepare_source(config: &RunConfig) -> Result<Lsn, RunError> {
+/// returns its confirmed position, with the snapshot to publish first when
+/// this start created the slot.
+async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
     let client = metadata::connect(&config.postgres).await?;
     metadata::verify_source(&client, &config.publication, &config.table).await?;
-    if let Some(state) = slot::inspect(&client, &config.slot).await? {
+    let marker = snapshot::marker_name(&config.slot);
+    let interrupted = slot::inspect(&client, &marker).await?.is_some();
+    let existing = slot::inspect(&client, &config.slot).await?;
+    if interrupted {
+        // A previous start died before its initial snapshot was acknowledged:
+        // begin again, from a new slot.
+        tracing::warn!(slot = %config.slot, "the initial snapshot of a previous start was interrupted; starting it again (rows may be published twice)");
+        let mut repl = ReplicationConnection::connect(&config.postgres).await?;
+        if existing.is_some() {
+            repl.simple_query(&format!(
+                "DROP_REPLICATION_SLOT {}",
+                conn::quote_ident(&config.slot)
+            ))
+            .await?;
+        }
+        repl.simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            conn::quote_ident(&marker)
+        ))
+        .await?;
+    } else if let Some(state) = existing {
         if let Some(problem) = state.problem(&config.slot, &config.postgres.dbname) {
             return Err(problem.into());
         }
         let confirmed = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
         tracing::info!(slot = %config.slot, confirmed = %confirmed, "resuming from the slot");
-        return Ok(confirmed);
+        return Ok((confirmed, None));
     }
     if !config.create_slot {
         return Err(RunError::NoSlot(config.slot.clone()));
     }
     let mut repl = ReplicationConnection::connect(&config.postgres).await?;
+    if config.snapshot == SnapshotMode::Never {
+        let created = repl
+            .create_logical_slot(&config.slot, false, SnapshotAction::Discard)
+            .await?;
+        tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
+            "created the replication slot; events committed from here on are published (--snapshot never)");
+        return Ok((created.consistent_point, None));
+    }
+    // The marker first: from here until the snapshot is acknowledged, a
+    // crash leaves it behind and the next start begins again.
+    repl.simple_query(&format!(
+        "CREATE_REPLICATION_SLOT {} PHYSICAL",
+        conn::quote_ident(&marker)
+    ))
+    .await?;
     let created = repl
-        .create_logical_slot(&config.slot, false, SnapshotAction::Discard)
+        .create_logical_slot(&config.slot, false, SnapshotAction::Export)
         .await?;
     tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
-        "created the replication slot; events committed from here on are published");
-    Ok(created.consistent_point)
+        "created the replication slot; the rows already in the table are published first");
+    let name = created.snapshot_name.ok_or_else(|| {
+        RunError::Conn(ConnError::Protocol(
+            "CREATE_REPLICATION_SLOT exported no snapshot".into(),
+        ))
+    })?;
+    Ok((
+        created.consistent_point,
+        Some(InitialSnapshot {
+            connection: repl,
+            name,
+            consistent_point: created.consistent_point,
+        }),
+    ))
 }
 
 /// Waits until `topic` is known to exist; `Ok(false)` when shutdown came first.
@@ -282,6 +412,7 @@ impl Session<'_> {
             )
             .await?;
         self.metrics.health().set_streaming(true);
+        self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
         let mut source = Source::new(self.config.table.clone(), self.config.topic.clone());

@@ -122,11 +122,12 @@ impl SlotState {
     }
 }
 
-/// Whether `name` is a valid replication slot name: lower-case letters,
-/// digits and underscores, at most 63 characters.
+/// Whether `name` is a valid name for walrelay's slot: lower-case letters,
+/// digits and underscores, at most 58 characters (PostgreSQL allows 63, and
+/// the initial snapshot's marker slot adds `_init`).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= 58
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
@@ -187,7 +188,7 @@ mod tests {
     #[test]
     fn slot_names_follow_postgres_rules() {
         assert!(valid_name("walrelay_1"));
-        for bad in ["", "Walrelay", "wal-relay", "a b", &"x".repeat(64)] {
+        for bad in ["", "Walrelay", "wal-relay", "a b", &"x".repeat(59)] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }

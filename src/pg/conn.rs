@@ -178,6 +178,9 @@ pub enum ConnError {
     /// The server closed the connection.
     #[error("PostgreSQL closed the connection")]
     Closed,
+    /// The server ended the replication stream (CopyDone), as it does when it shuts down.
+    #[error("PostgreSQL ended the replication stream (is it shutting down?)")]
+    StreamEnded,
     /// The server sent a message that makes no sense here.
     #[error("unexpected message from PostgreSQL: {0}")]
     Protocol(String),
@@ -204,7 +207,8 @@ impl ConnError {
             ConnError::Connect { .. }
             | ConnError::Timeout { .. }
             | ConnError::Io(_)
-            | ConnError::Closed => true,
+            | ConnError::Closed
+            | ConnError::StreamEnded => true,
             ConnError::TlsHandshake { source, .. } => source
                 .get_ref()
                 .and_then(|e| e.downcast_ref::<rustls::Error>())
@@ -912,11 +916,13 @@ impl ReplicationStream {
         loop {
             let body = match self.reader.next().await? {
                 BackendMessage::CopyData(body) => body,
-                BackendMessage::Other(backend::Message::CopyDone) => {
-                    return Err(ConnError::Protocol(
-                        "the server ended the replication stream (CopyDone)".into(),
-                    ));
-                }
+                // The walsender ends the stream this way when the server shuts
+                // down: CopyDone, or the end of the command that streamed.
+                BackendMessage::Other(
+                    backend::Message::CopyDone
+                    | backend::Message::CommandComplete(_)
+                    | backend::Message::ReadyForQuery(_),
+                ) => return Err(ConnError::StreamEnded),
                 BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
                     return Err(ServerError::from_fields(body.fields())?.into());
                 }

@@ -112,7 +112,11 @@ pub async fn connect(params: &ConnectParams) -> Result<tokio_postgres::Client, M
             SslMode::Prefer => PgSslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
         })
-        .options("-c TimeZone=UTC -c DateStyle=ISO");
+        // The same text forms as the replication connection's, so snapshot
+        // rows read the same as streamed ones.
+        .options(
+            "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3",
+        );
     if let Some(password) = params.password() {
         config.password(password);
     }

@@ -65,7 +65,7 @@ async fn mixed_transactions_arrive_complete_ordered_and_confirmed_then_restart_a
     let end = current_lsn(&pg).await;
     let records = kafka.read("events", committed.len(), WAIT);
     let report = check(&committed, &records);
-    report.assert_clean(false);
+    report.assert_clean(false, &relay.stderr_text());
     assert_eq!(records.len(), committed.len());
     // The value is the payload's JSON; the headers carry the contract.
     let first = &records[0];
@@ -101,7 +101,7 @@ async fn mixed_transactions_arrive_complete_ordered_and_confirmed_then_restart_a
     let mut all = committed.clone();
     all.extend(more);
     let records = kafka.read("events", all.len(), WAIT);
-    check(&all, &records).assert_clean(false);
+    check(&all, &records).assert_clean(false, &relay.stderr_text());
     assert_eq!(relay.stop_with(Signal::SIGINT).await.code(), Some(0));
     let logs = relay.stderr_text();
     assert!(!logs.contains(SCRAM_PASSWORD), "password leaked:\n{logs}");

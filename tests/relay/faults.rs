@@ -10,7 +10,7 @@ use walrelay::pg::lsn::Lsn;
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, http_get};
+use crate::support::walrelay::{Walrelay, http_get, metric};
 use crate::support::workload::{check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -58,7 +58,7 @@ async fn a_broker_outage_holds_the_slot_and_delivers_everything_afterwards() {
     let records = kafka.read("events", committed.len(), WAIT);
     let report = check(&committed, &records);
     // Idempotent production: retries leave no duplicates either.
-    report.assert_clean(false);
+    report.assert_clean(false, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", end).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
@@ -67,7 +67,12 @@ async fn a_broker_outage_holds_the_slot_and_delivers_everything_afterwards() {
 async fn transient_produce_errors_are_retried_without_loss() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let (mut relay, metrics) = Walrelay::run(
+        &url(&pg),
+        &kafka.bootstrap(),
+        &["--kafka-property", "debug=msg,eos,protocol"],
+    )
+    .await;
     kafka.cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 6],
@@ -75,7 +80,16 @@ async fn transient_produce_errors_are_retried_without_loss() {
     let mut client = pg.client().await;
     let committed = write_mixed(&mut client, "agg", 10, 40, 5, &mut HashMap::new()).await;
     let records = kafka.read("events", committed.len(), WAIT);
-    check(&committed, &records).assert_clean(false);
+    let context = format!(
+        "{}\ncommitted={} records={} inflight={} published={} confirmed_lsn={}",
+        relay.stderr_text(),
+        committed.len(),
+        records.len(),
+        metric(metrics, "walrelay_inflight_events"),
+        metric(metrics, "walrelay_events_published_total"),
+        metric(metrics, "walrelay_confirmed_lsn")
+    );
+    check(&committed, &records).assert_clean(false, &context);
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }

@@ -5,3 +5,5 @@ mod config;
 mod delivery;
 mod demo;
 mod faults;
+mod recovery;
+mod snapshot;

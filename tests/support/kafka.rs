@@ -76,8 +76,9 @@ impl Kafka {
         }
     }
 
-    /// Reads `topic` from the beginning until `count` records arrived (or
-    /// `timeout` passed), plus a short quiet period to catch any extra ones.
+    /// Reads `topic` from the beginning until `count` distinct events (by key
+    /// and `seq_nr`) arrived, or `timeout` passed, plus a short quiet period
+    /// to catch any extra ones. Duplicates are returned but not counted.
     pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
@@ -97,11 +98,12 @@ impl Kafka {
         }
         consumer.assign(&list).expect("assign");
         let deadline = std::time::Instant::now() + timeout;
-        let mut records = Vec::new();
+        let mut records: Vec<Record> = Vec::new();
+        let mut distinct = std::collections::HashSet::new();
         let mut quiet_until = None;
         loop {
             let now = std::time::Instant::now();
-            if records.len() >= count {
+            if distinct.len() >= count {
                 let until = *quiet_until.get_or_insert(now + Duration::from_millis(500));
                 if now >= until {
                     break;
@@ -122,6 +124,9 @@ impl Kafka {
                         .collect()
                 })
                 .unwrap_or_default();
+            let key = text(message.key()).unwrap_or_default();
+            let seq = headers_seq(&headers);
+            distinct.insert((key, seq));
             records.push(Record {
                 partition: message.partition(),
                 offset: message.offset(),
@@ -132,4 +137,8 @@ impl Kafka {
         }
         records
     }
+}
+
+fn headers_seq(headers: &BTreeMap<String, String>) -> Option<String> {
+    headers.get("seq_nr").cloned()
 }

@@ -29,7 +29,11 @@ impl Walrelay {
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("WALRELAY_LOG", "info")
+            // WALRELAY_TEST_LOG=debug makes the children log more, for a failing test.
+            .env(
+                "WALRELAY_LOG",
+                std::env::var("WALRELAY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -79,6 +83,29 @@ impl Walrelay {
             assert!(
                 Instant::now() < deadline,
                 "no {needle:?} within {timeout:?}:\n{}",
+                self.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `n` stderr lines contain `needle`.
+    pub async fn wait_for_stderr_count(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count();
+            if count >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{count} of {n} {needle:?} within {timeout:?}:\n{}",
                 self.stderr_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;

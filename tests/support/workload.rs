@@ -67,16 +67,16 @@ pub struct Report {
 }
 
 impl Report {
-    /// Panics with the findings unless every invariant holds; duplicates are
-    /// allowed only when `allow_duplicates`.
-    pub fn assert_clean(&self, allow_duplicates: bool) {
+    /// Panics with the findings (and `context`, walrelay's log say) unless
+    /// every invariant holds; duplicates are allowed only when `allow_duplicates`.
+    pub fn assert_clean(&self, allow_duplicates: bool, context: &str) {
         let clean = self.missing.is_empty()
             && self.unexpected.is_empty()
             && (allow_duplicates || self.duplicates.is_empty())
             && self.split_aggregates.is_empty()
             && self.out_of_order.is_empty()
             && self.bad_headers == 0;
-        assert!(clean, "delivery invariants violated: {self:#?}");
+        assert!(clean, "delivery invariants violated: {self:#?}\n{context}");
     }
 }
 

@@ -1,0 +1,202 @@
+//! The initial snapshot: on first start, the rows the events table already
+//! holds, published before the slot streams what commits later.
+//!
+//! Creating the slot with `EXPORT_SNAPSHOT` yields a snapshot of exactly the
+//! moment the slot becomes consistent: every transaction that committed
+//! before its consistent point is visible in it, and every one that commits
+//! after is streamed by the slot. Reading the table in that snapshot
+//! (`SET TRANSACTION SNAPSHOT` on the metadata connection), ordered by
+//! `aggregate_id, seq_nr`, and then streaming, therefore leaves no gap and
+//! sends nothing twice.
+//!
+//! The snapshot must survive a crash half-way. walrelay's only durable state
+//! is in PostgreSQL, so a marker lives there too: a physical replication slot
+//! named `<slot>_init`, created before the logical slot and dropped only once
+//! every snapshot row was acknowledged. It reserves no WAL and costs nothing.
+//! A start that finds the marker knows the snapshot was interrupted, drops
+//! both slots and begins again (republishing rows is allowed; losing them is
+//! not).
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::config::RunConfig;
+use crate::event::{EventLayout, Transaction};
+use crate::pg::conn::{self, ReplicationConnection};
+use crate::pg::lsn::Lsn;
+use crate::pg::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity};
+use crate::pg::protocol::system_time_to_pg;
+use crate::pipeline::RunError;
+use crate::sink::Sink;
+
+/// Rows fetched from the snapshot cursor at a time.
+const FETCH_ROWS: usize = 1000;
+
+/// Whether to publish the rows that exist when the slot is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Publish them first (default).
+    Initial,
+    /// Start with what commits after the slot exists.
+    Never,
+}
+
+/// The name of the marker slot of `slot`.
+pub fn marker_name(slot: &str) -> String {
+    format!("{slot}_init")
+}
+
+/// A snapshot exported by slot creation, waiting to be published.
+#[derive(Debug)]
+pub struct InitialSnapshot {
+    /// The connection that created the slot; the snapshot lives until its next command.
+    pub connection: ReplicationConnection,
+    /// The exported snapshot's name.
+    pub name: String,
+    /// The slot's consistent point: the `lsn` header of the snapshot's events.
+    pub consistent_point: Lsn,
+}
+
+/// Publishes every row of the table as of the snapshot, waits until all are
+/// acknowledged, then removes the marker. Returns the number of rows.
+pub async fn publish(
+    config: &RunConfig,
+    sink: &Sink,
+    snapshot: InitialSnapshot,
+    mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, RunError>,
+) -> Result<u64, RunError> {
+    let InitialSnapshot {
+        mut connection,
+        name,
+        consistent_point,
+    } = snapshot;
+    let mut client = crate::pg::metadata::connect(&config.postgres).await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(crate::pg::metadata::MetadataError::from)?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        conn::quote_literal(&name)
+    ))
+    .await
+    .map_err(crate::pg::metadata::MetadataError::from)?;
+
+    let relation = describe_table(&tx, config).await?;
+    let layout =
+        EventLayout::new(&relation, &config.topic).map_err(crate::source::SourceError::from)?;
+    let columns: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| format!("t.{}::text", conn::quote_ident(&c.name)))
+        .collect();
+    tx.batch_execute(&format!(
+        // Qualified, so that ORDER BY sorts by the columns, not by their text
+        // forms in the select list ("10" < "9").
+        "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t ORDER BY t.aggregate_id, t.seq_nr",
+        columns.join(", "),
+        conn::quote_ident(&config.table.schema),
+        conn::quote_ident(&config.table.name),
+    ))
+    .await
+    .map_err(crate::pg::metadata::MetadataError::from)?;
+
+    let commit_ts = system_time_to_pg(SystemTime::now());
+    let txn = Transaction::new(consistent_point, commit_ts);
+    let id = sink.begin(commit_ts);
+    let mut sent = 0u64;
+    tracing::info!(snapshot = %name, consistent_point = %consistent_point, "publishing the rows that existed when the slot was created");
+    loop {
+        let rows = tx
+            .query(&format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"), &[])
+            .await
+            .map_err(crate::pg::metadata::MetadataError::from)?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let tuple = (0..row.len())
+                .map(|i| {
+                    row.get::<_, Option<String>>(i)
+                        .map_or(ColumnValue::Null, |text| {
+                            ColumnValue::Text(Bytes::from(text))
+                        })
+                })
+                .collect();
+            let event =
+                layout
+                    .event(&txn, &tuple)
+                    .map_err(|reason| crate::source::SourceError::Row {
+                        aggregate: None,
+                        seq_nr: "?".into(),
+                        commit_lsn: consistent_point,
+                        reason,
+                    })?;
+            if !ensure_topic(&event.topic).await? {
+                return Ok(sent);
+            }
+            sink.send(id, &event).await?;
+            sent += 1;
+        }
+    }
+    tx.commit()
+        .await
+        .map_err(crate::pg::metadata::MetadataError::from)?;
+    sink.commit(id, sent, consistent_point);
+
+    // Only once every row is acknowledged may the marker go.
+    while sink.flush(Duration::from_secs(5)).await > 0 {
+        if let Some(failure) = sink.failure() {
+            return Err(RunError::Publish(Box::new(failure)));
+        }
+        tracing::info!("waiting for the broker to acknowledge the snapshot");
+    }
+    if let Some(failure) = sink.failure() {
+        return Err(RunError::Publish(Box::new(failure)));
+    }
+    connection
+        .simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            conn::quote_ident(&marker_name(&config.slot))
+        ))
+        .await?;
+    tracing::info!(rows = sent, "initial snapshot published");
+    Ok(sent)
+}
+
+/// The table's columns as a Relation, so the snapshot's rows map exactly as
+/// streamed rows do.
+async fn describe_table(
+    tx: &tokio_postgres::Transaction<'_>,
+    config: &RunConfig,
+) -> Result<Relation, RunError> {
+    let rows = tx
+        .query(
+            "SELECT a.attname::text, a.atttypid::oid, a.atttypmod FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&config.table.schema, &config.table.name],
+        )
+        .await
+        .map_err(crate::pg::metadata::MetadataError::from)?;
+    Ok(Relation {
+        oid: 0,
+        namespace: config.table.schema.clone(),
+        name: config.table.name.clone(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: rows
+            .iter()
+            .map(|r| Column {
+                flags: 0,
+                name: r.get(0),
+                type_oid: r.get(1),
+                type_modifier: r.get(2),
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,170 @@
+//! The source side going away and coming back, a second instance standing
+//! by, and a busy database with an idle events table.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
+use crate::support::kafka::Kafka;
+use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+use crate::support::walrelay::{Walrelay, free_local_addr, http_get, metric};
+use crate::support::workload::{check, write_mixed};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn url(pg: &PgServer) -> String {
+    pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable")
+}
+
+/// Polls `condition` until it holds or `WAIT` passes.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_terminated_walsender_and_a_postgres_restart_lose_nothing() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "a", 10, 30, 4, &mut seqs).await;
+
+    // The walsender is killed by an operator.
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        .await;
+    committed.extend(write_mixed(&mut client, "b", 10, 30, 4, &mut seqs).await);
+    relay.wait_for_stderr_count("streaming", 2, WAIT).await;
+
+    assert_eq!(metric(metrics, "walrelay_reconnects_total"), 1);
+
+    // The server restarts (fast shutdown) while walrelay runs.
+    pg.restart().await;
+    relay.wait_for_stderr_count("streaming", 3, WAIT).await;
+    assert!(metric(metrics, "walrelay_reconnects_total") >= 2);
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    let mut client = pg.client().await;
+    committed.extend(write_mixed(&mut client, "c", 10, 30, 4, &mut seqs).await);
+
+    let records = kafka.read("events", committed.len(), WAIT);
+    // Reconnects may replay unconfirmed events; nothing may be missing.
+    let report = check(&committed, &records);
+    assert!(
+        report.missing.is_empty(),
+        "missing {:?}\n{}",
+        report.missing,
+        relay.stderr_text()
+    );
+    report.assert_clean(true, &relay.stderr_text());
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    assert!(metric(metrics, "walrelay_reconnects_total") >= 2);
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_broker_down_at_start_is_waited_for() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    kafka.set_all_brokers(false);
+    let metrics = free_local_addr();
+    let metrics_arg = metrics.to_string();
+    let mut relay = Walrelay::spawn(
+        &[
+            "run",
+            "--postgres-url",
+            &url(&pg),
+            "--kafka-brokers",
+            &kafka.bootstrap(),
+            "--metrics-addr",
+            &metrics_arg,
+        ],
+        &[],
+    );
+    relay.wait_for_stderr("not reachable yet", WAIT).await;
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert_eq!(http_get(metrics, "/readyz").0, 503);
+    kafka.set_all_brokers(true);
+    relay.wait_for_stderr("streaming", WAIT).await;
+    let committed = write_mixed(&mut pg.client().await, "x", 5, 10, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_second_instance_stands_by_and_takes_over_when_the_first_dies() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut first, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let standby_addr = free_local_addr();
+    let standby_arg = standby_addr.to_string();
+    let mut second = Walrelay::spawn(
+        &[
+            "run",
+            "--postgres-url",
+            &url(&pg),
+            "--kafka-brokers",
+            &kafka.bootstrap(),
+            "--metrics-addr",
+            &standby_arg,
+        ],
+        &[],
+    );
+    second.wait_for_stderr("standing by", WAIT).await;
+    assert_eq!(metric(standby_addr, "walrelay_standby"), 1);
+    assert_eq!(http_get(standby_addr, "/readyz").0, 503);
+
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "a", 10, 20, 0, &mut seqs).await;
+    first.stop_with(Signal::SIGKILL).await;
+    let killed_at = tokio::time::Instant::now();
+    second.wait_for_stderr("streaming", WAIT).await;
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
+    assert_eq!(metric(standby_addr, "walrelay_standby"), 0);
+
+    committed.extend(write_mixed(&mut client, "b", 10, 20, 0, &mut seqs).await);
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(true, &second.stderr_text());
+    assert_eq!(second.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn an_idle_events_table_does_not_pin_the_wal_of_a_busy_database() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    pg.psql("CREATE TABLE busy (id bigserial PRIMARY KEY, filler text);")
+        .await;
+    // About 100 MB of WAL in another table, none in the events table.
+    for _ in 0..10 {
+        pg.psql(
+            "INSERT INTO busy (filler) SELECT repeat('x', 500) FROM generate_series(1, 20000);",
+        )
+        .await;
+    }
+    let end = current_lsn(&pg).await;
+    // The slot follows the WAL end although no event was published.
+    let confirmed = wait_confirmed(&pg, "walrelay", end).await;
+    let retained = pg
+        .psql("SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots")
+        .await;
+    assert!(
+        retained.parse::<f64>().unwrap() < 16.0 * 1024.0 * 1024.0,
+        "{retained} bytes behind at {confirmed}"
+    );
+    eventually("the slot metrics are exported", || {
+        metric(metrics, "walrelay_slot_wal_status") == 1
+    })
+    .await;
+    assert_eq!(metric(metrics, "walrelay_events_published_total"), 0);
+    let _ = slot_confirmed(&pg, "walrelay").await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
