@@ -346,6 +346,7 @@ async fn kafka_finding(config: &RunConfig) -> Finding {
         Checkpoint::new(Lsn::ZERO),
         Feedback::new(Lsn::ZERO),
         Metrics::new(),
+        None,
     ) {
         Ok(sink) => sink,
         Err(e) => return Finding::problem("kafka", e.to_string(), "fix --kafka-property"),

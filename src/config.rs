@@ -172,6 +172,38 @@ pub struct RunArgs {
     /// first (initial), or only what commits later (never) [default: initial].
     #[arg(long, env = "WALRELAY_SNAPSHOT", value_enum)]
     pub snapshot: Option<SnapshotMode>,
+    /// A row that cannot be published (refused by the broker, not JSON, no
+    /// key): stop (halt), or describe it on --dead-letter-topic and go on
+    /// (dead-letter) [default: halt].
+    #[arg(long, env = "WALRELAY_ON_POISON", value_enum)]
+    pub on_poison: Option<OnPoison>,
+    /// The topic for --on-poison dead-letter.
+    #[arg(long, env = "WALRELAY_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// An UPDATE, DELETE or TRUNCATE on the events table: stop (halt) or log,
+    /// count and go on (skip) [default: halt].
+    #[arg(long, env = "WALRELAY_ON_UNEXPECTED_CHANGE", value_enum)]
+    pub on_unexpected_change: Option<OnUnexpectedChange>,
+}
+
+/// What to do with a row that cannot be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPoison {
+    /// Stop without confirming past it.
+    Halt,
+    /// Publish a record describing it to the dead-letter topic and go on.
+    DeadLetter,
+}
+
+/// What to do with an UPDATE, DELETE or TRUNCATE of the events table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnUnexpectedChange {
+    /// Stop without confirming past it.
+    Halt,
+    /// Log it, count it and go on.
+    Skip,
 }
 
 /// The configuration file: the flags of `run`, as TOML keys.
@@ -191,6 +223,9 @@ struct FileConfig {
     shutdown_timeout: Option<String>,
     heartbeat_interval: Option<String>,
     snapshot: Option<SnapshotMode>,
+    on_poison: Option<OnPoison>,
+    dead_letter_topic: Option<String>,
+    on_unexpected_change: Option<OnUnexpectedChange>,
 }
 
 impl FileConfig {
@@ -216,6 +251,35 @@ fn parse_duration(
             setting,
             format!("{text:?}: expected a duration of at least {min:?}, like 30s or 2m"),
         )),
+    }
+}
+
+/// The dead-letter topic `--on-poison` and `--dead-letter-topic` call for.
+fn dead_letter_topic(
+    on_poison: OnPoison,
+    topic: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match (on_poison, topic) {
+        (OnPoison::Halt, None) => Ok(None),
+        (OnPoison::Halt, Some(_)) => Err(invalid(
+            "dead-letter-topic",
+            "is only used with --on-poison dead-letter".into(),
+        )),
+        (OnPoison::DeadLetter, None) => Err(invalid(
+            "on-poison",
+            "dead-letter needs --dead-letter-topic".into(),
+        )),
+        (OnPoison::DeadLetter, Some(t)) => t
+            .parse::<TopicTemplate>()
+            .ok()
+            .and_then(|parsed| parsed.fixed().map(str::to_owned))
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(
+                    "dead-letter-topic",
+                    format!("{t:?} is not a valid Kafka topic name"),
+                )
+            }),
     }
 }
 
@@ -246,6 +310,11 @@ pub struct RunConfig {
     pub heartbeat_interval: Option<Duration>,
     /// Whether a new slot starts with the table's existing rows.
     pub snapshot: SnapshotMode,
+    /// Where rows that cannot be published go (`--on-poison dead-letter`);
+    /// `None`: they stop walrelay.
+    pub dead_letter_topic: Option<String>,
+    /// What an UPDATE, DELETE or TRUNCATE of the events table does.
+    pub on_unexpected_change: OnUnexpectedChange,
 }
 
 impl RunArgs {
@@ -316,7 +385,16 @@ impl RunArgs {
             .or(file.heartbeat_interval)
             .map(|text| parse_duration("heartbeat-interval", &text, Duration::from_secs(1)))
             .transpose()?;
+        let dead_letter_topic = dead_letter_topic(
+            self.on_poison.or(file.on_poison).unwrap_or(OnPoison::Halt),
+            self.dead_letter_topic.or(file.dead_letter_topic),
+        )?;
         Ok(RunConfig {
+            dead_letter_topic,
+            on_unexpected_change: self
+                .on_unexpected_change
+                .or(file.on_unexpected_change)
+                .unwrap_or(OnUnexpectedChange::Halt),
             heartbeat_interval,
             snapshot: self
                 .snapshot
@@ -609,6 +687,26 @@ shutdown_timeout = "45s"
                 "brokers",
             ),
             (vec!["--config", "/nonexistent/walrelay.toml"], "--config"),
+            (
+                [&MINIMAL[..], &["--on-poison", "dead-letter"]].concat(),
+                "--dead-letter-topic",
+            ),
+            (
+                [&MINIMAL[..], &["--dead-letter-topic", "dlq"]].concat(),
+                "--on-poison dead-letter",
+            ),
+            (
+                [
+                    &MINIMAL[..],
+                    &["--on-poison", "dead-letter", "--dead-letter-topic", "d{x}"],
+                ]
+                .concat(),
+                "--dead-letter-topic",
+            ),
+            (
+                [&MINIMAL[..], &["--on-unexpected-change", "ignore"]].concat(),
+                "on-unexpected-change",
+            ),
         ];
         for (args, needle) in cases {
             let err = run(&args).unwrap_err();

@@ -266,6 +266,8 @@ pub async fn run(
         shutdown_timeout: Duration::from_secs(5),
         heartbeat_interval: None,
         snapshot: crate::snapshot::SnapshotMode::Initial,
+        dead_letter_topic: None,
+        on_unexpected_change: crate::config::OnUnexpectedChange::Halt,
     };
     eprintln!(
         "walrelay demo\n  PostgreSQL  {} (database {DATABASE}, table events; psql -h 127.0.0.1 -p {} -U postgres {DATABASE})\n  Kafka       mock cluster at {brokers}, topic events\n  metrics     http://{metrics_addr}/metrics\n  Ctrl-C stops the demo.\n",
@@ -364,7 +366,6 @@ fn print_published(brokers: &str, out: &mut impl Write, done: &CancellationToken
             topic: message.topic().to_owned(),
             key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
             value: message.payload().map(Bytes::copy_from_slice),
-            value_is_json: true,
             headers,
             commit_lsn,
         };

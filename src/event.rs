@@ -34,6 +34,19 @@ pub const COMMIT_TS_HEADER: &str = "commit_ts";
 
 /// OIDs of `json` and `jsonb`, whose text is JSON already.
 const JSON_TYPE_OIDS: [u32; 2] = [114, 3802];
+/// OID of `bytea`, whose text form is `\x` and hexadecimal digits.
+const BYTEA_TYPE_OID: u32 = 17;
+
+/// What the value column holds, and so how its text becomes the Kafka value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValueKind {
+    /// `json` or `jsonb`: the text is JSON, published as it is.
+    Json,
+    /// `bytea`: the bytes, which must be JSON.
+    Bytea,
+    /// Anything else: the text, which must be JSON.
+    Text,
+}
 /// The longest topic name Kafka accepts.
 const MAX_TOPIC_LEN: usize = 249;
 
@@ -212,7 +225,7 @@ pub struct EventLayout {
     relation_oid: u32,
     key: usize,
     value: usize,
-    value_is_json: bool,
+    value_kind: ValueKind,
     headers: Vec<(Arc<str>, usize)>,
     topic: Vec<TopicPart>,
 }
@@ -250,7 +263,11 @@ impl EventLayout {
             relation_oid: relation.oid,
             key,
             value,
-            value_is_json: JSON_TYPE_OIDS.contains(&relation.columns[value].type_oid),
+            value_kind: match relation.columns[value].type_oid {
+                oid if JSON_TYPE_OIDS.contains(&oid) => ValueKind::Json,
+                BYTEA_TYPE_OID => ValueKind::Bytea,
+                _ => ValueKind::Text,
+            },
             headers,
             topic,
         })
@@ -276,7 +293,7 @@ impl EventLayout {
 
     /// Whether the value column's text is JSON (`json` or `jsonb`).
     pub fn value_is_json(&self) -> bool {
-        self.value_is_json
+        self.value_kind == ValueKind::Json
     }
 
     /// Builds the event for one inserted row of transaction `txn`.
@@ -293,7 +310,21 @@ impl EventLayout {
             ColumnValue::UnchangedToast => Err(RowError::UnchangedToast(column.to_owned())),
         };
         let key = text(self.key, KEY_COLUMN)?.ok_or(RowError::NullKey)?;
-        let value = text(self.value, VALUE_COLUMN)?;
+        let value = match text(self.value, VALUE_COLUMN)? {
+            None => None,
+            Some(v) if self.value_kind == ValueKind::Json => Some(v),
+            Some(v) => {
+                let v = if self.value_kind == ValueKind::Bytea {
+                    decode_bytea(&v)?
+                } else {
+                    v
+                };
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&v).is_err() {
+                    return Err(RowError::InvalidJson);
+                }
+                Some(v)
+            }
+        };
         let mut headers = Vec::with_capacity(self.headers.len() + 2);
         for (name, i) in &self.headers {
             if let Some(v) = text(*i, name)? {
@@ -307,7 +338,6 @@ impl EventLayout {
             topic,
             key,
             value,
-            value_is_json: self.value_is_json,
             headers,
             commit_lsn: txn.commit_lsn,
         })
@@ -350,6 +380,12 @@ pub enum RowError {
     /// The topic template produced a name Kafka would refuse.
     #[error("the topic template produced {0:?}, which is not a valid Kafka topic name")]
     InvalidTopic(String),
+    /// The value column's text is not JSON.
+    #[error("the {VALUE_COLUMN} column is not valid JSON")]
+    InvalidJson,
+    /// A `bytea` value column whose text is not `\x` and hexadecimal digits.
+    #[error("the {VALUE_COLUMN} column is not bytea in hex format")]
+    InvalidBytea,
     /// The row has fewer values than the Relation has columns.
     #[error("the row has {got} values, but the table has {expected} columns")]
     ColumnCount {
@@ -358,6 +394,20 @@ pub enum RowError {
         /// In the row.
         got: usize,
     },
+}
+
+/// Decodes bytea's hex text form (`\x48656c6c6f`).
+fn decode_bytea(text: &[u8]) -> Result<Bytes, RowError> {
+    let digits = text.strip_prefix(b"\\x").ok_or(RowError::InvalidBytea)?;
+    if digits.len() % 2 != 0 {
+        return Err(RowError::InvalidBytea);
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).ok_or(RowError::InvalidBytea);
+    digits
+        .chunks_exact(2)
+        .map(|pair| Ok(u8::try_from(nibble(pair[0])? * 16 + nibble(pair[1])?).unwrap_or(0)))
+        .collect::<Result<Vec<u8>, _>>()
+        .map(Bytes::from)
 }
 
 /// What every event of one transaction shares, formatted once.
@@ -402,8 +452,6 @@ pub struct Event {
     pub key: Bytes,
     /// The Kafka value: the payload's text, `None` when the payload is NULL.
     pub value: Option<Bytes>,
-    /// Whether the value column is `json` or `jsonb`, so the value is JSON text.
-    pub value_is_json: bool,
     /// Header name and value, in column order, then `lsn` and `commit_ts`.
     pub headers: Vec<(Arc<str>, Bytes)>,
     /// The commit LSN of the transaction it belongs to.
@@ -498,7 +546,7 @@ mod tests {
         let layout = EventLayout::new(&rel, &"e.{tenant}".parse().unwrap()).unwrap();
         assert!(!layout.value_is_json());
         let event = layout
-            .event(&txn(), &vec![t("p"), t("acme"), t("k")])
+            .event(&txn(), &vec![t("\"p\""), t("acme"), t("k")])
             .unwrap();
         assert_eq!(
             (event.topic.as_str(), &event.key[..]),
@@ -542,6 +590,45 @@ mod tests {
             layout.event(&txn(), &vec![t("k")]).unwrap_err(),
             RowError::ColumnCount { .. }
         ));
+    }
+
+    #[test]
+    fn text_and_bytea_payloads_must_be_json() {
+        let text = EventLayout::new(
+            &relation(&[("aggregate_id", 25), ("payload", 25)]),
+            &"events".parse().unwrap(),
+        )
+        .unwrap();
+        assert!(text.event(&txn(), &vec![t("k"), t("{\"a\": 1}")]).is_ok());
+        assert_eq!(
+            text.event(&txn(), &vec![t("k"), t("not json")])
+                .unwrap_err(),
+            RowError::InvalidJson
+        );
+        let bytea = EventLayout::new(
+            &relation(&[("aggregate_id", 25), ("payload", 17)]),
+            &"events".parse().unwrap(),
+        )
+        .unwrap();
+        // '{"a":1}' as bytea.
+        let event = bytea
+            .event(&txn(), &vec![t("k"), t("\\x7b2261223a317d")])
+            .unwrap();
+        assert_eq!(event.value.as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(
+            bytea
+                .event(&txn(), &vec![t("k"), t("\\x6e6f")])
+                .unwrap_err(),
+            RowError::InvalidJson
+        );
+        assert_eq!(
+            bytea.event(&txn(), &vec![t("k"), t("\\xzz")]).unwrap_err(),
+            RowError::InvalidBytea
+        );
+        assert_eq!(
+            bytea.event(&txn(), &vec![t("k"), t("plain")]).unwrap_err(),
+            RowError::InvalidBytea
+        );
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// UPDATE, DELETE or TRUNCATE seen on the events table, by kind.
     pub unexpected_changes: IntCounterVec,
+    /// Records written to the dead-letter topic (and acknowledged).
+    pub dead_lettered: IntCounter,
     /// 1 while this instance waits for a slot another process holds.
     pub standby: IntGauge,
     /// `pg_replication_slots.safe_wal_size` of the slot, by slot; absent when unlimited.
@@ -204,6 +206,10 @@ impl Metrics {
                 "walrelay_unexpected_changes_total",
                 "UPDATE, DELETE or TRUNCATE seen on the append-only events table, by kind.",
                 "kind",
+            ),
+            dead_lettered: counter(
+                "walrelay_dead_lettered_total",
+                "Records describing a refused event, acknowledged on the dead-letter topic.",
             ),
             standby: gauge(
                 "walrelay_standby",

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, TxnId};
-use crate::config::RunConfig;
+use crate::config::{OnUnexpectedChange, RunConfig};
 use crate::metrics::Metrics;
 use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
@@ -185,6 +185,7 @@ pub async fn run(
         Checkpoint::new(confirmed),
         Feedback::new(confirmed),
         metrics.clone(),
+        config.dead_letter_topic.clone(),
     )?;
 
     let monitor = tokio::spawn(crate::monitor::run(
@@ -216,6 +217,11 @@ async fn stream(
             return Ok(());
         }
         known_topics.insert(topic.to_owned());
+    }
+    if let Some(topic) = &config.dead_letter_topic {
+        if !ensure_topic(sink, topic, metrics, shutdown).await? {
+            return Ok(());
+        }
     }
     if let Some(initial) = initial {
         let known = &mut known_topics;
@@ -426,12 +432,19 @@ impl Session<'_> {
                 // The next message; cancel-safe.
                 message = stream.next() => message,
             };
-            let step = match message
-                .map_err(RunError::from)
-                .and_then(|m| source.step(m).map_err(RunError::from))
-            {
-                Ok(step) => step,
-                Err(e) => break Err(e),
+            let step = match message.map(|m| source.step(m)) {
+                Ok(Ok(step)) => step,
+                Ok(Err(SourceError::Row {
+                    aggregate,
+                    seq_nr,
+                    commit_lsn,
+                    reason,
+                })) => match self.poison_row(aggregate, seq_nr, commit_lsn, reason).await {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                },
+                Ok(Err(e)) => break Err(e.into()),
+                Err(e) => break Err(e.into()),
             };
             match self.handle(step).await {
                 Ok(Flow::Continue) => {}
@@ -509,11 +522,55 @@ impl Session<'_> {
                     .unexpected_changes
                     .with_label_values(&[change.kind])
                     .inc();
-                return Err(RunError::Unexpected(change));
+                if self.config.on_unexpected_change == OnUnexpectedChange::Halt {
+                    return Err(RunError::Unexpected(change));
+                }
+                tracing::warn!(kind = change.kind, lsn = %change.commit_lsn,
+                    "the append-only events table saw other than an insert; skipped (--on-unexpected-change skip)");
             }
             Step::Nothing => {}
         }
         Ok(Flow::Continue)
+    }
+
+    /// A row that cannot become an event: counted, then either the end of
+    /// the run or a record on the dead-letter topic in its place.
+    async fn poison_row(
+        &mut self,
+        aggregate: Option<String>,
+        seq_nr: String,
+        commit_lsn: Lsn,
+        reason: crate::event::RowError,
+    ) -> Result<(), RunError> {
+        self.metrics
+            .publish_errors
+            .with_label_values(&["invalid_row"])
+            .inc();
+        let (Some(_), Some((txn, sent))) = (&self.config.dead_letter_topic, self.open.as_mut())
+        else {
+            let row = SourceError::Row {
+                aggregate,
+                seq_nr,
+                commit_lsn,
+                reason,
+            };
+            tracing::error!(error = %row, "the slot is not confirmed past this row (--on-poison halt)");
+            return Err(row.into());
+        };
+        let failure = PublishFailure {
+            aggregate: aggregate.unwrap_or_else(|| "?".to_owned()),
+            seq_nr,
+            lsn: commit_lsn.to_string(),
+            topic: self.config.topic.to_string(),
+            kind: "invalid_row",
+            reason: reason.to_string(),
+        };
+        tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
+            reason = %failure.reason, "row cannot be published; sending it to the dead-letter topic");
+        let txn = *txn;
+        *sent += 1;
+        self.sink.dead_letter(txn, &failure).await?;
+        Ok(())
     }
 
     fn received(&self, lsn: Lsn) {

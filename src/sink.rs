@@ -197,6 +197,10 @@ struct Shared {
     failure: Mutex<Option<PublishFailure>>,
     failed: Notify,
     room: Notify,
+    /// `--dead-letter-topic` with `--on-poison dead-letter`.
+    dead_letter_topic: Option<String>,
+    /// Refused events on their way to the dead-letter topic.
+    dead_letters: Option<tokio::sync::mpsc::UnboundedSender<(TxnId, PublishFailure)>>,
 }
 
 impl Shared {
@@ -289,8 +293,12 @@ impl ProducerContext for SinkContext {
             Ok(message) => {
                 shared.metrics.health().set_broker_up(true);
                 let ack = shared.checkpoint().acked(txn);
-                shared.metrics.events_published.inc();
-                shared.metrics.bytes_published.inc_by(message_size(message));
+                if shared.dead_letter_topic.as_deref() == Some(message.topic()) {
+                    shared.metrics.dead_lettered.inc();
+                } else {
+                    shared.metrics.events_published.inc();
+                    shared.metrics.bytes_published.inc_by(message_size(message));
+                }
                 if let Some(ts) = ack.commit_ts {
                     let committed = crate::pg::pgoutput::pg_timestamp_to_system_time(ts);
                     let latency = SystemTime::now()
@@ -301,7 +309,6 @@ impl ProducerContext for SinkContext {
                 shared.apply(ack.advance);
             }
             Err((error, message)) => {
-                shared.checkpoint().poison(txn);
                 let header = |name: &str| {
                     message
                         .headers()
@@ -317,7 +324,7 @@ impl ProducerContext for SinkContext {
                     Some(RDKafkaErrorCode::Fatal) => "fatal",
                     _ => "refused",
                 };
-                shared.fail(PublishFailure {
+                let failure = PublishFailure {
                     aggregate: message.key().map_or_else(
                         || "?".to_owned(),
                         |k| String::from_utf8_lossy(k).into_owned(),
@@ -327,7 +334,26 @@ impl ProducerContext for SinkContext {
                     topic: message.topic().to_owned(),
                     kind,
                     reason: error.to_string(),
-                });
+                };
+                let to_dead_letter = shared
+                    .dead_letter_topic
+                    .as_deref()
+                    .is_some_and(|t| t != message.topic());
+                if let Some(queue) = shared.dead_letters.as_ref().filter(|_| to_dead_letter) {
+                    // The dead-letter record takes the event's place in its
+                    // transaction: its acknowledgement completes it.
+                    shared
+                        .metrics
+                        .publish_errors
+                        .with_label_values(&[failure.kind])
+                        .inc();
+                    tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
+                        reason = %failure.reason, "event refused; sending it to the dead-letter topic");
+                    let _ = queue.send((txn, failure));
+                } else {
+                    shared.checkpoint().poison(txn);
+                    shared.fail(failure);
+                }
             }
         }
     }
@@ -352,12 +378,16 @@ pub struct Sink {
 
 impl Sink {
     /// Creates the producer. `checkpoint` starts at the slot's confirmed position.
+    /// With `dead_letter_topic`, events refused for good go there instead of
+    /// stopping walrelay (`--on-poison dead-letter`).
     pub fn new(
         config: &ClientConfig,
         checkpoint: Checkpoint,
         feedback: Feedback,
         metrics: Metrics,
+        dead_letter_topic: Option<String>,
     ) -> Result<Self, SinkError> {
+        let (queue, refused) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             checkpoint: Mutex::new(checkpoint),
             feedback,
@@ -365,11 +395,96 @@ impl Sink {
             failure: Mutex::new(None),
             failed: Notify::new(),
             room: Notify::new(),
+            dead_letters: dead_letter_topic.as_ref().map(|_| queue),
+            dead_letter_topic,
         });
-        let producer = config
+        let producer: ThreadedProducer<SinkContext> = config
             .create_with_context(SinkContext(Arc::clone(&shared)))
             .map_err(SinkError::Create)?;
-        Ok(Sink { producer, shared })
+        let sink = Sink { producer, shared };
+        if sink.shared.dead_letter_topic.is_some() {
+            let forwarder = Sink {
+                producer: sink.producer.clone(),
+                shared: Arc::clone(&sink.shared),
+            };
+            tokio::spawn(forwarder.forward_dead_letters(refused));
+        }
+        Ok(sink)
+    }
+
+    /// Sends the events the broker refused to the dead-letter topic.
+    async fn forward_dead_letters(
+        self,
+        mut refused: tokio::sync::mpsc::UnboundedReceiver<(TxnId, PublishFailure)>,
+    ) {
+        while let Some((txn, failure)) = refused.recv().await {
+            if let Err(e) = self.dead_letter(txn, &failure).await {
+                tracing::error!(error = %e, "cannot send to the dead-letter topic");
+            }
+        }
+    }
+
+    /// Publishes a record describing `failure` to the dead-letter topic, as
+    /// one event of transaction `txn`. Without a dead-letter topic, `failure`
+    /// stops walrelay instead.
+    pub async fn dead_letter(&self, txn: TxnId, failure: &PublishFailure) -> Result<(), SinkError> {
+        let Some(topic) = self.shared.dead_letter_topic.clone() else {
+            self.shared.checkpoint().poison(txn);
+            self.shared.fail(failure.clone());
+            return Err(SinkError::Publish(Box::new(failure.clone())));
+        };
+        let value = serde_json::json!({
+            "reason": failure.kind,
+            "error": failure.reason,
+            "aggregate_id": failure.aggregate,
+            "seq_nr": failure.seq_nr,
+            "lsn": failure.lsn,
+            "topic": failure.topic,
+        })
+        .to_string();
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: LSN_HEADER,
+                value: Some(failure.lsn.as_bytes()),
+            })
+            .insert(Header {
+                key: SEQ_NR_COLUMN,
+                value: Some(failure.seq_nr.as_bytes()),
+            });
+        let opaque = usize::try_from(txn).unwrap_or(usize::MAX);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&topic, opaque)
+                .key(failure.aggregate.as_bytes())
+                .payload(value.as_bytes())
+                .headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.shared.metrics.inflight_events.inc();
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(50),
+                        self.shared.room.notified(),
+                    )
+                    .await;
+                }
+                Err((error, _)) => {
+                    let lost = PublishFailure {
+                        reason: format!(
+                            "{}; and the dead-letter topic refused it too: {error}",
+                            failure.reason
+                        ),
+                        ..failure.clone()
+                    };
+                    self.shared.checkpoint().poison(txn);
+                    self.shared.fail(lost.clone());
+                    return Err(SinkError::Publish(Box::new(lost)));
+                }
+            }
+        }
     }
 
     /// A transaction began.
@@ -474,9 +589,16 @@ impl Sink {
                         kind: "refused",
                         reason: error.to_string(),
                     };
-                    self.shared.checkpoint().poison(txn);
-                    self.shared.fail(failure.clone());
-                    return Err(SinkError::Publish(Box::new(failure)));
+                    if self.shared.dead_letter_topic.is_some() {
+                        self.shared
+                            .metrics
+                            .publish_errors
+                            .with_label_values(&[failure.kind])
+                            .inc();
+                        tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
+                            reason = %failure.reason, "event refused; sending it to the dead-letter topic");
+                    }
+                    return self.dead_letter(txn, &failure).await;
                 }
             }
         }

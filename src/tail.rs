@@ -141,11 +141,8 @@ pub fn write_event(out: &mut impl Write, event: &Event) -> io::Result<()> {
     out.write_all(b"},\"value\":")?;
     match &event.value {
         None => out.write_all(b"null")?,
-        // json and jsonb text is JSON already; anything else becomes a string.
-        Some(v)
-            if event.value_is_json
-                && serde_json::from_slice::<&serde_json::value::RawValue>(v).is_ok() =>
-        {
+        // The value is JSON (walrelay checks it); anything else would become a string.
+        Some(v) if serde_json::from_slice::<&serde_json::value::RawValue>(v).is_ok() => {
             out.write_all(v)?;
         }
         Some(v) => serde_json::to_writer(&mut *out, &String::from_utf8_lossy(v))?,
@@ -159,12 +156,11 @@ mod tests {
     use bytes::Bytes;
     use std::sync::Arc;
 
-    fn event(value: Option<&'static str>, value_is_json: bool) -> Event {
+    fn event(value: Option<&'static str>) -> Event {
         Event {
             topic: "events".into(),
             key: Bytes::from_static(b"order-\"1\""),
             value: value.map(|v| Bytes::from_static(v.as_bytes())),
-            value_is_json,
             headers: vec![
                 (Arc::from("seq_nr"), Bytes::from_static(b"7")),
                 (Arc::from("lsn"), Bytes::from_static(b"0/16B3748")),
@@ -181,7 +177,7 @@ mod tests {
 
     #[test]
     fn writes_the_contract_as_one_json_line() {
-        let text = line(&event(Some("{\"total\": 12.5}"), true));
+        let text = line(&event(Some("{\"total\": 12.5}")));
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
         assert_eq!(
             text,
@@ -194,9 +190,9 @@ mod tests {
     #[test]
     fn non_json_values_become_strings_and_null_stays_null() {
         let parsed: serde_json::Value =
-            serde_json::from_str(&line(&event(Some("42"), false))).unwrap();
-        assert_eq!(parsed["value"], "42");
-        let parsed: serde_json::Value = serde_json::from_str(&line(&event(None, true))).unwrap();
+            serde_json::from_str(&line(&event(Some("not json")))).unwrap();
+        assert_eq!(parsed["value"], "not json");
+        let parsed: serde_json::Value = serde_json::from_str(&line(&event(None))).unwrap();
         assert!(parsed["value"].is_null());
     }
 }

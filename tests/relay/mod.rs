@@ -6,5 +6,6 @@ mod crash;
 mod delivery;
 mod demo;
 mod faults;
+mod poison;
 mod recovery;
 mod snapshot;

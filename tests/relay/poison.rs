@@ -1,0 +1,165 @@
+//! Rows that cannot be published, and changes the append-only table should
+//! never see: a clear outcome, and nothing lost.
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
+use crate::support::kafka::Kafka;
+use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+use crate::support::walrelay::{Walrelay, metric};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A table whose payload is text and whose key may be NULL, published by
+/// `loose_pub`: rows walrelay must refuse can exist there.
+async fn loose_table(pg: &PgServer) {
+    pg.psql(
+        "CREATE TABLE loose (aggregate_id text, seq_nr bigint, event_type text, payload text);
+         GRANT SELECT ON loose TO scram_user;
+         CREATE PUBLICATION loose_pub FOR TABLE loose WITH (publish = 'insert');",
+    )
+    .await;
+}
+
+fn loose_args(pg: &PgServer) -> (String, Vec<&'static str>) {
+    (
+        pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable"),
+        vec!["--table", "public.loose", "--publication", "loose_pub"],
+    )
+}
+
+#[tokio::test]
+async fn a_row_that_is_not_json_halts_by_default_without_confirming_past_it() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    loose_table(&pg).await;
+    let (url, args) = loose_args(&pg);
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    pg.psql("INSERT INTO loose VALUES ('a', 1, 'Ok', '{}');")
+        .await;
+    let good_end = current_lsn(&pg).await;
+    pg.psql("INSERT INTO loose VALUES ('a', 2, 'Bad', 'not json');")
+        .await;
+    let bad_end = current_lsn(&pg).await;
+    assert_eq!(relay.wait(WAIT).await.code(), Some(1));
+    let logs = relay.stderr_text();
+    assert!(
+        logs.contains("aggregate Some(\"a\") seq_nr 2") && logs.contains("not valid JSON"),
+        "{logs}"
+    );
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(
+        confirmed >= good_end && confirmed < bad_end,
+        "{confirmed} not between {good_end} and {bad_end}"
+    );
+    assert_eq!(kafka.read("events", 1, WAIT).len(), 1);
+}
+
+#[tokio::test]
+async fn dead_letter_describes_bad_rows_and_refused_events_and_goes_on() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    kafka.cluster().create_topic("dead", 1, 1).unwrap();
+    loose_table(&pg).await;
+    let (url, mut args) = loose_args(&pg);
+    args.extend([
+        "--on-poison",
+        "dead-letter",
+        "--dead-letter-topic",
+        "dead",
+        "--kafka-property",
+        "message.max.bytes=20000",
+    ]);
+    let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    pg.psql(
+        "INSERT INTO loose VALUES ('a', 1, 'Ok', '{}');
+         INSERT INTO loose VALUES ('a', 2, 'Bad', 'not json');
+         INSERT INTO loose VALUES (NULL, 3, 'NoKey', '{}');
+         INSERT INTO loose VALUES ('b', 1, 'Huge', json_build_object('blob', repeat('x', 50000))::text);
+         INSERT INTO loose VALUES ('a', 3, 'Ok', '{}');",
+    )
+    .await;
+    let end = current_lsn(&pg).await;
+    let published = kafka.read("events", 2, WAIT);
+    assert_eq!(
+        published
+            .iter()
+            .map(|r| (r.key.as_str(), r.seq_nr()))
+            .collect::<Vec<_>>(),
+        [("a", 1), ("a", 3)]
+    );
+    let dead = kafka.read("dead", 3, WAIT);
+    let reasons: Vec<serde_json::Value> = dead
+        .iter()
+        .map(|r| serde_json::from_str(r.value.as_deref().unwrap()).unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+            && reasons[0]["seq_nr"] == "2"
+    );
+    assert!(reasons[1]["error"].as_str().unwrap().contains("NULL") && reasons[1]["seq_nr"] == "3");
+    assert_eq!(reasons[2]["aggregate_id"], "b");
+    assert_eq!(reasons[2]["reason"], "refused");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r["lsn"].as_str().unwrap().contains('/'))
+    );
+    // Handled, so the slot moves past them.
+    wait_confirmed(&pg, "walrelay", end).await;
+    assert_eq!(metric(metrics, "walrelay_dead_lettered_total"), 3);
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn an_update_that_slipped_past_the_guard_halts_or_is_skipped_but_never_published() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    // The shipped publication decodes inserts only, so an update never reaches
+    // walrelay; one that publishes everything shows walrelay catching them.
+    pg.psql(
+        "ALTER PUBLICATION walrelay_events SET (publish = 'insert, update, delete, truncate');",
+    )
+    .await;
+    let bypass = "INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', 1, 'Ok', '{}');
+         ALTER TABLE events DISABLE TRIGGER ALL;
+         UPDATE events SET event_type = 'Changed';
+         ALTER TABLE events ENABLE TRIGGER ALL;";
+
+    // Default: halt, naming the change.
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    pg.psql(bypass).await;
+    assert_eq!(relay.wait(WAIT).await.code(), Some(1));
+    assert!(
+        relay.stderr_text().contains("saw a UPDATE"),
+        "{}",
+        relay.stderr_text()
+    );
+
+    // Skip: counted, logged, and the stream goes on.
+    let (mut relay, metrics) = Walrelay::run(
+        &url,
+        &kafka.bootstrap(),
+        &["--on-unexpected-change", "skip"],
+    )
+    .await;
+    pg.psql("INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', 2, 'Ok', '{}');").await;
+    let records = kafka.read("events", 2, WAIT);
+    assert_eq!(
+        records
+            .iter()
+            .map(crate::support::kafka::Record::seq_nr)
+            .collect::<Vec<_>>(),
+        [1, 2],
+        "the update was published"
+    );
+    assert_eq!(metric(metrics, "walrelay_unexpected_changes_total"), 1);
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
