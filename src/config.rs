@@ -26,6 +26,8 @@ pub const DEFAULT_TOPIC: &str = "events";
 pub const DEFAULT_SLOT: &str = "walrelay";
 /// The default metrics address.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
+/// How long the slot's holder may be silent before a standby calls it stale.
+pub const DEFAULT_STALE_SLOT_GRACE: Duration = Duration::from_secs(60);
 /// How long a shutdown waits for outstanding acknowledgements by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -184,6 +186,14 @@ pub struct RunArgs {
     /// count and go on (skip) [default: halt].
     #[arg(long, env = "WALRELAY_ON_UNEXPECTED_CHANGE", value_enum)]
     pub on_unexpected_change: Option<OnUnexpectedChange>,
+    /// While standing by, terminate the process holding the slot once it has
+    /// not replied for --stale-slot-grace [default: false].
+    #[arg(long, env = "WALRELAY_TAKE_OVER_STALE_SLOT", num_args = 0..=1, default_missing_value = "true")]
+    pub take_over_stale_slot: Option<bool>,
+    /// How long the slot's holder may be silent before it is reported as
+    /// stale (and, with --take-over-stale-slot, terminated) [default: 60s].
+    #[arg(long, env = "WALRELAY_STALE_SLOT_GRACE")]
+    pub stale_slot_grace: Option<String>,
 }
 
 /// What to do with a row that cannot be published.
@@ -226,6 +236,8 @@ struct FileConfig {
     on_poison: Option<OnPoison>,
     dead_letter_topic: Option<String>,
     on_unexpected_change: Option<OnUnexpectedChange>,
+    take_over_stale_slot: Option<bool>,
+    stale_slot_grace: Option<String>,
 }
 
 impl FileConfig {
@@ -315,6 +327,10 @@ pub struct RunConfig {
     pub dead_letter_topic: Option<String>,
     /// What an UPDATE, DELETE or TRUNCATE of the events table does.
     pub on_unexpected_change: OnUnexpectedChange,
+    /// Whether a standby terminates a slot holder silent for `stale_slot_grace`.
+    pub take_over_stale_slot: bool,
+    /// How long a slot holder may be silent before it counts as stale.
+    pub stale_slot_grace: Duration,
 }
 
 impl RunArgs {
@@ -389,7 +405,17 @@ impl RunArgs {
             self.on_poison.or(file.on_poison).unwrap_or(OnPoison::Halt),
             self.dead_letter_topic.or(file.dead_letter_topic),
         )?;
+        let stale_slot_grace = match self.stale_slot_grace.or(file.stale_slot_grace) {
+            // Longer than the 10 s between a healthy holder's status updates.
+            Some(text) => parse_duration("stale-slot-grace", &text, Duration::from_secs(15))?,
+            None => DEFAULT_STALE_SLOT_GRACE,
+        };
         Ok(RunConfig {
+            take_over_stale_slot: self
+                .take_over_stale_slot
+                .or(file.take_over_stale_slot)
+                .unwrap_or(false),
+            stale_slot_grace,
             dead_letter_topic,
             on_unexpected_change: self
                 .on_unexpected_change

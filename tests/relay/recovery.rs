@@ -168,3 +168,50 @@ async fn an_idle_events_table_does_not_pin_the_wal_of_a_busy_database() {
     let _ = slot_confirmed(&pg, "walrelay").await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut frozen, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let holder: i32 = pg
+        .psql("SELECT active_pid FROM pg_replication_slots")
+        .await
+        .parse()
+        .unwrap();
+    frozen.signal(Signal::SIGSTOP);
+
+    let standby_addr = free_local_addr();
+    let standby_arg = standby_addr.to_string();
+    let mut standby = Walrelay::spawn(
+        &[
+            "run",
+            "--postgres-url",
+            &url(&pg),
+            "--kafka-brokers",
+            &kafka.bootstrap(),
+            "--metrics-addr",
+            &standby_arg,
+            "--take-over-stale-slot",
+            "--stale-slot-grace",
+            "15s",
+        ],
+        &[],
+    );
+    standby.wait_for_stderr("standing by", WAIT).await;
+    standby
+        .wait_for_stderr("has not replied for longer than --stale-slot-grace", WAIT)
+        .await;
+    assert!(
+        standby.stderr_text().contains(&format!("pid={holder}")),
+        "{}",
+        standby.stderr_text()
+    );
+    standby.wait_for_stderr("streaming", WAIT).await;
+    let committed = write_mixed(&mut pg.client().await, "x", 5, 10, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &standby.stderr_text());
+    frozen.signal(Signal::SIGCONT);
+    assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    frozen.stop_with(Signal::SIGKILL).await;
+}

@@ -142,6 +142,12 @@ impl Walrelay {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Sends `signal` without waiting (SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id().expect("still running")).unwrap());
+        kill(pid, signal).expect("signal walrelay");
+    }
+
     /// Sends `signal` and waits (bounded) for the exit.
     pub async fn stop_with(&mut self, signal: Signal) -> ExitStatus {
         let pid = Pid::from_raw(i32::try_from(self.child.id().expect("still running")).unwrap());
