@@ -336,6 +336,7 @@ pub struct RunConfig {
 impl RunArgs {
     /// Merges flags, environment and the configuration file, and checks every
     /// setting; nothing connects before this succeeds.
+    #[allow(clippy::too_many_lines)] // One flat merge of every setting reads best.
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
         let file = self
             .config
