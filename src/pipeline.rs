@@ -44,6 +44,9 @@ const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// before it closes the replication connection.
 const ERROR_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long closing the replication connection may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a topic check waits for the cluster before it retries.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -516,7 +519,10 @@ impl Session<'_> {
             );
         }
         let confirmed = self.sink.confirmed();
-        let closed = stream.close().await;
+        // Bounded: on a stalled network even the goodbye may not get through.
+        let closed = tokio::time::timeout(CLOSE_TIMEOUT, stream.close())
+            .await
+            .unwrap_or(Ok(()));
         tracing::info!(confirmed = %confirmed, "replication connection closed");
         result?;
         closed.map_err(RunError::from)

@@ -52,6 +52,10 @@ use super::tls::{TlsError, TlsSetup, channel_binding};
 /// The default and largest interval between standby status updates.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A streaming read that hears nothing for this many status intervals (each
+/// of which asked the server for a keepalive) declares the connection stalled.
+pub const SILENCE_LIMIT_INTERVALS: u32 = 3;
+
 /// The shortest gap between two status updates sent because the confirmed
 /// position moved: the slot follows within a fraction of a second, at a few
 /// small messages a second however many transactions are confirmed.
@@ -178,6 +182,11 @@ pub enum ConnError {
     /// The server closed the connection.
     #[error("PostgreSQL closed the connection")]
     Closed,
+    /// Nothing arrived although keepalives were asked for: the network stalls.
+    #[error(
+        "no message from PostgreSQL for {0:?} although keepalives were requested: the connection stalls"
+    )]
+    Stalled(Duration),
     /// The server ended the replication stream (CopyDone), as it does when it shuts down.
     #[error("PostgreSQL ended the replication stream (is it shutting down?)")]
     StreamEnded,
@@ -208,6 +217,7 @@ impl ConnError {
             | ConnError::Timeout { .. }
             | ConnError::Io(_)
             | ConnError::Closed
+            | ConnError::Stalled(_)
             | ConnError::StreamEnded => true,
             ConnError::TlsHandshake { source, .. } => source
                 .get_ref()
@@ -716,6 +726,7 @@ impl ReplicationConnection {
             feedback,
             writer: Some(writer),
             cancel: cancel.drop_guard(),
+            silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
         })
     }
 }
@@ -873,18 +884,21 @@ async fn status_updates(
             feedback.0.progress.notified().await;
             tokio::time::sleep_until(last_sent + PROGRESS_REPORT_GAP).await;
         };
-        tokio::select! {
+        let ping = tokio::select! {
             biased;
             // Shutdown: report the final position, then leave cleanly.
             () = cancel.cancelled() => break,
             // A keepalive asked for a reply, or the caller wants one out now.
-            () = feedback.0.wake.notified() => {}
-            // The regular update that keeps wal_sender_timeout from firing.
-            _ = ticker.tick() => {}
+            () = feedback.0.wake.notified() => false,
+            // The regular update that keeps wal_sender_timeout from firing. It
+            // asks the server for a keepalive back, so that the reader hears
+            // from a live server at least this often even when nothing is
+            // written, and can tell a stalled network from a quiet database.
+            _ = ticker.tick() => true,
             // The confirmed position moved: let the slot follow, throttled.
-            () = progress_reported => {}
-        }
-        put_standby_status_update(feedback.status(), SystemTime::now(), false, &mut buf);
+            () = progress_reported => false,
+        };
+        put_standby_status_update(feedback.status(), SystemTime::now(), ping, &mut buf);
         writer.write_all(&buf).await?;
         writer.flush().await?;
         buf.clear();
@@ -907,6 +921,8 @@ pub struct ReplicationStream {
     feedback: Feedback,
     writer: Option<JoinHandle<Result<(), ConnError>>>,
     cancel: tokio_util::sync::DropGuard,
+    /// How long a read may wait for the server before the connection counts as stalled.
+    silence_limit: Duration,
 }
 
 impl ReplicationStream {
@@ -914,7 +930,12 @@ impl ReplicationStream {
     /// triggers a status update before it is returned. Cancel-safe.
     pub async fn next(&mut self) -> Result<ReplicationMessage, ConnError> {
         loop {
-            let body = match self.reader.next().await? {
+            // Every status update on the timer asks for a keepalive back, so a
+            // live server is never silent this long.
+            let message = tokio::time::timeout(self.silence_limit, self.reader.next())
+                .await
+                .map_err(|_| ConnError::Stalled(self.silence_limit))??;
+            let body = match message {
                 BackendMessage::CopyData(body) => body,
                 // The walsender ends the stream this way when the server shuts
                 // down: CopyDone, or the end of the command that streamed.

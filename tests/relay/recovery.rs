@@ -215,3 +215,40 @@ async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
     frozen.stop_with(Signal::SIGKILL).await;
 }
+
+#[tokio::test]
+async fn a_stalled_connection_is_detected_and_survived() {
+    // A short wal_sender_timeout makes walrelay's status interval 2 s, and
+    // with it the time it waits for the server before calling a stall.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = '6s'".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "a", 10, 20, 0, &mut seqs).await;
+    kafka.read("events", committed.len(), WAIT);
+
+    // The walsender stops answering: the TCP connection stays open, nothing
+    // moves on it, as on a network that silently drops packets.
+    let walsender: i32 = pg
+        .psql("SELECT pid FROM pg_stat_replication")
+        .await
+        .parse()
+        .unwrap();
+    let walsender = nix::unistd::Pid::from_raw(walsender);
+    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    committed.extend(write_mixed(&mut client, "b", 10, 20, 0, &mut seqs).await);
+    relay.wait_for_stderr("the connection stalls", WAIT).await;
+    assert_eq!(http_get(metrics, "/readyz").0, 503);
+    nix::sys::signal::kill(walsender, Signal::SIGCONT).unwrap();
+    relay.wait_for_stderr_count("streaming", 2, WAIT).await;
+
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(true, &relay.stderr_text());
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
