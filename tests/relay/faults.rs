@@ -215,3 +215,40 @@ async fn a_missing_topic_is_a_clear_error() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn a_broker_that_stops_answering_holds_the_slot_until_it_answers_again() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "before", 10, 10, 0, &mut seqs).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+
+    // Every answer now takes 12 s: the broker is frozen, not gone.
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(12))
+        .unwrap();
+    let held_at = slot_confirmed(&pg, "walrelay").await;
+    committed.extend(write_mixed(&mut client, "frozen", 10, 20, 0, &mut seqs).await);
+    let end = current_lsn(&pg).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = slot_confirmed(&pg, "walrelay").await;
+        assert!(
+            now < end && now >= held_at,
+            "slot at {now} while the broker was frozen"
+        );
+    }
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    wait_confirmed(&pg, "walrelay", end).await;
+    assert!(relay.exited().is_none());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}

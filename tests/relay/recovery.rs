@@ -252,3 +252,54 @@ async fn a_stalled_connection_is_detected_and_survived() {
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn the_heartbeat_moves_the_slot_with_no_writes_at_all() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, _) = Walrelay::run(
+        &url(&pg),
+        &kafka.bootstrap(),
+        &["--heartbeat-interval", "1s"],
+    )
+    .await;
+    let start = current_lsn(&pg).await;
+    // Nothing writes; the heartbeat does, and the slot follows it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = current_lsn(&pg).await;
+    assert!(
+        now > start,
+        "no heartbeat reached the WAL: {start} -> {now}"
+    );
+    wait_confirmed(&pg, "walrelay", now).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn the_password_file_works_and_no_secret_leaks_into_logs_or_metrics() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pg-password");
+    std::fs::write(&file, format!("{SCRAM_PASSWORD}\n")).unwrap();
+    let no_password = pg.url(SCRAM_USER, None, "sslmode=require");
+    let (mut relay, metrics) = Walrelay::run(
+        &no_password,
+        &kafka.bootstrap(),
+        &["--postgres-password-file", file.to_str().unwrap()],
+    )
+    .await;
+    let committed = write_mixed(&mut pg.client().await, "x", 3, 5, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &relay.stderr_text());
+    let (_, body) = http_get(metrics, "/metrics");
+    assert!(
+        !body.contains(SCRAM_PASSWORD),
+        "the password is in the metrics"
+    );
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    assert!(
+        !relay.stderr_text().contains(SCRAM_PASSWORD),
+        "the password is in the logs"
+    );
+}
