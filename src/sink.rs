@@ -452,11 +452,30 @@ impl Sink {
                 value: Some(failure.seq_nr.as_bytes()),
             });
         let opaque = usize::try_from(txn).unwrap_or(usize::MAX);
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&topic, opaque)
-                .key(failure.aggregate.as_bytes())
-                .payload(value.as_bytes())
-                .headers(headers);
+        let record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&topic, opaque)
+            .key(failure.aggregate.as_bytes())
+            .payload(value.as_bytes())
+            .headers(headers);
+        self.enqueue(record).await.map_err(|error| {
+            let lost = PublishFailure {
+                reason: format!(
+                    "{}; and the dead-letter topic refused it too: {error}",
+                    failure.reason
+                ),
+                ..failure.clone()
+            };
+            self.shared.checkpoint().poison(txn);
+            self.shared.fail(lost.clone());
+            SinkError::Publish(Box::new(lost))
+        })
+    }
+
+    /// Hands `record` to the producer, waiting while its queue is full (the
+    /// backpressure that stops the replication stream from being read).
+    async fn enqueue(
+        &self,
+        mut record: BaseRecord<'_, [u8], [u8], usize>,
+    ) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => {
@@ -465,24 +484,15 @@ impl Sink {
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     record = returned;
+                    // Room comes with each delivery report; the timeout covers
+                    // a notification that raced with the check.
                     let _ = tokio::time::timeout(
                         Duration::from_millis(50),
                         self.shared.room.notified(),
                     )
                     .await;
                 }
-                Err((error, _)) => {
-                    let lost = PublishFailure {
-                        reason: format!(
-                            "{}; and the dead-letter topic refused it too: {error}",
-                            failure.reason
-                        ),
-                        ..failure.clone()
-                    };
-                    self.shared.checkpoint().poison(txn);
-                    self.shared.fail(lost.clone());
-                    return Err(SinkError::Publish(Box::new(lost)));
-                }
+                Err((error, _)) => return Err(error),
             }
         }
     }
@@ -561,45 +571,30 @@ impl Sink {
         if let Some(value) = &event.value {
             record = record.payload(&value[..]);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => {
-                    self.shared.metrics.inflight_events.inc();
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    record = returned;
-                    // Room comes with each delivery report; the timeout covers
-                    // a notification that raced with the check.
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(50),
-                        self.shared.room.notified(),
-                    )
-                    .await;
-                }
-                Err((error, _)) => {
-                    let failure = PublishFailure {
-                        aggregate: String::from_utf8_lossy(&event.key).into_owned(),
-                        seq_nr: event.header(SEQ_NR_COLUMN).map_or_else(
-                            || "?".to_owned(),
-                            |v| String::from_utf8_lossy(v).into_owned(),
-                        ),
-                        lsn: event.commit_lsn.to_string(),
-                        topic: event.topic.clone(),
-                        kind: "refused",
-                        reason: error.to_string(),
-                    };
-                    if self.shared.dead_letter_topic.is_some() {
-                        self.shared
-                            .metrics
-                            .publish_errors
-                            .with_label_values(&[failure.kind])
-                            .inc();
-                        tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
+        match self.enqueue(record).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let failure = PublishFailure {
+                    aggregate: String::from_utf8_lossy(&event.key).into_owned(),
+                    seq_nr: event.header(SEQ_NR_COLUMN).map_or_else(
+                        || "?".to_owned(),
+                        |v| String::from_utf8_lossy(v).into_owned(),
+                    ),
+                    lsn: event.commit_lsn.to_string(),
+                    topic: event.topic.clone(),
+                    kind: "refused",
+                    reason: error.to_string(),
+                };
+                if self.shared.dead_letter_topic.is_some() {
+                    self.shared
+                        .metrics
+                        .publish_errors
+                        .with_label_values(&[failure.kind])
+                        .inc();
+                    tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
                             reason = %failure.reason, "event refused; sending it to the dead-letter topic");
-                    }
-                    return self.dead_letter(txn, &failure).await;
                 }
+                self.dead_letter(txn, &failure).await
             }
         }
     }
