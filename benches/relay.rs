@@ -82,6 +82,10 @@ struct Args {
     /// Extra `--kafka-property key=value` for walrelay (repeatable).
     #[arg(long)]
     kafka_property: Vec<String>,
+    /// Round-trip delay the mock broker adds to every request, in ms: a
+    /// remote or slower broker, so that the producer queue fills up.
+    #[arg(long, default_value_t = 0)]
+    broker_rtt_ms: u64,
     /// Phases to run (drain, latency, big-txn).
     #[arg(long, value_delimiter = ',', default_value = "drain,latency,big-txn")]
     phases: Vec<String>,
@@ -121,6 +125,11 @@ async fn run(args: Args) {
     cluster
         .create_topic(TOPIC, PARTITIONS, 1)
         .expect("create the topic");
+    if args.broker_rtt_ms > 0 {
+        cluster
+            .broker_round_trip_time(1, Duration::from_millis(args.broker_rtt_ms))
+            .expect("set the broker's round-trip time");
+    }
     let bench = Bench {
         brokers: cluster.bootstrap_servers(),
         pg,
@@ -163,6 +172,7 @@ async fn run(args: Args) {
             "duration_s": bench.args.duration.as_secs_f64(),
             "big_txn": bench.args.big_txn,
             "kafka_properties": bench.args.kafka_property,
+            "broker_rtt_ms": bench.args.broker_rtt_ms,
         }),
     );
     let results = Value::Object(results.into_iter().collect());

@@ -43,10 +43,12 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("partitioner", "murmur2_random"),
     // Retry for ever: an outage delays events, it never drops them.
     ("message.timeout.ms", "0"),
-    ("linger.ms", "5"),
+    // Long enough to batch a busy stream, short enough to stay out of the
+    // commit-to-ack latency (see the performance section of the README).
+    ("linger.ms", "2"),
     // Bounds memory: when full, walrelay stops reading the replication stream.
-    ("queue.buffering.max.messages", "100000"),
-    ("queue.buffering.max.kbytes", "65536"),
+    ("queue.buffering.max.messages", "20000"),
+    ("queue.buffering.max.kbytes", "32768"),
     ("client.id", "walrelay"),
 ];
 
