@@ -206,13 +206,7 @@ impl Bench {
     async fn drain(&self, client: &tokio_postgres::Client) -> Value {
         let n = self.args.events;
         for slot in ["bench_recvlogical", "bench_walrelay"] {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-                .expect("create slot");
+            ensure_slot(client, slot).await;
         }
         eprintln!(
             "drain: writing {n} events, {} a transaction",
