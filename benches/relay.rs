@@ -133,7 +133,6 @@ async fn run(args: Args) {
     let bench = Bench {
         brokers: cluster.bootstrap_servers(),
         pg,
-        log_dir: args.out.clone(),
         args,
     };
     let client = bench.pg.client().await;
@@ -198,7 +197,6 @@ struct Bench {
     pg: PgServer,
     brokers: String,
     args: Args,
-    log_dir: PathBuf,
 }
 
 impl Bench {
@@ -265,12 +263,7 @@ impl Bench {
         let peak_rss = relay.peak_rss_kib();
         let cpu_s = relay.cpu_s();
         relay.stop();
-        let delivered = kafka_total(&self.brokers) - before;
-        assert_eq!(
-            delivered,
-            i64::try_from(n).unwrap(),
-            "Kafka must hold every event of the backlog"
-        );
+        self.assert_delivered(before, n, "the backlog");
         client
             .execute("SELECT pg_drop_replication_slot('bench_recvlogical')", &[])
             .await
@@ -371,12 +364,7 @@ impl Bench {
         let relay_s = started.elapsed().as_secs_f64();
         let peak = relay.peak_rss_kib();
         relay.stop();
-        let delivered = kafka_total(&self.brokers) - before;
-        assert_eq!(
-            delivered,
-            i64::try_from(n).unwrap(),
-            "Kafka must hold the transaction"
-        );
+        self.assert_delivered(before, n, "the big transaction");
         json!({
             "events": n,
             "write_s": write_s,
@@ -386,9 +374,19 @@ impl Bench {
         })
     }
 
+    /// The topic gained exactly `n` records since it held `before`.
+    fn assert_delivered(&self, before: i64, n: u64, what: &str) {
+        let delivered = kafka_total(&self.brokers) - before;
+        assert_eq!(
+            delivered,
+            i64::try_from(n).unwrap(),
+            "Kafka must hold every event of {what}"
+        );
+    }
+
     fn spawn_walrelay(&self, phase: &str, slot: &str) -> Relay {
         let metrics = free_local_addr();
-        let log_path = self.log_dir.join(format!("walrelay-{phase}.log"));
+        let log_path = self.args.out.join(format!("walrelay-{phase}.log"));
         let log = std::fs::File::create(&log_path).expect("create the walrelay log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_walrelay"));
         command.args([
