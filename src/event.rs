@@ -192,6 +192,34 @@ impl TopicTemplate {
             _ => None,
         }
     }
+
+    /// The columns other than the key column that the template names: each
+    /// can send the events of one aggregate to more than one topic.
+    pub fn columns_besides_key(&self) -> impl Iterator<Item = &str> {
+        self.columns().filter(|c| *c != KEY_COLUMN)
+    }
+
+    /// Whether some row can make the template resolve to `topic`: its
+    /// literal parts appear in order, and each column fills a gap with any
+    /// run of topic characters (the empty one included, as an empty column
+    /// value does).
+    pub fn can_resolve_to(&self, topic: &str) -> bool {
+        fn resolves(parts: &[Part], rest: &str) -> bool {
+            match parts.split_first() {
+                None => rest.is_empty(),
+                Some((Part::Literal(l), tail)) => rest
+                    .strip_prefix(l.as_str())
+                    .is_some_and(|rest| resolves(tail, rest)),
+                Some((Part::Column(_), tail)) => rest
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .chain([rest.len()])
+                    .take_while(|i| rest[..*i].chars().all(is_topic_char))
+                    .any(|i| resolves(tail, &rest[i..])),
+            }
+        }
+        resolves(&self.parts, topic)
+    }
 }
 
 /// The events table lacks a column the contract needs.
@@ -834,6 +862,31 @@ mod tests {
             let expected = humantime::format_rfc3339_micros(pg_timestamp_to_system_time(micros));
             proptest::prop_assert_eq!(format_commit_ts(micros), expected.to_string());
         }
+    }
+
+    #[test]
+    fn a_template_resolves_to_the_topics_its_rows_can_name() {
+        let template = |t: &str| t.parse::<TopicTemplate>().unwrap();
+        assert!(template("events").can_resolve_to("events"));
+        assert!(!template("events").can_resolve_to("events.dlq"));
+        assert!(template("events.{event_type}").can_resolve_to("events.dlq"));
+        // An empty column value leaves the literal parts alone.
+        assert!(template("events.{event_type}").can_resolve_to("events."));
+        assert!(!template("events.{event_type}").can_resolve_to("dlq"));
+        assert!(template("{tenant}.events").can_resolve_to("acme.events"));
+        assert!(template("a{x}b{y}c").can_resolve_to("a-b.b_c"));
+        assert!(!template("a{x}b{y}c").can_resolve_to("a-c"));
+        assert!(!template("e.{x}").can_resolve_to("e.a b"));
+        assert_eq!(
+            template("e.{event_type}.{aggregate_id}.{tenant}")
+                .columns_besides_key()
+                .collect::<Vec<_>>(),
+            ["event_type", "tenant"]
+        );
+        assert_eq!(
+            template("e.{aggregate_id}").columns_besides_key().count(),
+            0
+        );
     }
 
     #[test]
