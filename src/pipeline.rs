@@ -133,6 +133,11 @@ struct Backoff {
 impl Backoff {
     const BASE: Duration = Duration::from_millis(250);
     const CAP: Duration = Duration::from_secs(30);
+    /// A session that lasted this long was healthy: the next failure starts
+    /// the backoff again from `BASE`. A session that fails sooner keeps it
+    /// growing. At the cap, resetting cannot make attempts more frequent than
+    /// the cap already allows: each of them took that long by itself.
+    const HEALTHY_SESSION: Duration = Self::CAP;
 
     fn next(&mut self) -> Duration {
         let ceiling = Self::BASE
@@ -145,6 +150,13 @@ impl Backoff {
 
     fn reset(&mut self) {
         self.attempt = 0;
+    }
+
+    /// Accounts for a session that lasted `lasted` before it ended.
+    fn session_ended(&mut self, lasted: Duration) {
+        if lasted >= Self::HEALTHY_SESSION {
+            self.reset();
+        }
     }
 }
 
@@ -259,7 +271,9 @@ async fn stream(
             known_topics: &mut known_topics,
             open: None,
         };
+        let started = tokio::time::Instant::now();
         let result = session.run().await;
+        backoff.session_ended(started.elapsed());
         metrics.health().set_streaming(false);
         let delay = match result {
             Ok(()) => return Ok(()),
@@ -652,5 +666,24 @@ mod tests {
         );
         b.reset();
         assert!(b.next() <= Backoff::BASE);
+    }
+
+    #[test]
+    fn backoff_starts_over_after_a_healthy_session_only() {
+        let mut b = Backoff { attempt: 0 };
+        for _ in 0..12 {
+            b.next();
+        }
+        // Sessions that fail early keep the delay at its cap.
+        b.session_ended(Duration::from_secs(2));
+        b.session_ended(Backoff::HEALTHY_SESSION.saturating_sub(Duration::from_millis(1)));
+        assert!(
+            (0..20).any(|_| b.next() > Duration::from_secs(3)),
+            "the backoff shrank after short sessions"
+        );
+        // A session that streamed for the cap was healthy: retry soon.
+        b.session_ended(Backoff::HEALTHY_SESSION);
+        assert!(b.next() <= Backoff::BASE);
+        assert!(b.next() <= Backoff::BASE * 2);
     }
 }
