@@ -47,7 +47,7 @@ use super::protocol::{
     BackendCodec, BackendMessage, ReplicationMessage, ReplicationMessageError, StandbyStatus,
     put_standby_status_update,
 };
-use super::tls::{TlsError, TlsSetup, channel_binding};
+use super::tls::{ChannelBindingError, TlsError, TlsSetup, channel_binding};
 
 /// The default and largest interval between standby status updates.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -173,6 +173,10 @@ pub enum ConnError {
     /// The SCRAM exchange failed on our side (a server signature that does not match, say).
     #[error("SCRAM-SHA-256 authentication failed: {0}")]
     Scram(#[source] io::Error),
+    /// The server offers SCRAM with channel binding over TLS, and the
+    /// binding cannot be computed for its certificate.
+    #[error("SCRAM-SHA-256-PLUS authentication cannot bind to the TLS session: {0}")]
+    ChannelBinding(#[source] ChannelBindingError),
     /// The server reported an error.
     #[error("PostgreSQL: {0}")]
     Server(#[from] ServerError),
@@ -236,6 +240,7 @@ impl ConnError {
             | ConnError::UnsupportedAuth(_)
             | ConnError::NoPassword
             | ConnError::Scram(_)
+            | ConnError::ChannelBinding(_)
             | ConnError::Protocol(_)
             | ConnError::Replication(_) => false,
         }
@@ -422,11 +427,7 @@ impl ReplicationConnection {
         Ok(())
     }
 
-    async fn startup(
-        &mut self,
-        params: &ConnectParams,
-        binding: Option<Vec<u8>>,
-    ) -> Result<(), ConnError> {
+    async fn startup(&mut self, params: &ConnectParams, binding: Binding) -> Result<(), ConnError> {
         let startup = [
             ("user", params.user.as_str()),
             ("database", params.dbname.as_str()),
@@ -460,7 +461,7 @@ impl ReplicationConnection {
     async fn authenticate(
         &mut self,
         params: &ConnectParams,
-        binding: Option<Vec<u8>>,
+        binding: Binding,
     ) -> Result<(), ConnError> {
         let password = || params.password().ok_or(ConnError::NoPassword);
         match self.reader.next().await? {
@@ -504,24 +505,11 @@ impl ReplicationConnection {
     async fn scram(
         &mut self,
         password: &str,
-        binding: Option<Vec<u8>>,
+        binding: Binding,
         scram_offered: bool,
         plus_offered: bool,
     ) -> Result<(), ConnError> {
-        // Bind the exchange to the TLS session when both sides can; tell the
-        // server "I could have" ('y') when it did not offer binding over TLS,
-        // so a man in the middle that stripped -PLUS is detected.
-        let (mechanism, cb) = match (binding, plus_offered) {
-            (Some(hash), true) => (
-                sasl::SCRAM_SHA_256_PLUS,
-                sasl::ChannelBinding::tls_server_end_point(hash),
-            ),
-            (Some(_), false) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
-            (None, _) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
-        };
-        if mechanism == sasl::SCRAM_SHA_256 && !scram_offered {
-            return Err(ConnError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
-        }
+        let (mechanism, cb) = sasl_mechanism(binding, scram_offered, plus_offered)?;
         let mut scram = sasl::ScramSha256::new(password.as_bytes(), cb);
         frontend::sasl_initial_response(mechanism, scram.message(), &mut self.out)?;
         self.send().await?;
@@ -731,11 +719,41 @@ impl ReplicationConnection {
     }
 }
 
+/// The TLS session's `tls-server-end-point` channel binding data, or why it
+/// cannot be computed; `None` without TLS.
+type Binding = Option<Result<Vec<u8>, ChannelBindingError>>;
+
+/// The SASL mechanism and channel-binding flag for the mechanisms the server
+/// offered. The exchange is bound to the TLS session when both sides can;
+/// over TLS without -PLUS on offer, the client says "I could have" (`y`), so
+/// a man in the middle that stripped -PLUS is detected. A server that offers
+/// binding over TLS gets it, or an error saying why not (as from libpq):
+/// never a quiet exchange without it.
+fn sasl_mechanism(
+    binding: Binding,
+    scram_offered: bool,
+    plus_offered: bool,
+) -> Result<(&'static str, sasl::ChannelBinding), ConnError> {
+    let (mechanism, cb) = match (binding, plus_offered) {
+        (Some(Ok(hash)), true) => (
+            sasl::SCRAM_SHA_256_PLUS,
+            sasl::ChannelBinding::tls_server_end_point(hash),
+        ),
+        (Some(Err(why)), true) => return Err(ConnError::ChannelBinding(why)),
+        (Some(_), false) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+        (None, _) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+    };
+    if mechanism == sasl::SCRAM_SHA_256 && !scram_offered {
+        return Err(ConnError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
+    }
+    Ok((mechanism, cb))
+}
+
 async fn start_tls(
     mut tcp: TcpStream,
     tls: TlsSetup,
     target: &str,
-) -> Result<(Socket, Option<Vec<u8>>), ConnError> {
+) -> Result<(Socket, Binding), ConnError> {
     let mut buf = BytesMut::new();
     frontend::ssl_request(&mut buf);
     tcp.write_all(&buf).await?;
@@ -766,7 +784,7 @@ async fn start_tls(
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|cert| channel_binding(cert));
+        .map(|cert| channel_binding(cert));
     Ok((Socket::Tls(Box::new(stream)), binding))
 }
 
@@ -1028,6 +1046,33 @@ mod tests {
         fb.received(Lsn(400));
         assert_eq!(fb.status().write, Lsn(400));
         assert_eq!(fb.status().flush, Lsn(300));
+    }
+
+    #[test]
+    fn scram_binds_when_it_can_and_never_quietly_skips_an_offered_binding() {
+        let mechanism =
+            |binding: Binding, plus: bool| sasl_mechanism(binding, true, plus).map(|(m, _)| m);
+        assert_eq!(
+            mechanism(Some(Ok(vec![1; 32])), true).unwrap(),
+            sasl::SCRAM_SHA_256_PLUS
+        );
+        assert_eq!(
+            mechanism(Some(Ok(vec![1; 32])), false).unwrap(),
+            sasl::SCRAM_SHA_256
+        );
+        assert_eq!(mechanism(None, true).unwrap(), sasl::SCRAM_SHA_256);
+        let unbindable = Some(Err(ChannelBindingError::NoHash("Ed25519")));
+        let err = mechanism(unbindable.clone(), true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConnError::ChannelBinding(ChannelBindingError::NoHash(_))
+            ),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        // No -PLUS on offer: plain SCRAM, telling the server binding was possible.
+        assert_eq!(mechanism(unbindable, false).unwrap(), sasl::SCRAM_SHA_256);
     }
 
     #[test]
