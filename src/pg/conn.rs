@@ -449,11 +449,43 @@ impl ReplicationConnection {
                     self.backend_pid = body.process_id();
                 }
                 BackendMessage::Other(backend::Message::ParameterStatus(body)) => {
-                    if body.name()? == "server_version" {
-                        body.value()?.clone_into(&mut self.server_version);
-                    }
+                    self.parameter(&body)?;
                 }
                 other => Self::unexpected(other, "waiting for ReadyForQuery after login")?,
+            }
+        }
+    }
+
+    /// Takes note of a parameter the server reports.
+    fn parameter(&mut self, body: &backend::ParameterStatusBody) -> io::Result<()> {
+        if body.name()? == "server_version" {
+            body.value()?.clone_into(&mut self.server_version);
+        }
+        Ok(())
+    }
+
+    /// The next message of the authentication exchange. A notice or a
+    /// parameter status answers no step, so it is noted and the next message
+    /// read: taken for the answer, it would end the exchange early (before
+    /// the server proved it knows the password, in SCRAM's case).
+    async fn next_auth_message(&mut self) -> Result<backend::Message, ConnError> {
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::Other(backend::Message::NoticeResponse(body)) => {
+                    Self::log_notice(&ServerError::from_fields(body.fields())?);
+                }
+                BackendMessage::Other(backend::Message::ParameterStatus(body)) => {
+                    self.parameter(&body)?;
+                }
+                BackendMessage::Other(message) => return Ok(message),
+                BackendMessage::CopyBothResponse => {
+                    return Err(ConnError::Protocol(
+                        "CopyBothResponse while authenticating".into(),
+                    ));
+                }
+                BackendMessage::CopyData(_) => {
+                    return Err(ConnError::Protocol("CopyData while authenticating".into()));
+                }
             }
         }
     }
@@ -464,16 +496,16 @@ impl ReplicationConnection {
         binding: Binding,
     ) -> Result<(), ConnError> {
         let password = || params.password().ok_or(ConnError::NoPassword);
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationOk) => return Ok(()),
-            BackendMessage::Other(backend::Message::AuthenticationCleartextPassword) => {
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationOk => return Ok(()),
+            backend::Message::AuthenticationCleartextPassword => {
                 frontend::password_message(password()?.as_bytes(), &mut self.out)?;
             }
-            BackendMessage::Other(backend::Message::AuthenticationMd5Password(body)) => {
+            backend::Message::AuthenticationMd5Password(body) => {
                 let hash = md5_hash(params.user.as_bytes(), password()?.as_bytes(), body.salt());
                 frontend::password_message(hash.as_bytes(), &mut self.out)?;
             }
-            BackendMessage::Other(backend::Message::AuthenticationSasl(body)) => {
+            backend::Message::AuthenticationSasl(body) => {
                 let mut mechanisms = body.mechanisms();
                 let (mut scram_offered, mut plus_offered) = (false, false);
                 while let Some(m) = mechanisms.next()? {
@@ -484,19 +516,19 @@ impl ReplicationConnection {
                     .scram(password()?, binding, scram_offered, plus_offered)
                     .await;
             }
-            BackendMessage::Other(backend::Message::AuthenticationGss) => {
+            backend::Message::AuthenticationGss => {
                 return Err(ConnError::UnsupportedAuth("GSSAPI"));
             }
-            BackendMessage::Other(backend::Message::AuthenticationSspi) => {
+            backend::Message::AuthenticationSspi => {
                 return Err(ConnError::UnsupportedAuth("SSPI"));
             }
-            BackendMessage::Other(backend::Message::AuthenticationKerberosV5) => {
+            backend::Message::AuthenticationKerberosV5 => {
                 return Err(ConnError::UnsupportedAuth("Kerberos V5"));
             }
-            BackendMessage::Other(backend::Message::AuthenticationScmCredential) => {
+            backend::Message::AuthenticationScmCredential => {
                 return Err(ConnError::UnsupportedAuth("SCM credential"));
             }
-            other => return Self::unexpected(other, "authenticating"),
+            other => return Err(Self::refusal(other, "authenticating")?),
         }
         self.send().await?;
         self.expect_auth_ok().await
@@ -513,44 +545,60 @@ impl ReplicationConnection {
         let mut scram = sasl::ScramSha256::new(password.as_bytes(), cb);
         frontend::sasl_initial_response(mechanism, scram.message(), &mut self.out)?;
         self.send().await?;
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationSaslContinue(body)) => {
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationSaslContinue(body) => {
                 scram.update(body.data()).map_err(ConnError::Scram)?;
             }
-            other => return Self::unexpected(other, "waiting for SASL continue"),
+            other => return Err(Self::refusal(other, "waiting for SASL continue")?),
         }
         frontend::sasl_response(scram.message(), &mut self.out)?;
         self.send().await?;
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationSaslFinal(body)) => {
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationSaslFinal(body) => {
                 scram.finish(body.data()).map_err(ConnError::Scram)?;
             }
-            other => return Self::unexpected(other, "waiting for SASL final"),
+            other => return Err(Self::refusal(other, "waiting for SASL final")?),
         }
         self.expect_auth_ok().await
     }
 
     async fn expect_auth_ok(&mut self) -> Result<(), ConnError> {
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationOk) => Ok(()),
-            other => Self::unexpected(other, "waiting for AuthenticationOk"),
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationOk => Ok(()),
+            other => Err(Self::refusal(other, "waiting for AuthenticationOk")?),
         }
+    }
+
+    /// The error for a message that does not answer the step: the server's
+    /// own error for an ErrorResponse, else a protocol error. (`Err` when the
+    /// ErrorResponse itself does not parse.)
+    fn refusal(message: backend::Message, during: &str) -> Result<ConnError, ConnError> {
+        match message {
+            backend::Message::ErrorResponse(body) => {
+                Ok(ServerError::from_fields(body.fields())?.into())
+            }
+            other => Ok(ConnError::Protocol(format!(
+                "{} while {during}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    fn log_notice(notice: &ServerError) {
+        tracing::info!(severity = %notice.severity, code = %notice.code, "postgres: {}", notice.message);
     }
 
     /// Turns a message that should not have come into an error; an
     /// ErrorResponse becomes the server's error, a notice is only logged.
     fn unexpected(message: BackendMessage, during: &str) -> Result<(), ConnError> {
         match message {
-            BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                Err(ServerError::from_fields(body.fields())?.into())
-            }
             BackendMessage::Other(backend::Message::NoticeResponse(body)) => {
-                let notice = ServerError::from_fields(body.fields())?;
-                tracing::info!(severity = %notice.severity, code = %notice.code, "postgres: {}", notice.message);
+                Self::log_notice(&ServerError::from_fields(body.fields())?);
                 Ok(())
             }
             // Parameter changes mid-session (a reload) are of no interest.
             BackendMessage::Other(backend::Message::ParameterStatus(_)) => Ok(()),
+            BackendMessage::Other(other) => Err(Self::refusal(other, during)?),
             other => Err(ConnError::Protocol(format!("{other:?} while {during}"))),
         }
     }
@@ -716,6 +764,30 @@ impl ReplicationConnection {
             cancel: cancel.drop_guard(),
             silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
         })
+    }
+}
+
+/// The name of a backend message, for errors.
+fn message_name(message: &backend::Message) -> &'static str {
+    use backend::Message as M;
+    match message {
+        M::AuthenticationOk => "AuthenticationOk",
+        M::AuthenticationCleartextPassword => "AuthenticationCleartextPassword",
+        M::AuthenticationMd5Password(_) => "AuthenticationMD5Password",
+        M::AuthenticationSasl(_) => "AuthenticationSASL",
+        M::AuthenticationSaslContinue(_) => "AuthenticationSASLContinue",
+        M::AuthenticationSaslFinal(_) => "AuthenticationSASLFinal",
+        M::BackendKeyData(_) => "BackendKeyData",
+        M::CommandComplete(_) => "CommandComplete",
+        M::CopyData(_) => "CopyData",
+        M::CopyDone => "CopyDone",
+        M::DataRow(_) => "DataRow",
+        M::ErrorResponse(_) => "ErrorResponse",
+        M::NoticeResponse(_) => "NoticeResponse",
+        M::ParameterStatus(_) => "ParameterStatus",
+        M::ReadyForQuery(_) => "ReadyForQuery",
+        M::RowDescription(_) => "RowDescription",
+        _ => "another message",
     }
 }
 
