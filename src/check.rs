@@ -13,7 +13,7 @@ use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, VALUE_COLUMN};
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
 use crate::pg::lsn::Lsn;
-use crate::pg::metadata::{self, PublicationState};
+use crate::pg::metadata::{self, PublicationState, Restriction};
 use crate::sink::{Sink, SinkError, producer_config};
 use crate::slot;
 
@@ -189,7 +189,9 @@ async fn postgres_findings(
 }
 
 async fn publication_finding(client: &tokio_postgres::Client, config: &RunConfig) -> Finding {
-    match metadata::publication_state(client, &config.publication, &config.table).await {
+    let mut needed = vec![KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
+    needed.extend(config.topic.columns());
+    match metadata::publication_state(client, &config.publication, &config.table, &needed).await {
         Ok(PublicationState::Ok) => Finding::ok(
             "publication",
             format!(
@@ -217,6 +219,15 @@ async fn publication_finding(client: &tokio_postgres::Client, config: &RunConfig
                 "ALTER PUBLICATION {} SET (publish = 'insert')",
                 config.publication
             ),
+        ),
+        Ok(PublicationState::Restricted(restriction)) => Finding::problem(
+            "publication",
+            format!(
+                "{:?} {}",
+                config.publication,
+                restriction.describe(&config.table)
+            ),
+            Restriction::fix(&config.publication, &config.table),
         ),
         Err(e) => Finding::problem("publication", e.to_string(), "see the error"),
     }

@@ -8,7 +8,7 @@ use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
 use super::conn::ServerError;
 use super::params::{ConnectParams, SslMode};
 use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
-use crate::event::TableName;
+use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, TableName, VALUE_COLUMN};
 
 /// The server cannot stream the events table as configured.
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +43,13 @@ pub async fn verify_source(
     if level != "logical" {
         return Err(SetupError::WalLevel(level));
     }
-    let problem = match publication_state(client, publication, table).await? {
+    let needed = [KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
+    let problem = match publication_state(client, publication, table, &needed).await? {
         PublicationState::Ok => return Ok(()),
         PublicationState::Missing => "does not exist".to_owned(),
         PublicationState::TableNotIncluded => format!("does not include {table}"),
         PublicationState::InsertsNotPublished => "does not publish inserts".to_owned(),
+        PublicationState::Restricted(restriction) => restriction.describe(table),
     };
     Err(SetupError::Publication {
         publication: publication.to_owned(),
@@ -150,7 +152,7 @@ pub async fn wal_level(client: &tokio_postgres::Client) -> Result<String, Metada
 }
 
 /// How a publication relates to the events table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicationState {
     /// No publication of that name.
     Missing,
@@ -158,15 +160,66 @@ pub enum PublicationState {
     TableNotIncluded,
     /// It includes the table but does not publish inserts.
     InsertsNotPublished,
-    /// It publishes the table's inserts.
+    /// It publishes the table's inserts, but not all of them or not whole
+    /// (PostgreSQL 15+).
+    Restricted(Restriction),
+    /// It publishes every insert of the table with the columns walrelay needs.
     Ok,
 }
 
-/// Whether `publication` publishes the inserts of `table`.
+/// What a PostgreSQL 15+ publication holds back of the table's inserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restriction {
+    /// The row filter (`WHERE ...` of the publication), if any: rows it
+    /// rejects are never decoded, so never published.
+    pub row_filter: Option<String>,
+    /// Columns walrelay needs that the publication's column list leaves out.
+    pub left_out: Vec<String>,
+}
+
+impl Restriction {
+    /// What is wrong, as a phrase after the publication's name.
+    pub fn describe(&self, table: &TableName) -> String {
+        let mut problems = Vec::new();
+        if let Some(filter) = &self.row_filter {
+            problems.push(format!(
+                "filters the rows of {table} (WHERE {filter}): the rows it rejects are never published"
+            ));
+        }
+        if !self.left_out.is_empty() {
+            problems.push(format!(
+                "has a column list for {table} that leaves out {:?}, which walrelay needs",
+                self.left_out
+            ));
+        }
+        problems.join(", and ")
+    }
+
+    /// The statements that remove the filter and the column list, in one
+    /// transaction so that no insert goes unpublished meanwhile.
+    pub fn fix(publication: &str, table: &TableName) -> String {
+        let (publication, table) = (
+            super::conn::quote_ident(publication),
+            format!(
+                "{}.{}",
+                super::conn::quote_ident(&table.schema),
+                super::conn::quote_ident(&table.name)
+            ),
+        );
+        format!(
+            "BEGIN; ALTER PUBLICATION {publication} DROP TABLE {table}; \
+             ALTER PUBLICATION {publication} ADD TABLE {table}; COMMIT;"
+        )
+    }
+}
+
+/// Whether `publication` publishes every insert of `table` with the columns
+/// in `needed`.
 pub async fn publication_state(
     client: &tokio_postgres::Client,
     publication: &str,
     table: &TableName,
+    needed: &[&str],
 ) -> Result<PublicationState, MetadataError> {
     let Some(row) = client
         .query_opt(
@@ -178,17 +231,44 @@ pub async fn publication_state(
         return Ok(PublicationState::Missing);
     };
     let inserts: bool = row.get(0);
-    let included = client
+    // pg_publication_tables resolves FOR ALL TABLES and FOR TABLES IN SCHEMA
+    // too. Its rowfilter and attnames columns exist from PostgreSQL 15 on;
+    // read through to_jsonb, they are NULL before. attnames lists every
+    // column when the publication has no column list.
+    let Some(row) = client
         .query_opt(
-            "SELECT 1 FROM pg_publication_tables \
-             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            "SELECT to_jsonb(pt) ->> 'rowfilter',
+                    CASE WHEN to_jsonb(pt) -> 'attnames' IS NOT NULL
+                         THEN ARRAY(SELECT jsonb_array_elements_text(to_jsonb(pt) -> 'attnames'))
+                    END
+               FROM pg_publication_tables pt
+              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
             &[&publication, &table.schema, &table.name],
         )
         .await?
-        .is_some();
-    Ok(match (included, inserts) {
-        (false, _) => PublicationState::TableNotIncluded,
-        (true, false) => PublicationState::InsertsNotPublished,
-        (true, true) => PublicationState::Ok,
+    else {
+        return Ok(PublicationState::TableNotIncluded);
+    };
+    if !inserts {
+        return Ok(PublicationState::InsertsNotPublished);
+    }
+    let row_filter: Option<String> = row.get(0);
+    let columns: Option<Vec<String>> = row.get(1);
+    let left_out: Vec<String> = columns
+        .map(|published| {
+            needed
+                .iter()
+                .filter(|c| !published.iter().any(|p| p == *c))
+                .map(|c| (*c).to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(if row_filter.is_none() && left_out.is_empty() {
+        PublicationState::Ok
+    } else {
+        PublicationState::Restricted(Restriction {
+            row_filter,
+            left_out,
+        })
     })
 }
