@@ -31,7 +31,7 @@ use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
 use crate::slot::{self, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotMode};
-use crate::source::{Source, SourceError, Step, UnexpectedChange};
+use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 
 /// SQLSTATE undefined_object: START_REPLICATION on a slot that does not exist.
 const SLOT_MISSING: &str = "42704";
@@ -468,6 +468,9 @@ impl Session<'_> {
     async fn run(mut self) -> Result<(), RunError> {
         let mut repl = ReplicationConnection::connect(&self.config.postgres).await?;
         let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        let anchor = source::anchor(&mut repl, &self.config.table)
+            .await?
+            .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
         let publications = conn::quote_ident(&self.config.publication);
         let mut stream = repl
             .start_logical(
@@ -482,7 +485,7 @@ impl Session<'_> {
         self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
-        let mut source = Source::new(self.config.table.clone(), self.config.topic.clone());
+        let mut source = Source::new(self.config.table.clone(), self.config.topic.clone(), anchor);
         let result = loop {
             let message = tokio::select! {
                 biased;
