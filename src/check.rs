@@ -109,10 +109,10 @@ pub fn report(findings: &[Finding], out: &mut impl Write) -> io::Result<bool> {
 }
 
 async fn postgres_findings(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     config: &RunConfig,
     out: &mut Vec<Finding>,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), crate::pg::metadata::MetadataError> {
     let settings = client
         .query_one(
             "SELECT current_setting('wal_level'),
@@ -188,7 +188,7 @@ async fn postgres_findings(
     Ok(())
 }
 
-async fn publication_finding(client: &tokio_postgres::Client, config: &RunConfig) -> Finding {
+async fn publication_finding(client: &crate::pg::metadata::Client, config: &RunConfig) -> Finding {
     let mut needed = vec![KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
     needed.extend(config.topic.columns());
     match metadata::publication_state(client, &config.publication, &config.table, &needed).await {
@@ -234,9 +234,9 @@ async fn publication_finding(client: &tokio_postgres::Client, config: &RunConfig
 }
 
 async fn table_finding(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     config: &RunConfig,
-) -> Result<Finding, tokio_postgres::Error> {
+) -> Result<Finding, crate::pg::metadata::MetadataError> {
     let rows = client
         .query(
             "SELECT a.attname::text FROM pg_attribute a
@@ -276,9 +276,9 @@ async fn table_finding(
 }
 
 async fn role_findings(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     config: &RunConfig,
-) -> Result<Vec<Finding>, tokio_postgres::Error> {
+) -> Result<Vec<Finding>, crate::pg::metadata::MetadataError> {
     let role = client
         .query_one(
             "SELECT current_user::text, rolreplication OR rolsuper,

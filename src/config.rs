@@ -30,6 +30,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
 pub const DEFAULT_STALE_SLOT_GRACE: Duration = Duration::from_secs(60);
 /// How long a shutdown waits for outstanding acknowledgements by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest `--request-timeout`: below it, a loaded but healthy server
+/// would see its answers abandoned.
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// walrelay publishes the events a PostgreSQL table receives to Kafka, straight
 /// from the write-ahead log.
@@ -108,6 +111,10 @@ pub struct SourceArgs {
     /// The events table, schema.table.
     #[arg(long, env = "WALRELAY_TABLE", default_value = DEFAULT_TABLE)]
     pub table: String,
+    /// How long a request to PostgreSQL may wait for its answer before the
+    /// connection is dropped and made again [default: 30s].
+    #[arg(long, env = "WALRELAY_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
 }
 
 /// Flags of `walrelay tail`.
@@ -135,6 +142,11 @@ pub struct RunArgs {
     /// A file holding the PostgreSQL password.
     #[arg(long, env = "WALRELAY_POSTGRES_PASSWORD_FILE")]
     pub postgres_password_file: Option<PathBuf>,
+    /// How long a request to PostgreSQL may wait for its answer before the
+    /// connection is dropped and made again; /readyz says not ready once one
+    /// has waited half as long [default: 30s].
+    #[arg(long, env = "WALRELAY_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
     /// The replication slot [default: walrelay].
     #[arg(long, env = "WALRELAY_SLOT")]
     pub slot: Option<String>,
@@ -228,6 +240,7 @@ pub enum OnUnexpectedChange {
 struct FileConfig {
     postgres_url: Option<String>,
     postgres_password_file: Option<PathBuf>,
+    request_timeout: Option<String>,
     slot: Option<String>,
     publication: Option<String>,
     table: Option<String>,
@@ -402,6 +415,7 @@ impl RunArgs {
                 .table
                 .or(file.table)
                 .unwrap_or_else(|| DEFAULT_TABLE.to_owned()),
+            request_timeout: self.request_timeout.or(file.request_timeout),
         };
         let slot = self
             .slot
@@ -547,6 +561,9 @@ impl SourceArgs {
                     source,
                 })?;
             params.set_password(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        if let Some(text) = &self.request_timeout {
+            params.requests.timeout = parse_duration("request-timeout", text, MIN_REQUEST_TIMEOUT)?;
         }
         Ok(params)
     }
@@ -905,6 +922,33 @@ shutdown_timeout = "45s"
             .concat())
             .is_err()
         );
+    }
+
+    #[test]
+    fn request_timeout_bounds_requests_of_run_check_and_tail() {
+        assert_eq!(
+            run(&MINIMAL).unwrap().postgres.requests.timeout,
+            crate::pg::request::DEFAULT_REQUEST_TIMEOUT
+        );
+        let c = run(&[&MINIMAL[..], &["--request-timeout", "5s"]].concat()).unwrap();
+        assert_eq!(c.postgres.requests.timeout, Duration::from_secs(5));
+        let o = tail(&[
+            "--postgres-url",
+            "postgres://u@h/d",
+            "--request-timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(o.postgres.requests.timeout, Duration::from_secs(120));
+        for bad in ["500ms", "soon", "0s"] {
+            let err = run(&[&MINIMAL[..], &["--request-timeout", bad]].concat()).unwrap_err();
+            assert!(err.starts_with("--request-timeout"), "{bad}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(&path, "request_timeout = \"7s\"\n").unwrap();
+        let c = run(&[&MINIMAL[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(c.postgres.requests.timeout, Duration::from_secs(7));
     }
 
     #[test]

@@ -118,7 +118,9 @@ impl RunError {
                     || e.code()
                         .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
             }
-            RunError::Sink(SinkError::Unreachable(_)) => true,
+            RunError::Metadata(MetadataError::Timeout(_))
+            | RunError::Setup(SetupError::Metadata(MetadataError::Timeout(_)))
+            | RunError::Sink(SinkError::Unreachable(_)) => true,
             _ => false,
         }
     }

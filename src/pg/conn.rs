@@ -15,7 +15,9 @@
 //!    SCRAM-SHA-256-PLUS).
 //! 4. Replication commands as simple queries (`IDENTIFY_SYSTEM`,
 //!    `CREATE_REPLICATION_SLOT`, `SHOW`), then `START_REPLICATION`, answered
-//!    by CopyBothResponse.
+//!    by CopyBothResponse. Each is bounded by `--request-timeout`
+//!    ([`super::request`]); one that times out leaves the connection
+//!    unusable, since its answer may still arrive.
 //!
 //! Once streaming, reading and writing are split: the caller reads
 //! [`ReplicationMessage`]s from [`ReplicationStream::next`], while a task of
@@ -47,6 +49,7 @@ use super::protocol::{
     BackendCodec, BackendMessage, ReplicationMessage, ReplicationMessageError, StandbyStatus,
     put_standby_status_update,
 };
+use super::request::{RequestLimit, TimedOut};
 use super::tls::{ChannelBindingError, TlsError, TlsSetup, channel_binding};
 
 /// The default and largest interval between standby status updates.
@@ -55,6 +58,13 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// A streaming read that hears nothing for this many status intervals (each
 /// of which asked the server for a keepalive) declares the connection stalled.
 pub const SILENCE_LIMIT_INTERVALS: u32 = 3;
+
+/// How long `CREATE_REPLICATION_SLOT ... LOGICAL` may take when
+/// `--request-timeout` is shorter: the server answers only once every
+/// transaction running when it started has ended (the slot's consistent
+/// point), which a long batch job can delay for minutes. Abandoning it early
+/// would help nothing: the next attempt waits for the same transactions.
+pub const SLOT_CREATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The shortest gap between two status updates sent because the confirmed
 /// position moved: the slot follows within a fraction of a second, at a few
@@ -186,6 +196,9 @@ pub enum ConnError {
     /// The server closed the connection.
     #[error("PostgreSQL closed the connection")]
     Closed,
+    /// A request got no answer in time; the connection is abandoned.
+    #[error(transparent)]
+    RequestTimeout(#[from] TimedOut),
     /// Nothing arrived although keepalives were asked for: the network stalls.
     #[error(
         "no message from PostgreSQL for {0:?} although keepalives were requested: the connection stalls"
@@ -221,6 +234,7 @@ impl ConnError {
             | ConnError::Timeout { .. }
             | ConnError::Io(_)
             | ConnError::Closed
+            | ConnError::RequestTimeout(_)
             | ConnError::Stalled(_)
             | ConnError::StreamEnded => true,
             ConnError::TlsHandshake { source, .. } => source
@@ -361,6 +375,11 @@ pub struct ReplicationConnection {
     out: BytesMut,
     backend_pid: i32,
     server_version: String,
+    /// How long each request may wait for its answer.
+    requests: RequestLimit,
+    /// The request that timed out, after which the connection is not used:
+    /// its answer may still arrive and would be taken for the next one's.
+    abandoned: Option<TimedOut>,
 }
 
 impl ReplicationConnection {
@@ -405,6 +424,8 @@ impl ReplicationConnection {
             out: BytesMut::with_capacity(1024),
             backend_pid: 0,
             server_version: String::new(),
+            requests: params.requests.clone(),
+            abandoned: None,
         };
         conn.startup(params, binding).await?;
         Ok(conn)
@@ -603,8 +624,32 @@ impl ReplicationConnection {
         }
     }
 
-    /// Runs one simple query (a replication command or SQL) and returns its rows.
+    /// Runs one simple query (a replication command or SQL) and returns its
+    /// rows, within `--request-timeout`.
     pub async fn simple_query(&mut self, query: &str) -> Result<Vec<Row>, ConnError> {
+        self.simple_query_within(self.requests.timeout, query).await
+    }
+
+    /// [`Self::simple_query`] within `timeout`.
+    async fn simple_query_within(
+        &mut self,
+        timeout: Duration,
+        query: &str,
+    ) -> Result<Vec<Row>, ConnError> {
+        if let Some(timed_out) = &self.abandoned {
+            return Err(timed_out.clone().into());
+        }
+        let limit = self.requests.clone();
+        let result = limit
+            .run_within(timeout, query, self.unbounded_query(query))
+            .await;
+        result.unwrap_or_else(|timed_out| {
+            self.abandoned = Some(timed_out.clone());
+            Err(timed_out.into())
+        })
+    }
+
+    async fn unbounded_query(&mut self, query: &str) -> Result<Vec<Row>, ConnError> {
         frontend::query(query, &mut self.out)?;
         self.send().await?;
         let mut rows = Vec::new();
@@ -690,7 +735,9 @@ impl ReplicationConnection {
                 SnapshotAction::Discard => "NOEXPORT_SNAPSHOT",
             }
         );
-        let rows = self.simple_query(&query).await?;
+        let rows = self
+            .simple_query_within(self.requests.timeout.max(SLOT_CREATION_TIMEOUT), &query)
+            .await?;
         let row = rows.into_iter().next().ok_or_else(|| {
             ConnError::Protocol("CREATE_REPLICATION_SLOT returned no row".to_owned())
         })?;
@@ -732,24 +779,11 @@ impl ReplicationConnection {
             "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
             quote_ident(slot)
         );
-        frontend::query(&query, &mut self.out)?;
-        self.send().await?;
-        let mut error = None;
-        loop {
-            match self.reader.next().await? {
-                BackendMessage::CopyBothResponse => break,
-                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                    error = Some(ServerError::from_fields(body.fields())?);
-                }
-                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => {
-                    return Err(error.map_or_else(
-                        || ConnError::Protocol("START_REPLICATION ended without streaming".into()),
-                        ConnError::Server,
-                    ));
-                }
-                other => Self::unexpected(other, "starting replication")?,
-            }
+        if let Some(timed_out) = self.abandoned.take() {
+            return Err(timed_out.into());
         }
+        let limit = self.requests.clone();
+        limit.run(&query, self.start_streaming(&query)).await??;
         let cancel = CancellationToken::new();
         let writer = tokio::spawn(status_updates(
             self.writer,
@@ -764,6 +798,28 @@ impl ReplicationConnection {
             cancel: cancel.drop_guard(),
             silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
         })
+    }
+
+    /// Sends `START_REPLICATION ...` and reads up to CopyBothResponse.
+    async fn start_streaming(&mut self, query: &str) -> Result<(), ConnError> {
+        frontend::query(query, &mut self.out)?;
+        self.send().await?;
+        let mut error = None;
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::CopyBothResponse => return Ok(()),
+                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                    error = Some(ServerError::from_fields(body.fields())?);
+                }
+                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => {
+                    return Err(error.map_or_else(
+                        || ConnError::Protocol("START_REPLICATION ended without streaming".into()),
+                        ConnError::Server,
+                    ));
+                }
+                other => Self::unexpected(other, "starting replication")?,
+            }
+        }
     }
 }
 

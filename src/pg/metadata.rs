@@ -1,12 +1,22 @@
 //! The ordinary SQL connection, beside the replication connection: setup
 //! checks and, later, slot state and lag.
 //!
-//! It is a plain tokio-postgres client with the same parameters and the same
-//! TLS verification as the replication connection.
+//! It is a tokio-postgres client with the same parameters and the same TLS
+//! verification as the replication connection, wrapped in [`Client`] so
+//! that every request is bounded by `--request-timeout` (see
+//! [`super::request`]): a request that times out cuts the connection, whose
+//! late answer must not be read and whose backend may be stuck, and the
+//! caller connects again.
+use std::future::Future;
+
 use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, Row};
+use tokio_util::sync::CancellationToken;
 
 use super::conn::ServerError;
 use super::params::{ConnectParams, SslMode};
+use super::request::{RequestLimit, TimedOut};
 use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
 use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, TableName, VALUE_COLUMN};
 
@@ -35,7 +45,7 @@ pub enum SetupError {
 /// Checks that the server decodes logically and that `publication`
 /// publishes the inserts of `table`.
 pub async fn verify_source(
-    client: &tokio_postgres::Client,
+    client: &Client,
     publication: &str,
     table: &TableName,
 ) -> Result<(), SetupError> {
@@ -66,6 +76,9 @@ pub enum MetadataError {
     /// Connecting or querying failed.
     #[error("PostgreSQL (metadata connection): {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// Connecting or a request got no answer in time (transient).
+    #[error("metadata connection: {0}")]
+    Timeout(#[from] TimedOut),
 }
 
 impl MetadataError {
@@ -73,7 +86,7 @@ impl MetadataError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             MetadataError::Postgres(e) => e.code().map(tokio_postgres::error::SqlState::code),
-            MetadataError::Tls(_) => None,
+            MetadataError::Tls(_) | MetadataError::Timeout(_) => None,
         }
     }
 }
@@ -98,8 +111,152 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Opens the metadata connection and drives it on a task of its own.
-pub async fn connect(params: &ConnectParams) -> Result<tokio_postgres::Client, MetadataError> {
+/// The metadata connection, every request bounded by `--request-timeout`.
+#[derive(Debug)]
+pub struct Client {
+    inner: tokio_postgres::Client,
+    guard: Guard,
+}
+
+/// What bounds the requests of one connection, and cuts it when one times out.
+#[derive(Debug, Clone)]
+struct Guard {
+    requests: RequestLimit,
+    /// Ends the task that drives the connection, closing its socket.
+    cut: CancellationToken,
+}
+
+impl Guard {
+    async fn run<T>(
+        &self,
+        sql: &str,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, MetadataError> {
+        match self.requests.run(sql, request).await {
+            Ok(answer) => Ok(answer?),
+            Err(timed_out) => {
+                self.cut.cancel();
+                Err(timed_out.into())
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Runs `sql` and returns its rows.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, MetadataError> {
+        self.guard.run(sql, self.inner.query(sql, params)).await
+    }
+
+    /// Runs `sql`, which returns exactly one row.
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, MetadataError> {
+        self.guard.run(sql, self.inner.query_one(sql, params)).await
+    }
+
+    /// Runs `sql`, which returns at most one row.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, MetadataError> {
+        self.guard.run(sql, self.inner.query_opt(sql, params)).await
+    }
+
+    /// Runs `sql` and returns the number of rows it touched.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, MetadataError> {
+        self.guard.run(sql, self.inner.execute(sql, params)).await
+    }
+
+    /// Runs statements separated by semicolons, without parameters.
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), MetadataError> {
+        self.guard.run(sql, self.inner.batch_execute(sql)).await
+    }
+
+    /// Whether the connection is gone, cut after a timeout included.
+    pub fn is_closed(&self) -> bool {
+        self.guard.cut.is_cancelled() || self.inner.is_closed()
+    }
+
+    /// Starts a read-only `REPEATABLE READ` transaction (for the snapshot).
+    pub async fn read_only_transaction(&mut self) -> Result<Transaction<'_>, MetadataError> {
+        let guard = self.guard.clone();
+        let start = self
+            .inner
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start();
+        let inner = guard
+            .run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", start)
+            .await?;
+        Ok(Transaction { inner, guard })
+    }
+}
+
+/// A transaction on the metadata connection, its requests bounded as the
+/// client's. Dropped without [`Transaction::commit`], it rolls back.
+pub struct Transaction<'a> {
+    inner: tokio_postgres::Transaction<'a>,
+    guard: Guard,
+}
+
+impl Transaction<'_> {
+    /// Runs `sql` and returns its rows.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, MetadataError> {
+        self.guard.run(sql, self.inner.query(sql, params)).await
+    }
+
+    /// Runs statements separated by semicolons, without parameters.
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), MetadataError> {
+        self.guard.run(sql, self.inner.batch_execute(sql)).await
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<(), MetadataError> {
+        let Transaction { inner, guard } = self;
+        guard.run("COMMIT", inner.commit()).await
+    }
+}
+
+/// Opens the metadata connection, within `connect_timeout`, and drives it on
+/// a task of its own.
+pub async fn connect(params: &ConnectParams) -> Result<Client, MetadataError> {
+    let cut = CancellationToken::new();
+    let inner = tokio::time::timeout(params.connect_timeout, connect_raw(params, &cut))
+        .await
+        .map_err(|_| TimedOut {
+            request: "connecting (TCP, TLS and authentication)".to_owned(),
+            after: params.connect_timeout,
+        })??;
+    Ok(Client {
+        inner,
+        guard: Guard {
+            requests: params.requests.clone(),
+            cut,
+        },
+    })
+}
+
+async fn connect_raw(
+    params: &ConnectParams,
+    cut: &CancellationToken,
+) -> Result<tokio_postgres::Client, MetadataError> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&params.host)
@@ -125,26 +282,35 @@ pub async fn connect(params: &ConnectParams) -> Result<tokio_postgres::Client, M
     // The two arms differ in the connection's stream type, so each spawns its own.
     if let Some(tls) = TlsSetup::new(params)? {
         let (client, connection) = config.connect(MakeRustlsConnect(tls)).await?;
-        tokio::spawn(drive(connection));
+        tokio::spawn(drive(connection, cut.clone()));
         Ok(client)
     } else {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(drive(connection));
+        tokio::spawn(drive(connection, cut.clone()));
         Ok(client)
     }
 }
 
-async fn drive<F>(connection: F)
+/// Drives the connection until it ends or is cut (dropping it closes the
+/// socket, and the client then reports itself closed).
+async fn drive<F>(connection: F, cut: CancellationToken)
 where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    F: Future<Output = Result<(), tokio_postgres::Error>>,
 {
-    if let Err(error) = connection.await {
-        tracing::warn!(error = %error, "metadata connection to PostgreSQL ended");
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::warn!(error = %error, "metadata connection to PostgreSQL ended");
+            }
+        }
+        () = cut.cancelled() => {
+            tracing::debug!("metadata connection cut after a request timed out");
+        }
     }
 }
 
 /// The server's `wal_level`.
-pub async fn wal_level(client: &tokio_postgres::Client) -> Result<String, MetadataError> {
+pub async fn wal_level(client: &Client) -> Result<String, MetadataError> {
     Ok(client
         .query_one("SELECT current_setting('wal_level')", &[])
         .await?
@@ -216,7 +382,7 @@ impl Restriction {
 /// Whether `publication` publishes every insert of `table` with the columns
 /// in `needed`.
 pub async fn publication_state(
-    client: &tokio_postgres::Client,
+    client: &Client,
     publication: &str,
     table: &TableName,
     needed: &[&str],

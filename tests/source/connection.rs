@@ -352,3 +352,79 @@ async fn a_server_that_skips_the_scram_proof_behind_a_notice_is_refused() {
         "{err}"
     );
 }
+
+/// A server that lets anyone in, then never answers a query: a frozen
+/// backend, as far as the client can tell.
+async fn silent_server() -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let len = usize::try_from(client.read_i32().await?).unwrap();
+                client.read_exact(&mut vec![0; len - 4]).await?;
+                client.write_all(&backend_message(b'R', &[0; 4])).await?;
+                client.write_all(&backend_message(b'Z', b"I")).await?;
+                // Read and ignore whatever comes, until the client leaves.
+                let mut sink = [0; 1024];
+                while client.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn replication_commands_that_get_no_answer_time_out_naming_the_command() {
+    use std::time::Duration;
+    use walrelay::pg::conn::Feedback;
+    use walrelay::pg::lsn::Lsn;
+    use walrelay::pg::request::TimedOut;
+
+    let port = silent_server().await;
+    let mut p = params(&format!("postgres://u@127.0.0.1:{port}/d?sslmode=disable"));
+    p.requests.timeout = Duration::from_millis(300);
+
+    let mut conn = ReplicationConnection::connect(&p).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), conn.show("wal_sender_timeout"))
+        .await
+        .expect("SHOW hung")
+        .unwrap_err();
+    let show = TimedOut {
+        request: "SHOW \"wal_sender_timeout\"".into(),
+        after: Duration::from_millis(300),
+    };
+    assert!(
+        matches!(&err, ConnError::RequestTimeout(t) if *t == show) && err.is_transient(),
+        "{err}"
+    );
+    // The connection is not used again: a late answer to SHOW would be taken
+    // for the next command's.
+    let err = conn.simple_query("IDENTIFY_SYSTEM").await.unwrap_err();
+    assert!(
+        matches!(&err, ConnError::RequestTimeout(t) if *t == show),
+        "{err}"
+    );
+
+    let conn = ReplicationConnection::connect(&p).await.unwrap();
+    let start = conn.start_logical(
+        "walrelay",
+        Lsn::ZERO,
+        &[("proto_version", "1")],
+        Feedback::new(Lsn::ZERO),
+        Duration::from_secs(10),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("START_REPLICATION hung")
+        .unwrap_err();
+    assert!(
+        err.is_transient()
+            && err
+                .to_string()
+                .contains("did not answer `START_REPLICATION SLOT \"walrelay\" LOGICAL 0/0"),
+        "{err}"
+    );
+}
