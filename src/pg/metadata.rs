@@ -11,7 +11,7 @@ use std::future::Future;
 
 use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::{GenericClient, IsolationLevel, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::ServerError;
@@ -111,12 +111,20 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The metadata connection, every request bounded by `--request-timeout`.
+/// A connection or transaction whose every request is bounded by
+/// `--request-timeout`: the methods of tokio-postgres, with [`MetadataError`].
 #[derive(Debug)]
-pub struct Client {
-    inner: tokio_postgres::Client,
+pub struct Bounded<C> {
+    inner: C,
     guard: Guard,
 }
+
+/// The metadata connection.
+pub type Client = Bounded<tokio_postgres::Client>;
+
+/// A transaction on the metadata connection. Dropped without
+/// [`Transaction::commit`], it rolls back.
+pub type Transaction<'a> = Bounded<tokio_postgres::Transaction<'a>>;
 
 /// What bounds the requests of one connection, and cuts it when one times out.
 #[derive(Debug, Clone)]
@@ -142,7 +150,7 @@ impl Guard {
     }
 }
 
-impl Client {
+impl<C: GenericClient + Sync> Bounded<C> {
     /// Runs `sql` and returns its rows.
     pub async fn query(
         &self,
@@ -183,7 +191,9 @@ impl Client {
     pub async fn batch_execute(&self, sql: &str) -> Result<(), MetadataError> {
         self.guard.run(sql, self.inner.batch_execute(sql)).await
     }
+}
 
+impl Client {
     /// Whether the connection is gone, cut after a timeout included.
     pub fn is_closed(&self) -> bool {
         self.guard.cut.is_cancelled() || self.inner.is_closed()
@@ -201,35 +211,14 @@ impl Client {
         let inner = guard
             .run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", start)
             .await?;
-        Ok(Transaction { inner, guard })
+        Ok(Bounded { inner, guard })
     }
-}
-
-/// A transaction on the metadata connection, its requests bounded as the
-/// client's. Dropped without [`Transaction::commit`], it rolls back.
-pub struct Transaction<'a> {
-    inner: tokio_postgres::Transaction<'a>,
-    guard: Guard,
 }
 
 impl Transaction<'_> {
-    /// Runs `sql` and returns its rows.
-    pub async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, MetadataError> {
-        self.guard.run(sql, self.inner.query(sql, params)).await
-    }
-
-    /// Runs statements separated by semicolons, without parameters.
-    pub async fn batch_execute(&self, sql: &str) -> Result<(), MetadataError> {
-        self.guard.run(sql, self.inner.batch_execute(sql)).await
-    }
-
     /// Commits.
     pub async fn commit(self) -> Result<(), MetadataError> {
-        let Transaction { inner, guard } = self;
+        let Bounded { inner, guard } = self;
         guard.run("COMMIT", inner.commit()).await
     }
 }
@@ -244,7 +233,7 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, MetadataError> {
             request: "connecting (TCP, TLS and authentication)".to_owned(),
             after: params.connect_timeout,
         })??;
-    Ok(Client {
+    Ok(Bounded {
         inner,
         guard: Guard {
             requests: params.requests.clone(),
