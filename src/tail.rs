@@ -119,9 +119,12 @@ pub async fn run<W: Write>(
             Err(e) => break Err(TailError::Output(e)),
         }
     };
-    let closed = stream.close().await;
+    // Bounded: on a stalled network even the goodbye may not get through
+    // (the temporary slot goes with the connection either way).
+    let limit = &options.postgres.requests;
+    let closed = limit.run("the final status update", stream.close()).await;
     result?;
-    closed?;
+    closed.map_err(ConnError::from)??;
     Ok(())
 }
 
