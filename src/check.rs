@@ -13,7 +13,7 @@ use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, VALUE_COLUMN};
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
 use crate::pg::lsn::Lsn;
-use crate::pg::metadata::{self, PublicationState};
+use crate::pg::metadata::{self, PublicationState, Restriction};
 use crate::sink::{Sink, SinkError, producer_config};
 use crate::slot;
 
@@ -109,10 +109,10 @@ pub fn report(findings: &[Finding], out: &mut impl Write) -> io::Result<bool> {
 }
 
 async fn postgres_findings(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     config: &RunConfig,
     out: &mut Vec<Finding>,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), crate::pg::metadata::MetadataError> {
     let settings = client
         .query_one(
             "SELECT current_setting('wal_level'),
@@ -188,8 +188,10 @@ async fn postgres_findings(
     Ok(())
 }
 
-async fn publication_finding(client: &tokio_postgres::Client, config: &RunConfig) -> Finding {
-    match metadata::publication_state(client, &config.publication, &config.table).await {
+async fn publication_finding(client: &crate::pg::metadata::Client, config: &RunConfig) -> Finding {
+    let mut needed = vec![KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
+    needed.extend(config.topic.columns());
+    match metadata::publication_state(client, &config.publication, &config.table, &needed).await {
         Ok(PublicationState::Ok) => Finding::ok(
             "publication",
             format!(
@@ -218,14 +220,23 @@ async fn publication_finding(client: &tokio_postgres::Client, config: &RunConfig
                 config.publication
             ),
         ),
+        Ok(PublicationState::Restricted(restriction)) => Finding::problem(
+            "publication",
+            format!(
+                "{:?} {}",
+                config.publication,
+                restriction.describe(&config.table)
+            ),
+            Restriction::fix(&config.publication, &config.table),
+        ),
         Err(e) => Finding::problem("publication", e.to_string(), "see the error"),
     }
 }
 
 async fn table_finding(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     config: &RunConfig,
-) -> Result<Finding, tokio_postgres::Error> {
+) -> Result<Finding, crate::pg::metadata::MetadataError> {
     let rows = client
         .query(
             "SELECT a.attname::text FROM pg_attribute a
@@ -265,9 +276,9 @@ async fn table_finding(
 }
 
 async fn role_findings(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     config: &RunConfig,
-) -> Result<Vec<Finding>, tokio_postgres::Error> {
+) -> Result<Vec<Finding>, crate::pg::metadata::MetadataError> {
     let role = client
         .query_one(
             "SELECT current_user::text, rolreplication OR rolsuper,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::event::{TableName, TopicTemplate};
+use crate::event::{KEY_COLUMN, TableName, TopicTemplate};
 use crate::pg::params::{ConnectParams, ParamsError};
 use crate::sink::{SinkConfigError, parse_properties};
 use crate::snapshot::SnapshotMode;
@@ -30,6 +30,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
 pub const DEFAULT_STALE_SLOT_GRACE: Duration = Duration::from_secs(60);
 /// How long a shutdown waits for outstanding acknowledgements by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest `--request-timeout`: below it, a loaded but healthy server
+/// would see its answers abandoned.
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// walrelay publishes the events a PostgreSQL table receives to Kafka, straight
 /// from the write-ahead log.
@@ -108,6 +111,10 @@ pub struct SourceArgs {
     /// The events table, schema.table.
     #[arg(long, env = "WALRELAY_TABLE", default_value = DEFAULT_TABLE)]
     pub table: String,
+    /// How long a request to PostgreSQL may wait for its answer before the
+    /// connection is dropped and made again [default: 30s].
+    #[arg(long, env = "WALRELAY_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
 }
 
 /// Flags of `walrelay tail`.
@@ -135,6 +142,11 @@ pub struct RunArgs {
     /// A file holding the PostgreSQL password.
     #[arg(long, env = "WALRELAY_POSTGRES_PASSWORD_FILE")]
     pub postgres_password_file: Option<PathBuf>,
+    /// How long a request to PostgreSQL may wait for its answer before the
+    /// connection is dropped and made again; /readyz says not ready once one
+    /// has waited half as long [default: 30s].
+    #[arg(long, env = "WALRELAY_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
     /// The replication slot [default: walrelay].
     #[arg(long, env = "WALRELAY_SLOT")]
     pub slot: Option<String>,
@@ -151,8 +163,14 @@ pub struct RunArgs {
     #[arg(long, env = "WALRELAY_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
     /// The topic; may name columns: events.{event_type} [default: events].
+    /// A column other than aggregate_id needs --allow-aggregate-across-topics.
     #[arg(long, env = "WALRELAY_TOPIC")]
     pub topic: Option<String>,
+    /// Accept a --topic template naming a column other than aggregate_id,
+    /// which can send the events of one aggregate to several topics, where
+    /// their order no longer holds [default: false].
+    #[arg(long, env = "WALRELAY_ALLOW_AGGREGATE_ACROSS_TOPICS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_aggregate_across_topics: Option<bool>,
     /// A librdkafka producer property, key=value (repeatable; in the
     /// environment separated by ';').
     #[arg(
@@ -222,12 +240,14 @@ pub enum OnUnexpectedChange {
 struct FileConfig {
     postgres_url: Option<String>,
     postgres_password_file: Option<PathBuf>,
+    request_timeout: Option<String>,
     slot: Option<String>,
     publication: Option<String>,
     table: Option<String>,
     create_slot: Option<bool>,
     kafka_brokers: Option<String>,
     topic: Option<String>,
+    allow_aggregate_across_topics: Option<bool>,
     kafka_properties: Option<BTreeMap<String, String>>,
     metrics_addr: Option<String>,
     shutdown_timeout: Option<String>,
@@ -266,10 +286,35 @@ fn parse_duration(
     }
 }
 
-/// The dead-letter topic `--on-poison` and `--dead-letter-topic` call for.
+/// The topic template, checked against per-aggregate order: a column other
+/// than the key can put the events of one aggregate on several topics, and
+/// Kafka orders records only within one partition of one topic.
+fn topic_template(text: &str, allow_across_topics: bool) -> Result<TopicTemplate, ConfigError> {
+    let template: TopicTemplate = text
+        .parse()
+        .map_err(|e: crate::event::TopicTemplateError| invalid("topic", e.to_string()))?;
+    let columns: Vec<&str> = template.columns_besides_key().collect();
+    if !columns.is_empty() && !allow_across_topics {
+        return Err(invalid(
+            "topic",
+            format!(
+                "{text:?} names {columns:?}, which can send the events of one aggregate to several \
+                 topics, where consumers no longer see them in seq_nr order (Kafka orders records \
+                 only within one partition of one topic); name no column or only {{{KEY_COLUMN}}}, \
+                 or pass --allow-aggregate-across-topics if no consumer needs an aggregate's events \
+                 in order across those topics"
+            ),
+        ));
+    }
+    Ok(template)
+}
+
+/// The dead-letter topic `--on-poison` and `--dead-letter-topic` call for;
+/// it must be none of the topics `topic` can resolve to.
 fn dead_letter_topic(
     on_poison: OnPoison,
     topic: Option<String>,
+    events: &TopicTemplate,
 ) -> Result<Option<String>, ConfigError> {
     match (on_poison, topic) {
         (OnPoison::Halt, None) => Ok(None),
@@ -281,17 +326,29 @@ fn dead_letter_topic(
             "on-poison",
             "dead-letter needs --dead-letter-topic".into(),
         )),
-        (OnPoison::DeadLetter, Some(t)) => t
-            .parse::<TopicTemplate>()
-            .ok()
-            .and_then(|parsed| parsed.fixed().map(str::to_owned))
-            .map(Some)
-            .ok_or_else(|| {
-                invalid(
+        (OnPoison::DeadLetter, Some(t)) => {
+            let fixed = t
+                .parse::<TopicTemplate>()
+                .ok()
+                .and_then(|parsed| parsed.fixed().map(str::to_owned))
+                .ok_or_else(|| {
+                    invalid(
+                        "dead-letter-topic",
+                        format!("{t:?} is not a valid Kafka topic name"),
+                    )
+                })?;
+            if events.can_resolve_to(&fixed) {
+                return Err(invalid(
                     "dead-letter-topic",
-                    format!("{t:?} is not a valid Kafka topic name"),
-                )
-            }),
+                    format!(
+                        "{fixed:?} is a topic --topic {events} can publish events to: dead-letter \
+                         records would mix with events and be read as such; choose a topic that no \
+                         row can make --topic name"
+                    ),
+                ));
+            }
+            Ok(Some(fixed))
+        }
     }
 }
 
@@ -358,6 +415,7 @@ impl RunArgs {
                 .table
                 .or(file.table)
                 .unwrap_or_else(|| DEFAULT_TABLE.to_owned()),
+            request_timeout: self.request_timeout.or(file.request_timeout),
         };
         let slot = self
             .slot
@@ -385,10 +443,15 @@ impl RunArgs {
             None => BTreeMap::new(),
         };
         kafka_properties.extend(parse_properties(&self.kafka_property)?);
-        let topic = self
-            .topic
-            .or(file.topic)
-            .unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
+        let topic = topic_template(
+            &self
+                .topic
+                .or(file.topic)
+                .unwrap_or_else(|| DEFAULT_TOPIC.to_owned()),
+            self.allow_aggregate_across_topics
+                .or(file.allow_aggregate_across_topics)
+                .unwrap_or(false),
+        )?;
         let metrics_addr = self
             .metrics_addr
             .or(file.metrics_addr)
@@ -405,6 +468,7 @@ impl RunArgs {
         let dead_letter_topic = dead_letter_topic(
             self.on_poison.or(file.on_poison).unwrap_or(OnPoison::Halt),
             self.dead_letter_topic.or(file.dead_letter_topic),
+            &topic,
         )?;
         let stale_slot_grace = match self.stale_slot_grace.or(file.stale_slot_grace) {
             // Longer than the 10 s between a healthy holder's status updates.
@@ -438,9 +502,7 @@ impl RunArgs {
                 kafka_properties
             },
             kafka_brokers,
-            topic: topic
-                .parse()
-                .map_err(|e: crate::event::TopicTemplateError| invalid("topic", e.to_string()))?,
+            topic,
             metrics_addr: metrics_addr.parse().map_err(|_| {
                 invalid(
                     "metrics-addr",
@@ -499,6 +561,9 @@ impl SourceArgs {
                     source,
                 })?;
             params.set_password(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        if let Some(text) = &self.request_timeout {
+            params.requests.timeout = parse_duration("request-timeout", text, MIN_REQUEST_TIMEOUT)?;
         }
         Ok(params)
     }
@@ -741,6 +806,149 @@ shutdown_timeout = "45s"
         }
         // acks=-1 is acks=all.
         assert!(run(&[&MINIMAL[..], &["--kafka-property", "acks=-1"]].concat()).is_ok());
+    }
+
+    #[test]
+    fn producer_properties_that_break_per_key_placement_or_order_are_refused() {
+        let with = |property: &str| run(&[&MINIMAL[..], &["--kafka-property", property]].concat());
+        for property in [
+            "partitioner=random",
+            "partitioner=consistent_random",
+            "partitioner=consistent",
+            "partitioner=fnv1a_random",
+            "queuing.strategy=lifo",
+            // librdkafka's alias of acks.
+            "request.required.acks=1",
+        ] {
+            let err = with(property).unwrap_err();
+            assert!(
+                err.starts_with(&format!("--kafka-property {property}: not allowed: ")),
+                "{property}: {err}"
+            );
+        }
+        assert!(
+            with("partitioner=random")
+                .unwrap_err()
+                .contains("partition")
+        );
+        // Placement by murmur2, as walrelay's default, whatever the NULL-key rule.
+        for property in [
+            "partitioner=murmur2",
+            "partitioner=murmur2_random",
+            "queuing.strategy=fifo",
+        ] {
+            assert!(with(property).is_ok(), "{property}");
+        }
+        // The alias of bootstrap.servers cannot name other brokers either.
+        assert!(
+            with("metadata.broker.list=other:1")
+                .unwrap_err()
+                .contains("--kafka-brokers")
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_topic_the_events_can_go_to_is_refused() {
+        let dead_letter = |topic: &str, dlq: &str| {
+            run(&[
+                &MINIMAL[..],
+                &[
+                    "--topic",
+                    topic,
+                    "--allow-aggregate-across-topics",
+                    "--on-poison",
+                    "dead-letter",
+                    "--dead-letter-topic",
+                    dlq,
+                ],
+            ]
+            .concat())
+        };
+        for (topic, dlq) in [
+            ("events", "events"),
+            ("events.{event_type}", "events.Poison"),
+            ("{tenant}", "anything"),
+        ] {
+            let err = dead_letter(topic, dlq).unwrap_err();
+            assert!(
+                err.starts_with("--dead-letter-topic") && err.contains("can publish events to"),
+                "{topic} / {dlq}: {err}"
+            );
+        }
+        for (topic, dlq) in [
+            ("events", "events.dlq"),
+            ("events.{event_type}", "dlq.events"),
+        ] {
+            let c = dead_letter(topic, dlq).unwrap();
+            assert_eq!(c.dead_letter_topic.as_deref(), Some(dlq));
+        }
+    }
+
+    #[test]
+    fn a_topic_template_that_can_split_an_aggregate_needs_the_opt_in() {
+        for topic in ["events.{event_type}", "{tenant}.{aggregate_id}"] {
+            let err = run(&[&MINIMAL[..], &["--topic", topic]].concat()).unwrap_err();
+            assert!(
+                err.starts_with("--topic") && err.contains("--allow-aggregate-across-topics"),
+                "{topic}: {err}"
+            );
+            let c = run(&[
+                &MINIMAL[..],
+                &["--topic", topic, "--allow-aggregate-across-topics"],
+            ]
+            .concat())
+            .unwrap();
+            assert_eq!(c.topic.to_string(), topic);
+        }
+        // The key column alone keeps each aggregate on one topic.
+        let c = run(&[&MINIMAL[..], &["--topic", "events.{aggregate_id}"]].concat()).unwrap();
+        assert_eq!(c.topic.to_string(), "events.{aggregate_id}");
+        // The file can opt in too; the flag can opt out again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            "topic = \"events.{event_type}\"\nallow_aggregate_across_topics = true\n",
+        )
+        .unwrap();
+        let file = ["--config", path.to_str().unwrap()];
+        assert!(run(&[&MINIMAL[..], &file[..]].concat()).is_ok());
+        assert!(
+            run(&[
+                &MINIMAL[..],
+                &file[..],
+                &["--allow-aggregate-across-topics=false"]
+            ]
+            .concat())
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn request_timeout_bounds_requests_of_run_check_and_tail() {
+        assert_eq!(
+            run(&MINIMAL).unwrap().postgres.requests.timeout,
+            crate::pg::request::DEFAULT_REQUEST_TIMEOUT
+        );
+        let c = run(&[&MINIMAL[..], &["--request-timeout", "5s"]].concat()).unwrap();
+        assert_eq!(c.postgres.requests.timeout, Duration::from_secs(5));
+        let o = tail(&[
+            "--postgres-url",
+            "postgres://u@h/d",
+            "--request-timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(o.postgres.requests.timeout, Duration::from_secs(120));
+        for bad in ["500ms", "soon", "0s"] {
+            let err = run(&[&MINIMAL[..], &["--request-timeout", bad]].concat()).unwrap_err();
+            assert!(err.starts_with("--request-timeout"), "{bad}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(&path, "request_timeout = \"7s\"\n").unwrap();
+        let c = run(&[&MINIMAL[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(c.postgres.requests.timeout, Duration::from_secs(7));
     }
 
     #[test]

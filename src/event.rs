@@ -192,6 +192,34 @@ impl TopicTemplate {
             _ => None,
         }
     }
+
+    /// The columns other than the key column that the template names: each
+    /// can send the events of one aggregate to more than one topic.
+    pub fn columns_besides_key(&self) -> impl Iterator<Item = &str> {
+        self.columns().filter(|c| *c != KEY_COLUMN)
+    }
+
+    /// Whether some row can make the template resolve to `topic`: its
+    /// literal parts appear in order, and each column fills a gap with any
+    /// run of topic characters (the empty one included, as an empty column
+    /// value does).
+    pub fn can_resolve_to(&self, topic: &str) -> bool {
+        fn resolves(parts: &[Part], rest: &str) -> bool {
+            match parts.split_first() {
+                None => rest.is_empty(),
+                Some((Part::Literal(l), tail)) => rest
+                    .strip_prefix(l.as_str())
+                    .is_some_and(|rest| resolves(tail, rest)),
+                Some((Part::Column(_), tail)) => rest
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .chain([rest.len()])
+                    .take_while(|i| rest[..*i].chars().all(is_topic_char))
+                    .any(|i| resolves(tail, &rest[i..])),
+            }
+        }
+        resolves(&self.parts, topic)
+    }
 }
 
 /// The events table lacks a column the contract needs.
@@ -410,6 +438,64 @@ fn decode_bytea(text: &[u8]) -> Result<Bytes, RowError> {
         .map(Bytes::from)
 }
 
+/// Microseconds in a day.
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+/// Days from 1970-01-01 to 2000-01-01, the PostgreSQL epoch.
+const UNIX_TO_PG_EPOCH_DAYS: i64 = 10_957;
+
+/// The `commit_ts` header's text for a PostgreSQL timestamp (microseconds
+/// since 2000-01-01 UTC), for every `i64`, without panicking.
+///
+/// Years 0000 to 9999 are RFC 3339 in UTC with microseconds,
+/// `2026-11-25T10:18:50.969472Z`. Other years (a replication origin can set
+/// any commit time) use ISO 8601's expanded form: a sign and six digits,
+/// `+010000-01-01T00:00:00.000000Z`, `-000001-12-31T23:59:59.999999Z`. Years
+/// count astronomically on the proleptic Gregorian calendar: year 0000 is
+/// 1 BC. PostgreSQL's `infinity` and `-infinity` (`i64::MAX`, `i64::MIN`)
+/// read as PostgreSQL prints them.
+pub fn format_commit_ts(micros: i64) -> String {
+    match micros {
+        i64::MAX => return "infinity".to_owned(),
+        i64::MIN => return "-infinity".to_owned(),
+        _ => {}
+    }
+    let days = micros.div_euclid(MICROS_PER_DAY) + UNIX_TO_PG_EPOCH_DAYS;
+    let of_day = micros.rem_euclid(MICROS_PER_DAY);
+    let (year, month, day) = civil_from_days(days);
+    let (secs, frac) = (of_day / 1_000_000, of_day % 1_000_000);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let year = if (0..=9999).contains(&year) {
+        format!("{year:04}")
+    } else {
+        format!("{year:+07}")
+    };
+    format!("{year}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{frac:06}Z")
+}
+
+/// The proleptic Gregorian (year, month, day) of a day counted from
+/// 1970-01-01, for any day an `i64` of microseconds can reach. Counts in
+/// 400-year eras of 146,097 days that start on 1 March, so the leap day
+/// ends each era's year (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    // Shift the origin to 0000-03-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months counted from March: 0 is March, 11 is February.
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// What every event of one transaction shares, formatted once.
 #[derive(Clone, Debug)]
 pub struct Transaction {
@@ -426,14 +512,14 @@ pub struct Transaction {
 impl Transaction {
     /// The shared part of the events of the transaction a Begin announced.
     pub fn new(commit_lsn: Lsn, commit_ts: i64) -> Self {
-        let ts = humantime::format_rfc3339_micros(pg_timestamp_to_system_time(commit_ts));
+        let ts = format_commit_ts(commit_ts);
         Transaction {
             commit_lsn,
             commit_ts,
             lsn_name: Arc::from(LSN_HEADER),
             lsn_text: Bytes::from(commit_lsn.to_string()),
             commit_ts_name: Arc::from(COMMIT_TS_HEADER),
-            commit_ts_text: Bytes::from(ts.to_string()),
+            commit_ts_text: Bytes::from(ts),
         }
     }
 
@@ -650,6 +736,157 @@ mod tests {
         for bad in ["", "a{", "a}", "{}", "a{b{c}}", "bad topic", "ü"] {
             assert!(bad.parse::<TopicTemplate>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    /// Days from 1970-01-01 to a proleptic Gregorian date (the inverse of
+    /// `civil_from_days`, counted the plain way: whole years, then months).
+    fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        // Whole 400-year cycles first (146,097 days each), then single years.
+        let cycles = (year - 1970).div_euclid(400);
+        let mut days = cycles * 146_097;
+        let mut y = 1970 + cycles * 400;
+        while y < year {
+            days += if leap(y) { 366 } else { 365 };
+            y += 1;
+        }
+        let lengths = [
+            31,
+            if leap(year) { 29 } else { 28 },
+            31,
+            30,
+            31,
+            30,
+            31,
+            31,
+            30,
+            31,
+            30,
+            31,
+        ];
+        days + lengths[..usize::try_from(month - 1).unwrap()]
+            .iter()
+            .sum::<i64>()
+            + day
+            - 1
+    }
+
+    /// Reads a `commit_ts` header back into PostgreSQL microseconds.
+    fn parse_commit_ts(text: &str) -> i64 {
+        let (year, rest) = if text.starts_with(['+', '-']) {
+            assert_eq!(&text[7..8], "-", "{text}");
+            (text[..7].parse::<i64>().unwrap(), &text[8..])
+        } else {
+            assert_eq!(&text[4..5], "-", "{text}");
+            (text[..4].parse::<i64>().unwrap(), &text[5..])
+        };
+        assert_eq!(rest.len(), "MM-DDTHH:MM:SS.ffffffZ".len(), "{text}");
+        let n = |r: std::ops::Range<usize>| rest[r].parse::<i64>().unwrap();
+        let (month, day) = (n(0..2), n(3..5));
+        assert!(
+            (1..=12).contains(&month) && (1..=31).contains(&day),
+            "{text}"
+        );
+        let of_day = ((n(6..8) * 60 + n(9..11)) * 60 + n(12..14)) * 1_000_000 + n(15..21);
+        (days_from_civil(year, month, day) - UNIX_TO_PG_EPOCH_DAYS) * MICROS_PER_DAY + of_day
+    }
+
+    #[test]
+    fn commit_ts_reads_as_rfc3339_and_beyond_its_years_as_expanded_iso_8601() {
+        let cases = [
+            (0, "2000-01-01T00:00:00.000000Z"),
+            (-1, "1999-12-31T23:59:59.999999Z"),
+            (820_540_800_000_001, "2026-01-01T00:00:00.000001Z"),
+            // 1969-12-31T23:59:59Z, before the Unix epoch.
+            (-946_684_801_000_000, "1969-12-31T23:59:59.000000Z"),
+            // 0000-01-01 (1 BC) and the day before it.
+            (-63_113_904_000_000_000, "0000-01-01T00:00:00.000000Z"),
+            (-63_113_904_000_000_001, "-000001-12-31T23:59:59.999999Z"),
+            // 9999-12-31T23:59:59.999999Z and a microsecond later.
+            (252_455_615_999_999_999, "9999-12-31T23:59:59.999999Z"),
+            (252_455_616_000_000_000, "+010000-01-01T00:00:00.000000Z"),
+            // 2000-02-29 exists, 2100-02-29 does not.
+            (59 * MICROS_PER_DAY, "2000-02-29T00:00:00.000000Z"),
+            (i64::MAX, "infinity"),
+            (i64::MIN, "-infinity"),
+        ];
+        for (micros, text) in cases {
+            assert_eq!(format_commit_ts(micros), text, "{micros}");
+        }
+        // The extremes, checked with Python's calendar shifted by 400-year cycles.
+        assert_eq!(
+            format_commit_ts(i64::MAX - 1),
+            "+294277-01-09T04:00:54.775806Z"
+        );
+        assert_eq!(
+            format_commit_ts(i64::MIN + 1),
+            "-290278-12-22T19:59:05.224193Z"
+        );
+    }
+
+    #[test]
+    fn events_of_transactions_committed_before_1970_or_after_9999_are_built() {
+        let layout = EventLayout::new(&standard(), &"events".parse().unwrap()).unwrap();
+        let row = vec![t("k"), t("1"), t("T"), t("{}"), ColumnValue::Null];
+        for micros in [
+            -946_684_801_000_000,
+            252_455_616_000_000_000,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let event = layout
+                .event(&Transaction::new(Lsn(1), micros), &row)
+                .unwrap();
+            assert_eq!(
+                event.header(COMMIT_TS_HEADER).map(|v| &v[..]),
+                Some(format_commit_ts(micros).as_bytes())
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+
+        #[test]
+        fn every_commit_ts_formats_and_reads_back(micros in proptest::prelude::any::<i64>()) {
+            let text = format_commit_ts(micros);
+            if micros != i64::MAX && micros != i64::MIN {
+                proptest::prop_assert_eq!(parse_commit_ts(&text), micros, "{}", text);
+            }
+        }
+
+        #[test]
+        fn commit_ts_agrees_with_humantime_from_1970_to_9999(
+            micros in -946_684_800_000_000i64..252_455_616_000_000_000,
+        ) {
+            let expected = humantime::format_rfc3339_micros(pg_timestamp_to_system_time(micros));
+            proptest::prop_assert_eq!(format_commit_ts(micros), expected.to_string());
+        }
+    }
+
+    #[test]
+    fn a_template_resolves_to_the_topics_its_rows_can_name() {
+        let template = |t: &str| t.parse::<TopicTemplate>().unwrap();
+        assert!(template("events").can_resolve_to("events"));
+        assert!(!template("events").can_resolve_to("events.dlq"));
+        assert!(template("events.{event_type}").can_resolve_to("events.dlq"));
+        // An empty column value leaves the literal parts alone.
+        assert!(template("events.{event_type}").can_resolve_to("events."));
+        assert!(!template("events.{event_type}").can_resolve_to("dlq"));
+        assert!(template("{tenant}.events").can_resolve_to("acme.events"));
+        assert!(template("a{x}b{y}c").can_resolve_to("a-b.b_c"));
+        assert!(!template("a{x}b{y}c").can_resolve_to("a-c"));
+        assert!(!template("e.{x}").can_resolve_to("e.a b"));
+        assert_eq!(
+            template("e.{event_type}.{aggregate_id}.{tenant}")
+                .columns_besides_key()
+                .collect::<Vec<_>>(),
+            ["event_type", "tenant"]
+        );
+        assert_eq!(
+            template("e.{aggregate_id}").columns_besides_key().count(),
+            0
+        );
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //!
 //! `/metrics` is the Prometheus text format, `/healthz` answers 200 while the
 //! process runs, `/readyz` answers 200 only while walrelay streams from
-//! PostgreSQL and the broker is reachable (503 with the reason otherwise).
+//! PostgreSQL, the broker is reachable and no request to PostgreSQL has
+//! waited for its answer longer than half of `--request-timeout` (503 with
+//! the reason otherwise).
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -14,6 +17,7 @@ use prometheus::{
 };
 
 use crate::pg::lsn::Lsn;
+use crate::pg::request::{DEFAULT_REQUEST_TIMEOUT, Waiting};
 
 /// Buckets of the commit-to-acknowledgement histogram, in seconds: 0.5 ms to 5 min.
 /// Dense below 20 ms, where a healthy relay's commit-to-ack latency lives, so
@@ -68,13 +72,45 @@ pub struct Metrics {
 }
 
 /// What `/readyz` reports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     streaming: AtomicBool,
     broker_up: AtomicBool,
+    /// Requests to PostgreSQL waiting for their answers.
+    requests: Arc<Waiting>,
+    /// `--request-timeout`, in milliseconds.
+    request_timeout_ms: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            streaming: AtomicBool::new(false),
+            broker_up: AtomicBool::new(false),
+            requests: Arc::default(),
+            request_timeout_ms: AtomicU64::new(millis(DEFAULT_REQUEST_TIMEOUT)),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Health {
+    /// Where the connections to PostgreSQL list the requests waiting for an
+    /// answer (see [`crate::pg::request`]).
+    pub fn requests(&self) -> Arc<Waiting> {
+        Arc::clone(&self.requests)
+    }
+
+    /// `--request-timeout`: a request that has waited half as long makes
+    /// the instance not ready.
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        self.request_timeout_ms
+            .store(millis(timeout), Ordering::Relaxed);
+    }
+
     /// Whether the replication stream is running.
     pub fn set_streaming(&self, up: bool) {
         self.streaming.store(up, Ordering::Relaxed);
@@ -86,11 +122,21 @@ impl Health {
     }
 
     /// `None` when ready, else why not.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let timeout = Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed));
+        if let Some((request, waited)) = self.requests.longest() {
+            if waited >= timeout / 2 {
+                return Some(format!(
+                    "PostgreSQL has not answered `{request}` for {:.1}s (abandoned at \
+                     --request-timeout {timeout:?})",
+                    waited.as_secs_f64()
+                ));
+            }
+        }
         if !self.streaming.load(Ordering::Relaxed) {
-            Some("not streaming from PostgreSQL")
+            Some("not streaming from PostgreSQL".to_owned())
         } else if !self.broker_up.load(Ordering::Relaxed) {
-            Some("the Kafka broker is not reachable")
+            Some("the Kafka broker is not reachable".to_owned())
         } else {
             None
         }
@@ -376,10 +422,48 @@ mod tests {
         assert!(h.not_ready_reason().is_some());
         h.set_streaming(true);
         assert_eq!(
-            h.not_ready_reason(),
+            h.not_ready_reason().as_deref(),
             Some("the Kafka broker is not reachable")
         );
         h.set_broker_up(true);
+        assert_eq!(h.not_ready_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_half_the_timeout_makes_the_instance_not_ready() {
+        let h = Health::default();
+        h.set_streaming(true);
+        h.set_broker_up(true);
+        h.set_request_timeout(Duration::from_secs(2));
+        let limit = crate::pg::request::RequestLimit {
+            timeout: Duration::from_secs(2),
+            waiting: Some(h.requests()),
+        };
+        let stuck = limit.run("SELECT pg_sleep(3600)", std::future::pending::<()>());
+        tokio::pin!(stuck);
+        // Waiting, but not yet for half the timeout: still ready.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut stuck)
+                .await
+                .is_err()
+        );
+        assert_eq!(h.not_ready_reason(), None);
+        // Past half the timeout: not ready, naming the request (it stays
+        // listed until polled again, however late this check runs).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1100), &mut stuck)
+                .await
+                .is_err()
+        );
+        let reason = h
+            .not_ready_reason()
+            .expect("not ready while a request is stuck");
+        assert!(
+            reason.contains("has not answered `SELECT pg_sleep(3600)`"),
+            "{reason}"
+        );
+        // Abandoned at the timeout: ready again.
+        assert!(stuck.await.is_err());
         assert_eq!(h.not_ready_reason(), None);
     }
 }

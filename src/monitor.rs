@@ -32,7 +32,7 @@ pub async fn run(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<crate::pg::metadata::Client> = None;
     let mut poll = tokio::time::interval(SLOT_POLL_INTERVAL);
     let mut beat = heartbeat.map(tokio::time::interval);
     loop {
@@ -52,7 +52,7 @@ pub async fn run(
         };
         if client
             .as_ref()
-            .is_none_or(tokio_postgres::Client::is_closed)
+            .is_none_or(crate::pg::metadata::Client::is_closed)
         {
             client = match metadata::connect(&postgres).await {
                 Ok(c) => Some(c),
@@ -75,7 +75,7 @@ pub async fn run(
     }
 }
 
-async fn beat_once(client: &tokio_postgres::Client) -> Result<(), MetadataError> {
+async fn beat_once(client: &crate::pg::metadata::Client) -> Result<(), MetadataError> {
     client
         .execute(
             "SELECT pg_logical_emit_message(false, $1, '')",
@@ -86,7 +86,7 @@ async fn beat_once(client: &tokio_postgres::Client) -> Result<(), MetadataError>
 }
 
 async fn poll_slot(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     slot: &str,
     metrics: &Metrics,
 ) -> Result<(), MetadataError> {

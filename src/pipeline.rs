@@ -31,7 +31,7 @@ use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
 use crate::slot::{self, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotMode};
-use crate::source::{Source, SourceError, Step, UnexpectedChange};
+use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 
 /// SQLSTATE undefined_object: START_REPLICATION on a slot that does not exist.
 const SLOT_MISSING: &str = "42704";
@@ -118,7 +118,9 @@ impl RunError {
                     || e.code()
                         .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
             }
-            RunError::Sink(SinkError::Unreachable(_)) => true,
+            RunError::Metadata(MetadataError::Timeout(_))
+            | RunError::Setup(SetupError::Metadata(MetadataError::Timeout(_)))
+            | RunError::Sink(SinkError::Unreachable(_)) => true,
             _ => false,
         }
     }
@@ -133,6 +135,11 @@ struct Backoff {
 impl Backoff {
     const BASE: Duration = Duration::from_millis(250);
     const CAP: Duration = Duration::from_secs(30);
+    /// A session that lasted this long was healthy: the next failure starts
+    /// the backoff again from `BASE`. A session that fails sooner keeps it
+    /// growing. At the cap, resetting cannot make attempts more frequent than
+    /// the cap already allows: each of them took that long by itself.
+    const HEALTHY_SESSION: Duration = Self::CAP;
 
     fn next(&mut self) -> Duration {
         let ceiling = Self::BASE
@@ -145,6 +152,13 @@ impl Backoff {
 
     fn reset(&mut self) {
         self.attempt = 0;
+    }
+
+    /// Accounts for a session that lasted `lasted` before it ended.
+    fn session_ended(&mut self, lasted: Duration) {
+        if lasted >= Self::HEALTHY_SESSION {
+            self.reset();
+        }
     }
 }
 
@@ -259,7 +273,9 @@ async fn stream(
             known_topics: &mut known_topics,
             open: None,
         };
+        let started = tokio::time::Instant::now();
         let result = session.run().await;
+        backoff.session_ended(started.elapsed());
         metrics.health().set_streaming(false);
         let delay = match result {
             Ok(()) => return Ok(()),
@@ -454,6 +470,9 @@ impl Session<'_> {
     async fn run(mut self) -> Result<(), RunError> {
         let mut repl = ReplicationConnection::connect(&self.config.postgres).await?;
         let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        let anchor = source::anchor(&mut repl, &self.config.table)
+            .await?
+            .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
         let publications = conn::quote_ident(&self.config.publication);
         let mut stream = repl
             .start_logical(
@@ -468,7 +487,7 @@ impl Session<'_> {
         self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
-        let mut source = Source::new(self.config.table.clone(), self.config.topic.clone());
+        let mut source = Source::new(self.config.table.clone(), self.config.topic.clone(), anchor);
         let result = loop {
             let message = tokio::select! {
                 biased;
@@ -652,5 +671,24 @@ mod tests {
         );
         b.reset();
         assert!(b.next() <= Backoff::BASE);
+    }
+
+    #[test]
+    fn backoff_starts_over_after_a_healthy_session_only() {
+        let mut b = Backoff { attempt: 0 };
+        for _ in 0..12 {
+            b.next();
+        }
+        // Sessions that fail early keep the delay at its cap.
+        b.session_ended(Duration::from_secs(2));
+        b.session_ended(Backoff::HEALTHY_SESSION.saturating_sub(Duration::from_millis(1)));
+        assert!(
+            (0..20).any(|_| b.next() > Duration::from_secs(3)),
+            "the backoff shrank after short sessions"
+        );
+        // A session that streamed for the cap was healthy: retry soon.
+        b.session_ended(Backoff::HEALTHY_SESSION);
+        assert!(b.next() <= Backoff::BASE);
+        assert!(b.next() <= Backoff::BASE * 2);
     }
 }

@@ -28,10 +28,15 @@ pub enum ServiceError {
 /// Serves metrics and runs the pipeline until `stop` completes (then drains)
 /// or the pipeline fails.
 pub async fn run(
-    config: RunConfig,
+    mut config: RunConfig,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     let metrics = Metrics::new();
+    // Every connection lists its waiting requests where /readyz looks.
+    config.postgres.requests.waiting = Some(metrics.health().requests());
+    metrics
+        .health()
+        .set_request_timeout(config.postgres.requests.timeout);
     let listener =
         metrics::bind(config.metrics_addr)
             .await

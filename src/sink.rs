@@ -52,23 +52,50 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "walrelay"),
 ];
 
+/// A property whose other values would break walrelay's guarantees.
+struct Guard {
+    /// Its name and librdkafka's aliases for it.
+    names: &'static [&'static str],
+    /// The values that keep the guarantees.
+    allowed: &'static [&'static str],
+    /// Why the others are refused.
+    why: &'static str,
+}
+
 /// Settings that would break walrelay's guarantees, with why.
-const FORBIDDEN: &[(&str, &str, &str)] = &[
-    (
-        "acks",
-        "all",
-        "only acks=all (or -1) makes an acknowledgement mean the event is safe",
-    ),
-    (
-        "enable.idempotence",
-        "true",
-        "without idempotence, retries can reorder or duplicate events within an aggregate",
-    ),
-    (
-        "delivery.report.only.error",
-        "false",
-        "walrelay confirms the slot from the delivery reports of successful events",
-    ),
+const GUARDS: &[Guard] = &[
+    Guard {
+        names: &["acks", "request.required.acks"],
+        allowed: &["all", "-1"],
+        why: "only acks=all (or -1) makes an acknowledgement mean the event is safe",
+    },
+    Guard {
+        names: &["enable.idempotence"],
+        allowed: &["true"],
+        why: "without idempotence, retries can reorder or duplicate events within an aggregate",
+    },
+    Guard {
+        names: &["delivery.report.only.error"],
+        allowed: &["false"],
+        why: "walrelay confirms the slot from the delivery reports of successful events",
+    },
+    // murmur2 and murmur2_random differ only for a NULL key, which walrelay
+    // never sends (a NULL aggregate_id is a poison row); an empty key hashes
+    // the same under both.
+    Guard {
+        names: &["partitioner"],
+        allowed: &["murmur2_random", "murmur2"],
+        why: "each aggregate must stay in the one partition its earlier events went to, the one \
+              the Java client and Kafka Streams choose for its key (murmur2); random spreads an \
+              aggregate over partitions, consistent_random does so for an empty aggregate_id, and \
+              any other hash moves aggregates to other partitions, where consumers see their \
+              events out of order",
+    },
+    Guard {
+        names: &["queuing.strategy"],
+        allowed: &["fifo"],
+        why: "lifo sends later events of an aggregate before earlier ones",
+    },
 ];
 
 /// The producer cannot be configured as asked.
@@ -106,9 +133,9 @@ pub fn parse_properties(pairs: &[String]) -> Result<BTreeMap<String, String>, Si
             .filter(|(k, _)| !k.trim().is_empty())
             .ok_or_else(|| SinkConfigError::Syntax(pair.clone()))?;
         let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
-        for (forbidden, allowed, why) in FORBIDDEN {
-            let acks_all = key == "acks" && value == "-1";
-            if key == *forbidden && value != *allowed && !acks_all {
+        if let Some(guard) = GUARDS.iter().find(|g| g.names.contains(&key.as_str())) {
+            if !guard.allowed.contains(&value.as_str()) {
+                let why = guard.why;
                 return Err(SinkConfigError::Forbidden { key, value, why });
             }
         }
@@ -128,7 +155,8 @@ pub fn producer_config(
         config.set(*k, *v);
     }
     for (k, v) in properties {
-        if k == "bootstrap.servers" && v != brokers {
+        let brokers_key = k == "bootstrap.servers" || k == "metadata.broker.list";
+        if brokers_key && v != brokers {
             return Err(SinkConfigError::Brokers);
         }
         config.set(k, v);

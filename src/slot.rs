@@ -34,7 +34,7 @@ pub struct SlotState {
 
 /// Reads the state of slot `name`, or `None` when it does not exist.
 pub async fn inspect(
-    client: &tokio_postgres::Client,
+    client: &crate::pg::metadata::Client,
     name: &str,
 ) -> Result<Option<SlotState>, MetadataError> {
     let row = client

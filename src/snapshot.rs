@@ -72,19 +72,13 @@ pub async fn publish(
         consistent_point,
     } = snapshot;
     let mut client = crate::pg::metadata::connect(&config.postgres).await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(crate::pg::metadata::MetadataError::from)?;
+    // Every request of the transaction is bounded by --request-timeout.
+    let tx = client.read_only_transaction().await?;
     tx.batch_execute(&format!(
         "SET TRANSACTION SNAPSHOT {}",
         conn::quote_literal(&name)
     ))
-    .await
-    .map_err(crate::pg::metadata::MetadataError::from)?;
+    .await?;
 
     let relation = describe_table(&tx, config).await?;
     let layout =
@@ -102,8 +96,7 @@ pub async fn publish(
         conn::quote_ident(&config.table.schema),
         conn::quote_ident(&config.table.name),
     ))
-    .await
-    .map_err(crate::pg::metadata::MetadataError::from)?;
+    .await?;
 
     let commit_ts = system_time_to_pg(SystemTime::now());
     let txn = Transaction::new(consistent_point, commit_ts);
@@ -113,8 +106,7 @@ pub async fn publish(
     loop {
         let rows = tx
             .query(&format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"), &[])
-            .await
-            .map_err(crate::pg::metadata::MetadataError::from)?;
+            .await?;
         if rows.is_empty() {
             break;
         }
@@ -143,9 +135,7 @@ pub async fn publish(
             sent += 1;
         }
     }
-    tx.commit()
-        .await
-        .map_err(crate::pg::metadata::MetadataError::from)?;
+    tx.commit().await?;
     sink.commit(id, sent, consistent_point);
 
     // Only once every row is acknowledged may the marker go.
@@ -171,7 +161,7 @@ pub async fn publish(
 /// The table's columns as a Relation, so the snapshot's rows map exactly as
 /// streamed rows do.
 async fn describe_table(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &crate::pg::metadata::Transaction<'_>,
     config: &RunConfig,
 ) -> Result<Relation, RunError> {
     let rows = tx
@@ -182,8 +172,7 @@ async fn describe_table(
               ORDER BY a.attnum",
             &[&config.table.schema, &config.table.name],
         )
-        .await
-        .map_err(crate::pg::metadata::MetadataError::from)?;
+        .await?;
     Ok(Relation {
         oid: 0,
         namespace: config.table.schema.clone(),

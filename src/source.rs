@@ -8,13 +8,30 @@
 //! events table's Relation, turns its Inserts into [`Event`]s, reports
 //! anything else done to it, and says when a transaction ends or when the
 //! server reports progress outside any transaction.
+//!
+//! The table is known by its name (`--table`) and, for the session, by the
+//! OID that name had when the session began ([`TableAnchor`]). A Relation
+//! message carries the name the table had when the transaction committed
+//! (decoding reads the catalog as of then), so both matter: in a
+//! transaction committed before the anchor's position, a Relation with the
+//! anchored OID or with the name is the events table, whatever the other
+//! says (it was renamed since, or replaced and its successor took the name).
+//! In one committed after it, the table must still have both: the anchored
+//! OID under another name means it was renamed, the name on another OID
+//! that another table took it. Either is an error naming both names, never
+//! a silent stop: followed by name alone, a renamed table's rows would be
+//! skipped; followed by OID alone, the events of a table that took over the
+//! name would be.
+use std::collections::HashMap;
+
 use bytes::Bytes;
 
 use crate::event::{
     Event, EventLayout, LayoutError, RowError, SEQ_NR_COLUMN, TableName, TopicTemplate, Transaction,
 };
+use crate::pg::conn::{self, ConnError, ReplicationConnection};
 use crate::pg::lsn::Lsn;
-use crate::pg::pgoutput::{ColumnValue, DecodeError, Message, TupleData};
+use crate::pg::pgoutput::{ColumnValue, DecodeError, Message, Relation, TupleData};
 use crate::pg::protocol::ReplicationMessage;
 
 /// What one replication message means for the events table.
@@ -76,6 +93,51 @@ pub enum SourceError {
     /// A change arrived outside Begin/Commit, or for a table never described.
     #[error("pgoutput stream out of order: {0}")]
     Order(&'static str),
+    /// The events table does not exist when a session begins.
+    #[error(
+        "the events table {0} does not exist (renamed or dropped?); walrelay streams the table \
+         --table names: give it back its name, or point --table at it"
+    )]
+    TableMissing(TableName),
+    /// The events table was renamed (or moved to another schema) while streaming.
+    #[error(
+        "the events table {table} (OID {oid}) is named {renamed} in the transaction committed at \
+         {commit_lsn}: it was renamed while walrelay streamed it. walrelay stops here rather than \
+         skip its rows (nothing from this transaction on is confirmed). Either give it back its \
+         name (ALTER TABLE {renamed} RENAME TO ... / SET SCHEMA ...) or, if the new name is to \
+         stay, restart with --table {renamed}; either way walrelay then publishes every row it \
+         holds, under both names"
+    )]
+    Renamed {
+        /// `--table`.
+        table: TableName,
+        /// The table's OID.
+        oid: u32,
+        /// Its new `schema.name`.
+        renamed: String,
+        /// The transaction that shows the new name.
+        commit_lsn: Lsn,
+    },
+    /// Another table took the events table's name while streaming.
+    #[error(
+        "another table (OID {other}) is named {table} in the transaction committed at \
+         {commit_lsn}, but the events table walrelay streams is OID {oid}: the table was replaced \
+         or renamed and another one given its name. walrelay stops here rather than guess which \
+         one holds the events (nothing from this transaction on is confirmed). If the new table \
+         is the events table from now on, restart walrelay: it streams the table --table names \
+         when it starts (rows written to OID {oid} after it lost the name are then not \
+         published; copy them over first); otherwise give the name back to OID {oid}"
+    )]
+    Replaced {
+        /// `--table`.
+        table: TableName,
+        /// The OID walrelay streams.
+        oid: u32,
+        /// The OID that now has the name.
+        other: u32,
+        /// The transaction that shows it.
+        commit_lsn: Lsn,
+    },
     /// A row that cannot become an event.
     #[error(
         "row of aggregate {aggregate:?} seq_nr {seq_nr} in the transaction committed at {commit_lsn} cannot be published: {reason}"
@@ -93,22 +155,70 @@ pub enum SourceError {
     },
 }
 
+/// The events table as the catalog has it when a session begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableAnchor {
+    /// The OID `--table` names.
+    pub oid: u32,
+    /// A WAL position after every transaction the catalog reading reflects:
+    /// transactions committed from here on are decoded with what came after.
+    pub as_of: Lsn,
+}
+
+/// Reads the OID of `table` and the WAL insert position, on the replication
+/// connection before streaming starts; `None` when the table does not exist.
+/// The catalog is read first, in the statement's snapshot, so every rename
+/// it reflects committed before the position read after it.
+pub async fn anchor(
+    repl: &mut ReplicationConnection,
+    table: &TableName,
+) -> Result<Option<TableAnchor>, ConnError> {
+    let qualified = format!(
+        "{}.{}",
+        conn::quote_ident(&table.schema),
+        conn::quote_ident(&table.name)
+    );
+    let rows = repl
+        .simple_query(&format!(
+            "SELECT to_regclass({})::oid, pg_current_wal_insert_lsn()",
+            conn::quote_literal(&qualified)
+        ))
+        .await?;
+    let bad = || ConnError::Protocol("the events table's OID query returned no row".into());
+    let row = rows.into_iter().next().ok_or_else(bad)?;
+    let (Some(oid), Some(as_of)) = (
+        row.first().cloned().flatten(),
+        row.get(1).cloned().flatten().and_then(|t| t.parse().ok()),
+    ) else {
+        return Ok(None);
+    };
+    let oid = oid
+        .parse()
+        .map_err(|_| ConnError::Protocol(format!("the events table's OID {oid:?}")))?;
+    Ok(Some(TableAnchor { oid, as_of }))
+}
+
 /// Follows one replication session's messages for one table.
 #[derive(Debug)]
 pub struct Source {
     table: TableName,
     topic: TopicTemplate,
-    layout: Option<EventLayout>,
+    anchor: TableAnchor,
+    /// The layout of each relation that is the events table, by OID: one,
+    /// unless transactions from before a replacement are replayed.
+    layouts: HashMap<u32, EventLayout>,
     txn: Option<Transaction>,
 }
 
 impl Source {
-    /// A source for `table`, publishing to `topic`.
-    pub fn new(table: TableName, topic: TopicTemplate) -> Self {
+    /// A source for `table`, publishing to `topic`, with the table as
+    /// `anchor` found it.
+    pub fn new(table: TableName, topic: TopicTemplate, anchor: TableAnchor) -> Self {
         Source {
             table,
             topic,
-            layout: None,
+            anchor,
+            layouts: HashMap::new(),
             txn: None,
         }
     }
@@ -131,7 +241,43 @@ impl Source {
     }
 
     fn decode(&mut self, data: Bytes) -> Result<Step, SourceError> {
-        Ok(match Message::parse(data)? {
+        self.apply(Message::parse(data)?)
+    }
+
+    /// Takes a Relation message: a description of the events table, the
+    /// sign of a rename or a replacement, or another table's.
+    fn relation(&mut self, relation: &Relation) -> Result<(), SourceError> {
+        let named = self.table.matches(relation);
+        let anchored = relation.oid == self.anchor.oid;
+        if !named && !anchored {
+            return Ok(());
+        }
+        let commit_lsn = self.txn.as_ref().map_or(Lsn(u64::MAX), |t| t.commit_lsn);
+        // Committed before the anchor: either says it is the events table.
+        if commit_lsn >= self.anchor.as_of && !(named && anchored) {
+            return Err(if anchored {
+                SourceError::Renamed {
+                    table: self.table.clone(),
+                    oid: relation.oid,
+                    renamed: format!("{}.{}", relation.schema(), relation.name),
+                    commit_lsn,
+                }
+            } else {
+                SourceError::Replaced {
+                    table: self.table.clone(),
+                    oid: self.anchor.oid,
+                    other: relation.oid,
+                    commit_lsn,
+                }
+            });
+        }
+        self.layouts
+            .insert(relation.oid, EventLayout::new(relation, &self.topic)?);
+        Ok(())
+    }
+
+    fn apply(&mut self, message: Message) -> Result<Step, SourceError> {
+        Ok(match message {
             Message::Begin(begin) => {
                 self.txn = Some(Transaction::new(begin.final_lsn, begin.commit_ts));
                 Step::Begin {
@@ -150,13 +296,11 @@ impl Source {
                 }
             }
             Message::Relation(relation) => {
-                if self.table.matches(&relation) {
-                    self.layout = Some(EventLayout::new(&relation, &self.topic)?);
-                }
+                self.relation(&relation)?;
                 Step::Nothing
             }
-            Message::Insert(insert) => match &self.layout {
-                Some(layout) if layout.relation_oid() == insert.relation_oid => {
+            Message::Insert(insert) => match self.layouts.get(&insert.relation_oid) {
+                Some(layout) => {
                     let txn = self
                         .txn
                         .as_ref()
@@ -166,7 +310,7 @@ impl Source {
                         .map(Step::Event)
                         .map_err(|reason| row_error(layout, &insert.new, txn.commit_lsn, reason))?
                 }
-                _ => Step::Nothing,
+                None => Step::Nothing,
             },
             Message::Update(u) => self.unexpected(u.relation_oid, "update"),
             Message::Delete(d) => self.unexpected(d.relation_oid, "delete"),
@@ -181,8 +325,8 @@ impl Source {
     }
 
     fn unexpected(&self, relation_oid: u32, kind: &'static str) -> Step {
-        match (&self.layout, &self.txn) {
-            (Some(layout), Some(txn)) if layout.relation_oid() == relation_oid => {
+        match &self.txn {
+            Some(txn) if self.layouts.contains_key(&relation_oid) => {
                 Step::Unexpected(UnexpectedChange {
                     kind,
                     commit_lsn: txn.commit_lsn,
@@ -211,5 +355,190 @@ fn row_error(
         seq_nr: text(layout.column_index(SEQ_NR_COLUMN)).unwrap_or_else(|| "?".to_owned()),
         commit_lsn,
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::pgoutput::{Begin, Column, Commit, Insert, ReplicaIdentity};
+
+    /// The events table is OID 100, named public.events as of 0/1000.
+    const ANCHOR: TableAnchor = TableAnchor {
+        oid: 100,
+        as_of: Lsn(0x1000),
+    };
+
+    fn source() -> Source {
+        Source::new(
+            "public.events".parse().unwrap(),
+            "events".parse().unwrap(),
+            ANCHOR,
+        )
+    }
+
+    fn relation(oid: u32, schema: &str, name: &str) -> Message {
+        let column = |name: &str, type_oid| Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        Message::Relation(Relation {
+            oid,
+            namespace: schema.into(),
+            name: name.into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![column("aggregate_id", 25), column("payload", 3802)],
+        })
+    }
+
+    fn insert(oid: u32, key: &str) -> Message {
+        Message::Insert(Insert {
+            relation_oid: oid,
+            new: vec![
+                ColumnValue::Text(Bytes::copy_from_slice(key.as_bytes())),
+                ColumnValue::Text(Bytes::from_static(b"{}")),
+            ],
+        })
+    }
+
+    /// Runs one transaction committed at `commit_lsn`; returns the keys of
+    /// its events, or the first error.
+    fn transaction(
+        source: &mut Source,
+        commit_lsn: u64,
+        messages: Vec<Message>,
+    ) -> Result<Vec<String>, SourceError> {
+        let begin = Begin {
+            final_lsn: Lsn(commit_lsn),
+            commit_ts: 0,
+            xid: 1,
+        };
+        source.apply(Message::Begin(begin))?;
+        let mut keys = Vec::new();
+        for message in messages {
+            if let Step::Event(event) = source.apply(message)? {
+                keys.push(String::from_utf8_lossy(&event.key).into_owned());
+            }
+        }
+        let commit = Commit {
+            flags: 0,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 0x30),
+            commit_ts: 0,
+        };
+        source.apply(Message::Commit(commit))?;
+        Ok(keys)
+    }
+
+    #[test]
+    fn the_table_named_and_anchored_is_published_and_others_are_not() {
+        let mut s = source();
+        let keys = transaction(
+            &mut s,
+            0x2000,
+            vec![
+                relation(100, "public", "events"),
+                relation(200, "public", "other"),
+                insert(100, "a"),
+                insert(200, "x"),
+                insert(100, "b"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(keys, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_rename_while_streaming_stops_naming_both_names() {
+        let mut s = source();
+        transaction(
+            &mut s,
+            0x2000,
+            vec![relation(100, "public", "events"), insert(100, "a")],
+        )
+        .unwrap();
+        let err = transaction(
+            &mut s,
+            0x3000,
+            vec![relation(100, "public", "events_v2"), insert(100, "b")],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, SourceError::Renamed { oid: 100, renamed, commit_lsn: Lsn(0x3000), .. }
+                if renamed == "public.events_v2"),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("public.events (OID 100) is named public.events_v2")
+                && text.contains("--table public.events_v2"),
+            "{text}"
+        );
+        // Moving it to another schema is a rename too, also as the first
+        // Relation of a session.
+        let err = transaction(
+            &mut source(),
+            0x3000,
+            vec![relation(100, "archive", "events"), insert(100, "b")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("is named archive.events"), "{err}");
+    }
+
+    #[test]
+    fn another_table_taking_the_name_while_streaming_stops_naming_both() {
+        let mut s = source();
+        let err = transaction(
+            &mut s,
+            0x3000,
+            vec![relation(300, "public", "events"), insert(300, "new")],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::Replaced {
+                    oid: 100,
+                    other: 300,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("another table (OID 300) is named public.events"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn names_from_before_the_anchor_are_history_and_both_tables_publish() {
+        // Replayed from before the session began: the table was called
+        // events_old then and has been renamed to events since, and another
+        // table, OID 300, was called events then.
+        let mut s = source();
+        let keys = transaction(
+            &mut s,
+            0x800,
+            vec![
+                relation(100, "public", "events_old"),
+                relation(300, "public", "events"),
+                insert(100, "renamed since"),
+                insert(300, "had the name then"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(keys, ["renamed since", "had the name then"]);
+        // From the anchor on, only OID 100 under the name is the events table.
+        let keys = transaction(
+            &mut s,
+            0x2000,
+            vec![relation(100, "public", "events"), insert(100, "now")],
+        )
+        .unwrap();
+        assert_eq!(keys, ["now"]);
     }
 }

@@ -13,7 +13,7 @@ use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, Snapshot
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::pg::params::ConnectParams;
-use crate::source::{Source, SourceError, Step};
+use crate::source::{self, Source, SourceError, Step};
 
 /// What `tail` reads.
 #[derive(Debug, Clone)]
@@ -61,6 +61,9 @@ pub async fn run<W: Write>(
 
     let mut repl = ReplicationConnection::connect(&options.postgres).await?;
     let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+    let anchor = source::anchor(&mut repl, &options.table)
+        .await?
+        .ok_or_else(|| SourceError::TableMissing(options.table.clone()))?;
     let slot_name = format!("walrelay_tail_{}", repl.backend_pid());
     let slot = repl
         .create_logical_slot(&slot_name, true, SnapshotAction::Discard)
@@ -77,7 +80,7 @@ pub async fn run<W: Write>(
         .await?;
     tracing::info!(slot = %slot.name, start = %slot.consistent_point, table = %options.table, "tailing");
 
-    let mut source = Source::new(options.table.clone(), options.topic.clone());
+    let mut source = Source::new(options.table.clone(), options.topic.clone(), anchor);
     tokio::pin!(shutdown);
     let result = loop {
         let message = tokio::select! {
@@ -116,9 +119,12 @@ pub async fn run<W: Write>(
             Err(e) => break Err(TailError::Output(e)),
         }
     };
-    let closed = stream.close().await;
+    // Bounded: on a stalled network even the goodbye may not get through
+    // (the temporary slot goes with the connection either way).
+    let limit = &options.postgres.requests;
+    let closed = limit.run("the final status update", stream.close()).await;
     result?;
-    closed?;
+    closed.map_err(ConnError::from)??;
     Ok(())
 }
 

@@ -15,7 +15,9 @@
 //!    SCRAM-SHA-256-PLUS).
 //! 4. Replication commands as simple queries (`IDENTIFY_SYSTEM`,
 //!    `CREATE_REPLICATION_SLOT`, `SHOW`), then `START_REPLICATION`, answered
-//!    by CopyBothResponse.
+//!    by CopyBothResponse. Each is bounded by `--request-timeout`
+//!    ([`super::request`]); one that times out leaves the connection
+//!    unusable, since its answer may still arrive.
 //!
 //! Once streaming, reading and writing are split: the caller reads
 //! [`ReplicationMessage`]s from [`ReplicationStream::next`], while a task of
@@ -47,7 +49,8 @@ use super::protocol::{
     BackendCodec, BackendMessage, ReplicationMessage, ReplicationMessageError, StandbyStatus,
     put_standby_status_update,
 };
-use super::tls::{TlsError, TlsSetup, channel_binding};
+use super::request::{RequestLimit, TimedOut};
+use super::tls::{ChannelBindingError, TlsError, TlsSetup, channel_binding};
 
 /// The default and largest interval between standby status updates.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -55,6 +58,13 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// A streaming read that hears nothing for this many status intervals (each
 /// of which asked the server for a keepalive) declares the connection stalled.
 pub const SILENCE_LIMIT_INTERVALS: u32 = 3;
+
+/// How long `CREATE_REPLICATION_SLOT ... LOGICAL` may take when
+/// `--request-timeout` is shorter: the server answers only once every
+/// transaction running when it started has ended (the slot's consistent
+/// point), which a long batch job can delay for minutes. Abandoning it early
+/// would help nothing: the next attempt waits for the same transactions.
+pub const SLOT_CREATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The shortest gap between two status updates sent because the confirmed
 /// position moved: the slot follows within a fraction of a second, at a few
@@ -173,6 +183,10 @@ pub enum ConnError {
     /// The SCRAM exchange failed on our side (a server signature that does not match, say).
     #[error("SCRAM-SHA-256 authentication failed: {0}")]
     Scram(#[source] io::Error),
+    /// The server offers SCRAM with channel binding over TLS, and the
+    /// binding cannot be computed for its certificate.
+    #[error("SCRAM-SHA-256-PLUS authentication cannot bind to the TLS session: {0}")]
+    ChannelBinding(#[source] ChannelBindingError),
     /// The server reported an error.
     #[error("PostgreSQL: {0}")]
     Server(#[from] ServerError),
@@ -182,6 +196,9 @@ pub enum ConnError {
     /// The server closed the connection.
     #[error("PostgreSQL closed the connection")]
     Closed,
+    /// A request got no answer in time; the connection is abandoned.
+    #[error(transparent)]
+    RequestTimeout(#[from] TimedOut),
     /// Nothing arrived although keepalives were asked for: the network stalls.
     #[error(
         "no message from PostgreSQL for {0:?} although keepalives were requested: the connection stalls"
@@ -217,6 +234,7 @@ impl ConnError {
             | ConnError::Timeout { .. }
             | ConnError::Io(_)
             | ConnError::Closed
+            | ConnError::RequestTimeout(_)
             | ConnError::Stalled(_)
             | ConnError::StreamEnded => true,
             ConnError::TlsHandshake { source, .. } => source
@@ -236,6 +254,7 @@ impl ConnError {
             | ConnError::UnsupportedAuth(_)
             | ConnError::NoPassword
             | ConnError::Scram(_)
+            | ConnError::ChannelBinding(_)
             | ConnError::Protocol(_)
             | ConnError::Replication(_) => false,
         }
@@ -356,6 +375,11 @@ pub struct ReplicationConnection {
     out: BytesMut,
     backend_pid: i32,
     server_version: String,
+    /// How long each request may wait for its answer.
+    requests: RequestLimit,
+    /// The request that timed out, after which the connection is not used:
+    /// its answer may still arrive and would be taken for the next one's.
+    abandoned: Option<TimedOut>,
 }
 
 impl ReplicationConnection {
@@ -400,6 +424,8 @@ impl ReplicationConnection {
             out: BytesMut::with_capacity(1024),
             backend_pid: 0,
             server_version: String::new(),
+            requests: params.requests.clone(),
+            abandoned: None,
         };
         conn.startup(params, binding).await?;
         Ok(conn)
@@ -422,11 +448,7 @@ impl ReplicationConnection {
         Ok(())
     }
 
-    async fn startup(
-        &mut self,
-        params: &ConnectParams,
-        binding: Option<Vec<u8>>,
-    ) -> Result<(), ConnError> {
+    async fn startup(&mut self, params: &ConnectParams, binding: Binding) -> Result<(), ConnError> {
         let startup = [
             ("user", params.user.as_str()),
             ("database", params.dbname.as_str()),
@@ -448,11 +470,43 @@ impl ReplicationConnection {
                     self.backend_pid = body.process_id();
                 }
                 BackendMessage::Other(backend::Message::ParameterStatus(body)) => {
-                    if body.name()? == "server_version" {
-                        body.value()?.clone_into(&mut self.server_version);
-                    }
+                    self.parameter(&body)?;
                 }
                 other => Self::unexpected(other, "waiting for ReadyForQuery after login")?,
+            }
+        }
+    }
+
+    /// Takes note of a parameter the server reports.
+    fn parameter(&mut self, body: &backend::ParameterStatusBody) -> io::Result<()> {
+        if body.name()? == "server_version" {
+            body.value()?.clone_into(&mut self.server_version);
+        }
+        Ok(())
+    }
+
+    /// The next message of the authentication exchange. A notice or a
+    /// parameter status answers no step, so it is noted and the next message
+    /// read: taken for the answer, it would end the exchange early (before
+    /// the server proved it knows the password, in SCRAM's case).
+    async fn next_auth_message(&mut self) -> Result<backend::Message, ConnError> {
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::Other(backend::Message::NoticeResponse(body)) => {
+                    Self::log_notice(&ServerError::from_fields(body.fields())?);
+                }
+                BackendMessage::Other(backend::Message::ParameterStatus(body)) => {
+                    self.parameter(&body)?;
+                }
+                BackendMessage::Other(message) => return Ok(message),
+                BackendMessage::CopyBothResponse => {
+                    return Err(ConnError::Protocol(
+                        "CopyBothResponse while authenticating".into(),
+                    ));
+                }
+                BackendMessage::CopyData(_) => {
+                    return Err(ConnError::Protocol("CopyData while authenticating".into()));
+                }
             }
         }
     }
@@ -460,19 +514,19 @@ impl ReplicationConnection {
     async fn authenticate(
         &mut self,
         params: &ConnectParams,
-        binding: Option<Vec<u8>>,
+        binding: Binding,
     ) -> Result<(), ConnError> {
         let password = || params.password().ok_or(ConnError::NoPassword);
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationOk) => return Ok(()),
-            BackendMessage::Other(backend::Message::AuthenticationCleartextPassword) => {
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationOk => return Ok(()),
+            backend::Message::AuthenticationCleartextPassword => {
                 frontend::password_message(password()?.as_bytes(), &mut self.out)?;
             }
-            BackendMessage::Other(backend::Message::AuthenticationMd5Password(body)) => {
+            backend::Message::AuthenticationMd5Password(body) => {
                 let hash = md5_hash(params.user.as_bytes(), password()?.as_bytes(), body.salt());
                 frontend::password_message(hash.as_bytes(), &mut self.out)?;
             }
-            BackendMessage::Other(backend::Message::AuthenticationSasl(body)) => {
+            backend::Message::AuthenticationSasl(body) => {
                 let mut mechanisms = body.mechanisms();
                 let (mut scram_offered, mut plus_offered) = (false, false);
                 while let Some(m) = mechanisms.next()? {
@@ -483,19 +537,19 @@ impl ReplicationConnection {
                     .scram(password()?, binding, scram_offered, plus_offered)
                     .await;
             }
-            BackendMessage::Other(backend::Message::AuthenticationGss) => {
+            backend::Message::AuthenticationGss => {
                 return Err(ConnError::UnsupportedAuth("GSSAPI"));
             }
-            BackendMessage::Other(backend::Message::AuthenticationSspi) => {
+            backend::Message::AuthenticationSspi => {
                 return Err(ConnError::UnsupportedAuth("SSPI"));
             }
-            BackendMessage::Other(backend::Message::AuthenticationKerberosV5) => {
+            backend::Message::AuthenticationKerberosV5 => {
                 return Err(ConnError::UnsupportedAuth("Kerberos V5"));
             }
-            BackendMessage::Other(backend::Message::AuthenticationScmCredential) => {
+            backend::Message::AuthenticationScmCredential => {
                 return Err(ConnError::UnsupportedAuth("SCM credential"));
             }
-            other => return Self::unexpected(other, "authenticating"),
+            other => return Err(Self::refusal(other, "authenticating")?),
         }
         self.send().await?;
         self.expect_auth_ok().await
@@ -504,71 +558,98 @@ impl ReplicationConnection {
     async fn scram(
         &mut self,
         password: &str,
-        binding: Option<Vec<u8>>,
+        binding: Binding,
         scram_offered: bool,
         plus_offered: bool,
     ) -> Result<(), ConnError> {
-        // Bind the exchange to the TLS session when both sides can; tell the
-        // server "I could have" ('y') when it did not offer binding over TLS,
-        // so a man in the middle that stripped -PLUS is detected.
-        let (mechanism, cb) = match (binding, plus_offered) {
-            (Some(hash), true) => (
-                sasl::SCRAM_SHA_256_PLUS,
-                sasl::ChannelBinding::tls_server_end_point(hash),
-            ),
-            (Some(_), false) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
-            (None, _) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
-        };
-        if mechanism == sasl::SCRAM_SHA_256 && !scram_offered {
-            return Err(ConnError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
-        }
+        let (mechanism, cb) = sasl_mechanism(binding, scram_offered, plus_offered)?;
         let mut scram = sasl::ScramSha256::new(password.as_bytes(), cb);
         frontend::sasl_initial_response(mechanism, scram.message(), &mut self.out)?;
         self.send().await?;
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationSaslContinue(body)) => {
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationSaslContinue(body) => {
                 scram.update(body.data()).map_err(ConnError::Scram)?;
             }
-            other => return Self::unexpected(other, "waiting for SASL continue"),
+            other => return Err(Self::refusal(other, "waiting for SASL continue")?),
         }
         frontend::sasl_response(scram.message(), &mut self.out)?;
         self.send().await?;
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationSaslFinal(body)) => {
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationSaslFinal(body) => {
                 scram.finish(body.data()).map_err(ConnError::Scram)?;
             }
-            other => return Self::unexpected(other, "waiting for SASL final"),
+            other => return Err(Self::refusal(other, "waiting for SASL final")?),
         }
         self.expect_auth_ok().await
     }
 
     async fn expect_auth_ok(&mut self) -> Result<(), ConnError> {
-        match self.reader.next().await? {
-            BackendMessage::Other(backend::Message::AuthenticationOk) => Ok(()),
-            other => Self::unexpected(other, "waiting for AuthenticationOk"),
+        match self.next_auth_message().await? {
+            backend::Message::AuthenticationOk => Ok(()),
+            other => Err(Self::refusal(other, "waiting for AuthenticationOk")?),
         }
+    }
+
+    /// The error for a message that does not answer the step: the server's
+    /// own error for an ErrorResponse, else a protocol error. (`Err` when the
+    /// ErrorResponse itself does not parse.)
+    fn refusal(message: backend::Message, during: &str) -> Result<ConnError, ConnError> {
+        match message {
+            backend::Message::ErrorResponse(body) => {
+                Ok(ServerError::from_fields(body.fields())?.into())
+            }
+            other => Ok(ConnError::Protocol(format!(
+                "{} while {during}",
+                message_name(&other)
+            ))),
+        }
+    }
+
+    fn log_notice(notice: &ServerError) {
+        tracing::info!(severity = %notice.severity, code = %notice.code, "postgres: {}", notice.message);
     }
 
     /// Turns a message that should not have come into an error; an
     /// ErrorResponse becomes the server's error, a notice is only logged.
     fn unexpected(message: BackendMessage, during: &str) -> Result<(), ConnError> {
         match message {
-            BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                Err(ServerError::from_fields(body.fields())?.into())
-            }
             BackendMessage::Other(backend::Message::NoticeResponse(body)) => {
-                let notice = ServerError::from_fields(body.fields())?;
-                tracing::info!(severity = %notice.severity, code = %notice.code, "postgres: {}", notice.message);
+                Self::log_notice(&ServerError::from_fields(body.fields())?);
                 Ok(())
             }
             // Parameter changes mid-session (a reload) are of no interest.
             BackendMessage::Other(backend::Message::ParameterStatus(_)) => Ok(()),
+            BackendMessage::Other(other) => Err(Self::refusal(other, during)?),
             other => Err(ConnError::Protocol(format!("{other:?} while {during}"))),
         }
     }
 
-    /// Runs one simple query (a replication command or SQL) and returns its rows.
+    /// Runs one simple query (a replication command or SQL) and returns its
+    /// rows, within `--request-timeout`.
     pub async fn simple_query(&mut self, query: &str) -> Result<Vec<Row>, ConnError> {
+        self.simple_query_within(self.requests.timeout, query).await
+    }
+
+    /// [`Self::simple_query`] within `timeout`.
+    async fn simple_query_within(
+        &mut self,
+        timeout: Duration,
+        query: &str,
+    ) -> Result<Vec<Row>, ConnError> {
+        if let Some(timed_out) = &self.abandoned {
+            return Err(timed_out.clone().into());
+        }
+        let limit = self.requests.clone();
+        let result = limit
+            .run_within(timeout, query, self.unbounded_query(query))
+            .await;
+        result.unwrap_or_else(|timed_out| {
+            self.abandoned = Some(timed_out.clone());
+            Err(timed_out.into())
+        })
+    }
+
+    async fn unbounded_query(&mut self, query: &str) -> Result<Vec<Row>, ConnError> {
         frontend::query(query, &mut self.out)?;
         self.send().await?;
         let mut rows = Vec::new();
@@ -654,7 +735,9 @@ impl ReplicationConnection {
                 SnapshotAction::Discard => "NOEXPORT_SNAPSHOT",
             }
         );
-        let rows = self.simple_query(&query).await?;
+        let rows = self
+            .simple_query_within(self.requests.timeout.max(SLOT_CREATION_TIMEOUT), &query)
+            .await?;
         let row = rows.into_iter().next().ok_or_else(|| {
             ConnError::Protocol("CREATE_REPLICATION_SLOT returned no row".to_owned())
         })?;
@@ -696,24 +779,11 @@ impl ReplicationConnection {
             "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
             quote_ident(slot)
         );
-        frontend::query(&query, &mut self.out)?;
-        self.send().await?;
-        let mut error = None;
-        loop {
-            match self.reader.next().await? {
-                BackendMessage::CopyBothResponse => break,
-                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                    error = Some(ServerError::from_fields(body.fields())?);
-                }
-                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => {
-                    return Err(error.map_or_else(
-                        || ConnError::Protocol("START_REPLICATION ended without streaming".into()),
-                        ConnError::Server,
-                    ));
-                }
-                other => Self::unexpected(other, "starting replication")?,
-            }
+        if let Some(timed_out) = self.abandoned.take() {
+            return Err(timed_out.into());
         }
+        let limit = self.requests.clone();
+        limit.run(&query, self.start_streaming(&query)).await??;
         let cancel = CancellationToken::new();
         let writer = tokio::spawn(status_updates(
             self.writer,
@@ -729,13 +799,89 @@ impl ReplicationConnection {
             silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
         })
     }
+
+    /// Sends `START_REPLICATION ...` and reads up to CopyBothResponse.
+    async fn start_streaming(&mut self, query: &str) -> Result<(), ConnError> {
+        frontend::query(query, &mut self.out)?;
+        self.send().await?;
+        let mut error = None;
+        loop {
+            match self.reader.next().await? {
+                BackendMessage::CopyBothResponse => return Ok(()),
+                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                    error = Some(ServerError::from_fields(body.fields())?);
+                }
+                BackendMessage::Other(backend::Message::ReadyForQuery(_)) => {
+                    return Err(error.map_or_else(
+                        || ConnError::Protocol("START_REPLICATION ended without streaming".into()),
+                        ConnError::Server,
+                    ));
+                }
+                other => Self::unexpected(other, "starting replication")?,
+            }
+        }
+    }
+}
+
+/// The name of a backend message, for errors.
+fn message_name(message: &backend::Message) -> &'static str {
+    use backend::Message as M;
+    match message {
+        M::AuthenticationOk => "AuthenticationOk",
+        M::AuthenticationCleartextPassword => "AuthenticationCleartextPassword",
+        M::AuthenticationMd5Password(_) => "AuthenticationMD5Password",
+        M::AuthenticationSasl(_) => "AuthenticationSASL",
+        M::AuthenticationSaslContinue(_) => "AuthenticationSASLContinue",
+        M::AuthenticationSaslFinal(_) => "AuthenticationSASLFinal",
+        M::BackendKeyData(_) => "BackendKeyData",
+        M::CommandComplete(_) => "CommandComplete",
+        M::CopyData(_) => "CopyData",
+        M::CopyDone => "CopyDone",
+        M::DataRow(_) => "DataRow",
+        M::ErrorResponse(_) => "ErrorResponse",
+        M::NoticeResponse(_) => "NoticeResponse",
+        M::ParameterStatus(_) => "ParameterStatus",
+        M::ReadyForQuery(_) => "ReadyForQuery",
+        M::RowDescription(_) => "RowDescription",
+        _ => "another message",
+    }
+}
+
+/// The TLS session's `tls-server-end-point` channel binding data, or why it
+/// cannot be computed; `None` without TLS.
+type Binding = Option<Result<Vec<u8>, ChannelBindingError>>;
+
+/// The SASL mechanism and channel-binding flag for the mechanisms the server
+/// offered. The exchange is bound to the TLS session when both sides can;
+/// over TLS without -PLUS on offer, the client says "I could have" (`y`), so
+/// a man in the middle that stripped -PLUS is detected. A server that offers
+/// binding over TLS gets it, or an error saying why not (as from libpq):
+/// never a quiet exchange without it.
+fn sasl_mechanism(
+    binding: Binding,
+    scram_offered: bool,
+    plus_offered: bool,
+) -> Result<(&'static str, sasl::ChannelBinding), ConnError> {
+    let (mechanism, cb) = match (binding, plus_offered) {
+        (Some(Ok(hash)), true) => (
+            sasl::SCRAM_SHA_256_PLUS,
+            sasl::ChannelBinding::tls_server_end_point(hash),
+        ),
+        (Some(Err(why)), true) => return Err(ConnError::ChannelBinding(why)),
+        (Some(_), false) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+        (None, _) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+    };
+    if mechanism == sasl::SCRAM_SHA_256 && !scram_offered {
+        return Err(ConnError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
+    }
+    Ok((mechanism, cb))
 }
 
 async fn start_tls(
     mut tcp: TcpStream,
     tls: TlsSetup,
     target: &str,
-) -> Result<(Socket, Option<Vec<u8>>), ConnError> {
+) -> Result<(Socket, Binding), ConnError> {
     let mut buf = BytesMut::new();
     frontend::ssl_request(&mut buf);
     tcp.write_all(&buf).await?;
@@ -766,7 +912,7 @@ async fn start_tls(
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|cert| channel_binding(cert));
+        .map(|cert| channel_binding(cert));
     Ok((Socket::Tls(Box::new(stream)), binding))
 }
 
@@ -1028,6 +1174,33 @@ mod tests {
         fb.received(Lsn(400));
         assert_eq!(fb.status().write, Lsn(400));
         assert_eq!(fb.status().flush, Lsn(300));
+    }
+
+    #[test]
+    fn scram_binds_when_it_can_and_never_quietly_skips_an_offered_binding() {
+        let mechanism =
+            |binding: Binding, plus: bool| sasl_mechanism(binding, true, plus).map(|(m, _)| m);
+        assert_eq!(
+            mechanism(Some(Ok(vec![1; 32])), true).unwrap(),
+            sasl::SCRAM_SHA_256_PLUS
+        );
+        assert_eq!(
+            mechanism(Some(Ok(vec![1; 32])), false).unwrap(),
+            sasl::SCRAM_SHA_256
+        );
+        assert_eq!(mechanism(None, true).unwrap(), sasl::SCRAM_SHA_256);
+        let unbindable = Some(Err(ChannelBindingError::NoHash("Ed25519")));
+        let err = mechanism(unbindable.clone(), true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConnError::ChannelBinding(ChannelBindingError::NoHash(_))
+            ),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        // No -PLUS on offer: plain SCRAM, telling the server binding was possible.
+        assert_eq!(mechanism(unbindable, false).unwrap(), sasl::SCRAM_SHA_256);
     }
 
     #[test]

@@ -1,14 +1,24 @@
 //! The ordinary SQL connection, beside the replication connection: setup
 //! checks and, later, slot state and lag.
 //!
-//! It is a plain tokio-postgres client with the same parameters and the same
-//! TLS verification as the replication connection.
+//! It is a tokio-postgres client with the same parameters and the same TLS
+//! verification as the replication connection, wrapped in [`Client`] so
+//! that every request is bounded by `--request-timeout` (see
+//! [`super::request`]): a request that times out cuts the connection, whose
+//! late answer must not be read and whose backend may be stuck, and the
+//! caller connects again.
+use std::future::Future;
+
 use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, IsolationLevel, Row};
+use tokio_util::sync::CancellationToken;
 
 use super::conn::ServerError;
 use super::params::{ConnectParams, SslMode};
+use super::request::{RequestLimit, TimedOut};
 use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
-use crate::event::TableName;
+use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, TableName, VALUE_COLUMN};
 
 /// The server cannot stream the events table as configured.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +45,7 @@ pub enum SetupError {
 /// Checks that the server decodes logically and that `publication`
 /// publishes the inserts of `table`.
 pub async fn verify_source(
-    client: &tokio_postgres::Client,
+    client: &Client,
     publication: &str,
     table: &TableName,
 ) -> Result<(), SetupError> {
@@ -43,11 +53,13 @@ pub async fn verify_source(
     if level != "logical" {
         return Err(SetupError::WalLevel(level));
     }
-    let problem = match publication_state(client, publication, table).await? {
+    let needed = [KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
+    let problem = match publication_state(client, publication, table, &needed).await? {
         PublicationState::Ok => return Ok(()),
         PublicationState::Missing => "does not exist".to_owned(),
         PublicationState::TableNotIncluded => format!("does not include {table}"),
         PublicationState::InsertsNotPublished => "does not publish inserts".to_owned(),
+        PublicationState::Restricted(restriction) => restriction.describe(table),
     };
     Err(SetupError::Publication {
         publication: publication.to_owned(),
@@ -64,6 +76,9 @@ pub enum MetadataError {
     /// Connecting or querying failed.
     #[error("PostgreSQL (metadata connection): {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// Connecting or a request got no answer in time (transient).
+    #[error("metadata connection: {0}")]
+    Timeout(#[from] TimedOut),
 }
 
 impl MetadataError {
@@ -71,7 +86,7 @@ impl MetadataError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             MetadataError::Postgres(e) => e.code().map(tokio_postgres::error::SqlState::code),
-            MetadataError::Tls(_) => None,
+            MetadataError::Tls(_) | MetadataError::Timeout(_) => None,
         }
     }
 }
@@ -96,8 +111,141 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Opens the metadata connection and drives it on a task of its own.
-pub async fn connect(params: &ConnectParams) -> Result<tokio_postgres::Client, MetadataError> {
+/// A connection or transaction whose every request is bounded by
+/// `--request-timeout`: the methods of tokio-postgres, with [`MetadataError`].
+#[derive(Debug)]
+pub struct Bounded<C> {
+    inner: C,
+    guard: Guard,
+}
+
+/// The metadata connection.
+pub type Client = Bounded<tokio_postgres::Client>;
+
+/// A transaction on the metadata connection. Dropped without
+/// [`Transaction::commit`], it rolls back.
+pub type Transaction<'a> = Bounded<tokio_postgres::Transaction<'a>>;
+
+/// What bounds the requests of one connection, and cuts it when one times out.
+#[derive(Debug, Clone)]
+struct Guard {
+    requests: RequestLimit,
+    /// Ends the task that drives the connection, closing its socket.
+    cut: CancellationToken,
+}
+
+impl Guard {
+    async fn run<T>(
+        &self,
+        sql: &str,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, MetadataError> {
+        match self.requests.run(sql, request).await {
+            Ok(answer) => Ok(answer?),
+            Err(timed_out) => {
+                self.cut.cancel();
+                Err(timed_out.into())
+            }
+        }
+    }
+}
+
+impl<C: GenericClient + Sync> Bounded<C> {
+    /// Runs `sql` and returns its rows.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, MetadataError> {
+        self.guard.run(sql, self.inner.query(sql, params)).await
+    }
+
+    /// Runs `sql`, which returns exactly one row.
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, MetadataError> {
+        self.guard.run(sql, self.inner.query_one(sql, params)).await
+    }
+
+    /// Runs `sql`, which returns at most one row.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, MetadataError> {
+        self.guard.run(sql, self.inner.query_opt(sql, params)).await
+    }
+
+    /// Runs `sql` and returns the number of rows it touched.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, MetadataError> {
+        self.guard.run(sql, self.inner.execute(sql, params)).await
+    }
+
+    /// Runs statements separated by semicolons, without parameters.
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), MetadataError> {
+        self.guard.run(sql, self.inner.batch_execute(sql)).await
+    }
+}
+
+impl Client {
+    /// Whether the connection is gone, cut after a timeout included.
+    pub fn is_closed(&self) -> bool {
+        self.guard.cut.is_cancelled() || self.inner.is_closed()
+    }
+
+    /// Starts a read-only `REPEATABLE READ` transaction (for the snapshot).
+    pub async fn read_only_transaction(&mut self) -> Result<Transaction<'_>, MetadataError> {
+        let guard = self.guard.clone();
+        let start = self
+            .inner
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start();
+        let inner = guard
+            .run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", start)
+            .await?;
+        Ok(Bounded { inner, guard })
+    }
+}
+
+impl Transaction<'_> {
+    /// Commits.
+    pub async fn commit(self) -> Result<(), MetadataError> {
+        let Bounded { inner, guard } = self;
+        guard.run("COMMIT", inner.commit()).await
+    }
+}
+
+/// Opens the metadata connection, within `connect_timeout`, and drives it on
+/// a task of its own.
+pub async fn connect(params: &ConnectParams) -> Result<Client, MetadataError> {
+    let cut = CancellationToken::new();
+    let inner = tokio::time::timeout(params.connect_timeout, connect_raw(params, &cut))
+        .await
+        .map_err(|_| TimedOut {
+            request: "connecting (TCP, TLS and authentication)".to_owned(),
+            after: params.connect_timeout,
+        })??;
+    Ok(Bounded {
+        inner,
+        guard: Guard {
+            requests: params.requests.clone(),
+            cut,
+        },
+    })
+}
+
+async fn connect_raw(
+    params: &ConnectParams,
+    cut: &CancellationToken,
+) -> Result<tokio_postgres::Client, MetadataError> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&params.host)
@@ -123,26 +271,35 @@ pub async fn connect(params: &ConnectParams) -> Result<tokio_postgres::Client, M
     // The two arms differ in the connection's stream type, so each spawns its own.
     if let Some(tls) = TlsSetup::new(params)? {
         let (client, connection) = config.connect(MakeRustlsConnect(tls)).await?;
-        tokio::spawn(drive(connection));
+        tokio::spawn(drive(connection, cut.clone()));
         Ok(client)
     } else {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(drive(connection));
+        tokio::spawn(drive(connection, cut.clone()));
         Ok(client)
     }
 }
 
-async fn drive<F>(connection: F)
+/// Drives the connection until it ends or is cut (dropping it closes the
+/// socket, and the client then reports itself closed).
+async fn drive<F>(connection: F, cut: CancellationToken)
 where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    F: Future<Output = Result<(), tokio_postgres::Error>>,
 {
-    if let Err(error) = connection.await {
-        tracing::warn!(error = %error, "metadata connection to PostgreSQL ended");
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::warn!(error = %error, "metadata connection to PostgreSQL ended");
+            }
+        }
+        () = cut.cancelled() => {
+            tracing::debug!("metadata connection cut after a request timed out");
+        }
     }
 }
 
 /// The server's `wal_level`.
-pub async fn wal_level(client: &tokio_postgres::Client) -> Result<String, MetadataError> {
+pub async fn wal_level(client: &Client) -> Result<String, MetadataError> {
     Ok(client
         .query_one("SELECT current_setting('wal_level')", &[])
         .await?
@@ -150,7 +307,7 @@ pub async fn wal_level(client: &tokio_postgres::Client) -> Result<String, Metada
 }
 
 /// How a publication relates to the events table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicationState {
     /// No publication of that name.
     Missing,
@@ -158,15 +315,66 @@ pub enum PublicationState {
     TableNotIncluded,
     /// It includes the table but does not publish inserts.
     InsertsNotPublished,
-    /// It publishes the table's inserts.
+    /// It publishes the table's inserts, but not all of them or not whole
+    /// (PostgreSQL 15+).
+    Restricted(Restriction),
+    /// It publishes every insert of the table with the columns walrelay needs.
     Ok,
 }
 
-/// Whether `publication` publishes the inserts of `table`.
+/// What a PostgreSQL 15+ publication holds back of the table's inserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restriction {
+    /// The row filter (`WHERE ...` of the publication), if any: rows it
+    /// rejects are never decoded, so never published.
+    pub row_filter: Option<String>,
+    /// Columns walrelay needs that the publication's column list leaves out.
+    pub left_out: Vec<String>,
+}
+
+impl Restriction {
+    /// What is wrong, as a phrase after the publication's name.
+    pub fn describe(&self, table: &TableName) -> String {
+        let mut problems = Vec::new();
+        if let Some(filter) = &self.row_filter {
+            problems.push(format!(
+                "filters the rows of {table} (WHERE {filter}): the rows it rejects are never published"
+            ));
+        }
+        if !self.left_out.is_empty() {
+            problems.push(format!(
+                "has a column list for {table} that leaves out {:?}, which walrelay needs",
+                self.left_out
+            ));
+        }
+        problems.join(", and ")
+    }
+
+    /// The statements that remove the filter and the column list, in one
+    /// transaction so that no insert goes unpublished meanwhile.
+    pub fn fix(publication: &str, table: &TableName) -> String {
+        let (publication, table) = (
+            super::conn::quote_ident(publication),
+            format!(
+                "{}.{}",
+                super::conn::quote_ident(&table.schema),
+                super::conn::quote_ident(&table.name)
+            ),
+        );
+        format!(
+            "BEGIN; ALTER PUBLICATION {publication} DROP TABLE {table}; \
+             ALTER PUBLICATION {publication} ADD TABLE {table}; COMMIT;"
+        )
+    }
+}
+
+/// Whether `publication` publishes every insert of `table` with the columns
+/// in `needed`.
 pub async fn publication_state(
-    client: &tokio_postgres::Client,
+    client: &Client,
     publication: &str,
     table: &TableName,
+    needed: &[&str],
 ) -> Result<PublicationState, MetadataError> {
     let Some(row) = client
         .query_opt(
@@ -178,17 +386,44 @@ pub async fn publication_state(
         return Ok(PublicationState::Missing);
     };
     let inserts: bool = row.get(0);
-    let included = client
+    // pg_publication_tables resolves FOR ALL TABLES and FOR TABLES IN SCHEMA
+    // too. Its rowfilter and attnames columns exist from PostgreSQL 15 on;
+    // read through to_jsonb, they are NULL before. attnames lists every
+    // column when the publication has no column list.
+    let Some(row) = client
         .query_opt(
-            "SELECT 1 FROM pg_publication_tables \
-             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            "SELECT to_jsonb(pt) ->> 'rowfilter',
+                    CASE WHEN to_jsonb(pt) -> 'attnames' IS NOT NULL
+                         THEN ARRAY(SELECT jsonb_array_elements_text(to_jsonb(pt) -> 'attnames'))
+                    END
+               FROM pg_publication_tables pt
+              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
             &[&publication, &table.schema, &table.name],
         )
         .await?
-        .is_some();
-    Ok(match (included, inserts) {
-        (false, _) => PublicationState::TableNotIncluded,
-        (true, false) => PublicationState::InsertsNotPublished,
-        (true, true) => PublicationState::Ok,
+    else {
+        return Ok(PublicationState::TableNotIncluded);
+    };
+    if !inserts {
+        return Ok(PublicationState::InsertsNotPublished);
+    }
+    let row_filter: Option<String> = row.get(0);
+    let columns: Option<Vec<String>> = row.get(1);
+    let left_out: Vec<String> = columns
+        .map(|published| {
+            needed
+                .iter()
+                .filter(|c| !published.iter().any(|p| p == *c))
+                .map(|c| (*c).to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(if row_filter.is_none() && left_out.is_empty() {
+        PublicationState::Ok
+    } else {
+        PublicationState::Restricted(Restriction {
+            row_filter,
+            left_out,
+        })
     })
 }

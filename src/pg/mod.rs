@@ -5,4 +5,5 @@ pub mod metadata;
 pub mod params;
 pub mod pgoutput;
 pub mod protocol;
+pub mod request;
 pub mod tls;

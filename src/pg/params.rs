@@ -12,6 +12,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::request::RequestLimit;
+
 /// The default port of PostgreSQL.
 pub const DEFAULT_PORT: u16 = 5432;
 /// The default connect timeout when the URL names none.
@@ -89,6 +91,9 @@ pub struct ConnectParams {
     pub application_name: String,
     /// How long a TCP connect plus TLS and authentication may take.
     pub connect_timeout: Duration,
+    /// How long each request may then wait for an answer, and where waiting
+    /// requests are listed (not part of the URL: `--request-timeout`).
+    pub requests: RequestLimit,
 }
 
 /// A connection URL that cannot be used.
@@ -238,6 +243,7 @@ impl ConnectParams {
                 .or_else(|| env("PGAPPNAME"))
                 .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned()),
             connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            requests: RequestLimit::default(),
         })
     }
 
@@ -291,6 +297,7 @@ impl fmt::Debug for ConnectParams {
             .field("sslrootcert", &self.sslrootcert)
             .field("application_name", &self.application_name)
             .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.requests.timeout)
             .finish()
     }
 }

@@ -14,8 +14,10 @@
 //!
 //! SCRAM channel binding (`tls-server-end-point`) hashes the server's
 //! certificate with the hash of its signature algorithm (SHA-256 for MD5 and
-//! SHA-1, RFC 5929 section 4.1); [`channel_binding`] computes it for both
-//! connections.
+//! SHA-1, RFC 5929 section 4.1; for RSASSA-PSS the hash in its parameters);
+//! [`channel_binding`] computes it for both connections, or says why it
+//! cannot (Ed25519 and Ed448 sign without a separate hash, so no binding is
+//! defined for them).
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -280,34 +282,140 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
-/// The `tls-server-end-point` channel binding data for a server certificate:
-/// its DER hashed with the hash of its signature algorithm. `None` for an
-/// algorithm without a defined hash (SCRAM then runs without binding).
-pub fn channel_binding(cert: &[u8]) -> Option<Vec<u8>> {
-    use x509_cert::der::Decode;
-    use x509_cert::der::oid::db::rfc5912 as oids;
+/// Why the `tls-server-end-point` channel binding of a server certificate
+/// cannot be computed. SCRAM must then not bind, and since a server that
+/// offers SCRAM-SHA-256-PLUS expects binding over TLS, authentication fails
+/// with this reason rather than quietly running unbound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelBindingError {
+    /// The certificate does not parse as X.509.
+    #[error("the server's certificate cannot be parsed for channel binding: {0}")]
+    Certificate(#[source] x509_cert::der::Error),
+    /// RSASSA-PSS whose parameters do not parse.
+    #[error("the RSASSA-PSS parameters of the server's certificate cannot be parsed: {0}")]
+    PssParameters(#[source] x509_cert::der::Error),
+    /// A signature algorithm without a separate hash (Ed25519, Ed448).
+    #[error(
+        "the server's certificate is signed with {0}, which uses no separate hash function, so \
+         RFC 5929 defines no tls-server-end-point channel binding for it (libpq fails the same \
+         way: \"could not find digest for NID UNDEF\"); give the server an RSA or ECDSA \
+         certificate"
+    )]
+    NoHash(&'static str),
+    /// A hash walrelay cannot compute.
+    #[error(
+        "the server's certificate is signed with {0}, which walrelay cannot compute for channel \
+         binding; give the server a certificate signed with SHA-256, SHA-384 or SHA-512"
+    )]
+    UnsupportedHash(&'static str),
+    /// A signature algorithm walrelay does not know.
+    #[error(
+        "the server's certificate has signature algorithm {0}, for which walrelay knows no \
+         channel-binding hash; give the server an RSA or ECDSA certificate"
+    )]
+    UnknownAlgorithm(x509_cert::der::oid::ObjectIdentifier),
+}
 
-    let parsed = x509_cert::Certificate::from_der(cert).ok()?;
-    let oid = parsed.signature_algorithm.oid;
-    let algorithm = if [
-        oids::MD_5_WITH_RSA_ENCRYPTION,
-        oids::SHA_1_WITH_RSA_ENCRYPTION,
-        oids::SHA_256_WITH_RSA_ENCRYPTION,
-        oids::ECDSA_WITH_SHA_256,
-        oids::DSA_WITH_SHA_1,
-        oids::ID_RSASSA_PSS,
-    ]
-    .contains(&oid)
-    {
-        &ring::digest::SHA256
-    } else if [oids::SHA_384_WITH_RSA_ENCRYPTION, oids::ECDSA_WITH_SHA_384].contains(&oid) {
-        &ring::digest::SHA384
-    } else if [oids::SHA_512_WITH_RSA_ENCRYPTION, oids::ECDSA_WITH_SHA_512].contains(&oid) {
-        &ring::digest::SHA512
-    } else {
-        return None;
+/// The hash a certificate's signature algorithm names, as RFC 5929 section
+/// 4.1 uses it.
+enum SignatureHash {
+    /// MD5 or SHA-1: binding uses SHA-256 instead.
+    Weak,
+    /// The hash itself.
+    Ring(&'static ring::digest::Algorithm),
+    /// A hash ring does not implement.
+    Unsupported(&'static str),
+}
+
+/// The hash of a digest algorithm's OID (as RSASSA-PSS parameters name it).
+fn digest_hash(oid: x509_cert::der::oid::ObjectIdentifier) -> Option<SignatureHash> {
+    use x509_cert::der::oid::db::rfc5912 as oids;
+    Some(match oid {
+        oids::ID_MD_5 | oids::ID_SHA_1 => SignatureHash::Weak,
+        oids::ID_SHA_224 => SignatureHash::Unsupported("SHA-224"),
+        oids::ID_SHA_256 => SignatureHash::Ring(&ring::digest::SHA256),
+        oids::ID_SHA_384 => SignatureHash::Ring(&ring::digest::SHA384),
+        oids::ID_SHA_512 => SignatureHash::Ring(&ring::digest::SHA512),
+        _ => return None,
+    })
+}
+
+/// The hash named in RSASSA-PSS parameters (RFC 4055: a SEQUENCE whose
+/// first field, `[0] EXPLICIT hashAlgorithm`, defaults to SHA-1).
+fn pss_hash(
+    parameters: Option<&x509_cert::der::Any>,
+) -> Result<x509_cert::der::oid::ObjectIdentifier, ChannelBindingError> {
+    use x509_cert::der::asn1::ContextSpecific;
+    use x509_cert::der::{Reader, TagNumber};
+    use x509_cert::spki::AlgorithmIdentifierOwned;
+
+    let sha1 = x509_cert::der::oid::db::rfc5912::ID_SHA_1;
+    let Some(parameters) = parameters else {
+        // Absent parameters mean every default.
+        return Ok(sha1);
     };
-    Some(ring::digest::digest(algorithm, cert).as_ref().to_vec())
+    parameters
+        .sequence(|reader| {
+            let hash = ContextSpecific::<AlgorithmIdentifierOwned>::decode_explicit(
+                reader,
+                TagNumber::N0,
+            )?;
+            // The mask generation function, salt length and trailer do not matter here.
+            let rest = reader.remaining_len();
+            reader.read_slice(rest)?;
+            Ok(hash.map_or(sha1, |h| h.value.oid))
+        })
+        .map_err(ChannelBindingError::PssParameters)
+}
+
+/// The `tls-server-end-point` channel binding data for a server certificate
+/// (RFC 5929 section 4.1, as libpq computes it): the certificate's DER hashed
+/// with the hash of its signature algorithm, SHA-256 where that is MD5 or
+/// SHA-1, and for RSASSA-PSS the hash its parameters name.
+pub fn channel_binding(cert: &[u8]) -> Result<Vec<u8>, ChannelBindingError> {
+    use x509_cert::der::Decode;
+    use x509_cert::der::oid::ObjectIdentifier;
+    use x509_cert::der::oid::db::{rfc5912 as oids, rfc8410};
+
+    /// ecdsa-with-SHA1 (ANSI X9.62), which the OID database lacks.
+    const ECDSA_WITH_SHA_1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.1");
+
+    let parsed =
+        x509_cert::Certificate::from_der(cert).map_err(ChannelBindingError::Certificate)?;
+    let algorithm = &parsed.signature_algorithm;
+    let hash = match algorithm.oid {
+        oids::MD_5_WITH_RSA_ENCRYPTION
+        | oids::SHA_1_WITH_RSA_ENCRYPTION
+        | oids::DSA_WITH_SHA_1
+        | ECDSA_WITH_SHA_1 => SignatureHash::Weak,
+        oids::SHA_224_WITH_RSA_ENCRYPTION | oids::ECDSA_WITH_SHA_224 | oids::DSA_WITH_SHA_224 => {
+            SignatureHash::Unsupported("SHA-224")
+        }
+        oids::SHA_256_WITH_RSA_ENCRYPTION | oids::ECDSA_WITH_SHA_256 | oids::DSA_WITH_SHA_256 => {
+            SignatureHash::Ring(&ring::digest::SHA256)
+        }
+        oids::SHA_384_WITH_RSA_ENCRYPTION | oids::ECDSA_WITH_SHA_384 => {
+            SignatureHash::Ring(&ring::digest::SHA384)
+        }
+        oids::SHA_512_WITH_RSA_ENCRYPTION | oids::ECDSA_WITH_SHA_512 => {
+            SignatureHash::Ring(&ring::digest::SHA512)
+        }
+        oids::ID_RSASSA_PSS => {
+            let oid = pss_hash(algorithm.parameters.as_ref())?;
+            digest_hash(oid).ok_or(ChannelBindingError::UnknownAlgorithm(oid))?
+        }
+        rfc8410::ID_ED_25519 => return Err(ChannelBindingError::NoHash("Ed25519")),
+        rfc8410::ID_ED_448 => return Err(ChannelBindingError::NoHash("Ed448")),
+        other => return Err(ChannelBindingError::UnknownAlgorithm(other)),
+    };
+    let digest = match hash {
+        SignatureHash::Weak => &ring::digest::SHA256,
+        SignatureHash::Ring(digest) => digest,
+        SignatureHash::Unsupported(name) => {
+            return Err(ChannelBindingError::UnsupportedHash(name));
+        }
+    };
+    Ok(ring::digest::digest(digest, cert).as_ref().to_vec())
 }
 
 /// [`MakeTlsConnect`] for the tokio-postgres metadata connection, with the
@@ -356,11 +464,19 @@ pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
         let (_, session) = self.0.get_ref();
-        session
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|cert| channel_binding(cert))
-            .map_or_else(ChannelBinding::none, ChannelBinding::tls_server_end_point)
+        let Some(cert) = session.peer_certificates().and_then(|certs| certs.first()) else {
+            return ChannelBinding::none();
+        };
+        match channel_binding(cert) {
+            Ok(hash) => ChannelBinding::tls_server_end_point(hash),
+            Err(error) => {
+                // tokio-postgres then tells a server that offers
+                // SCRAM-SHA-256-PLUS that it could not bind, which the
+                // server refuses: say why.
+                tracing::warn!(error = %error, "cannot bind SCRAM to the TLS session of the metadata connection");
+                ChannelBinding::none()
+            }
+        }
     }
 }
 
@@ -396,33 +512,85 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn channel_binding_hashes_the_certificate_with_its_signature_hash() {
-        // rcgen signs with ECDSA P-256 and SHA-256 by default.
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+    /// A self-signed certificate from rcgen with `algorithm`.
+    fn rcgen_cert(algorithm: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(algorithm).unwrap();
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()])
             .unwrap()
             .self_signed(&key)
-            .unwrap();
-        let der = cert.der();
-        let expected = ring::digest::digest(&ring::digest::SHA256, der);
-        assert_eq!(channel_binding(der).as_deref(), Some(expected.as_ref()));
+            .unwrap()
+            .der()
+            .to_vec()
+    }
 
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let expected = ring::digest::digest(&ring::digest::SHA384, cert.der());
+    fn hash(algorithm: &'static ring::digest::Algorithm, der: &[u8]) -> Vec<u8> {
+        ring::digest::digest(algorithm, der).as_ref().to_vec()
+    }
+
+    // The RSA fixtures are self-signed certificates made with OpenSSL 3.0
+    // (ring cannot make RSA keys, rcgen cannot sign RSASSA-PSS):
+    //   openssl req -x509 -newkey rsa:2048 -nodes -keyout k.pem -subj /CN=localhost \
+    //     -days 36500 -sha384 [-sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:digest] \
+    //     -outform DER -out rsa[-pss]-sha384.der
+    const RSA_SHA1: &[u8] = include_bytes!("fixtures/certs/rsa-sha1.der");
+    const RSA_SHA224: &[u8] = include_bytes!("fixtures/certs/rsa-sha224.der");
+    const RSA_SHA256: &[u8] = include_bytes!("fixtures/certs/rsa-sha256.der");
+    const RSA_SHA384: &[u8] = include_bytes!("fixtures/certs/rsa-sha384.der");
+    const RSA_SHA512: &[u8] = include_bytes!("fixtures/certs/rsa-sha512.der");
+    /// RSASSA-PSS with every parameter at its default: SHA-1.
+    const RSA_PSS_SHA1: &[u8] = include_bytes!("fixtures/certs/rsa-pss-sha1.der");
+    const RSA_PSS_SHA256: &[u8] = include_bytes!("fixtures/certs/rsa-pss-sha256.der");
+    const RSA_PSS_SHA384: &[u8] = include_bytes!("fixtures/certs/rsa-pss-sha384.der");
+    const RSA_PSS_SHA512: &[u8] = include_bytes!("fixtures/certs/rsa-pss-sha512.der");
+
+    #[test]
+    fn channel_binding_hashes_with_the_signature_hash_sha256_for_md5_and_sha1() {
+        use ring::digest::{SHA256, SHA384, SHA512};
+        let p256 = rcgen_cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let p384 = rcgen_cert(&rcgen::PKCS_ECDSA_P384_SHA384);
+        let cases: [(&str, &[u8], &'static ring::digest::Algorithm); 9] = [
+            ("RSA SHA-1", RSA_SHA1, &SHA256),
+            ("RSA SHA-256", RSA_SHA256, &SHA256),
+            ("RSA SHA-384", RSA_SHA384, &SHA384),
+            ("RSA SHA-512", RSA_SHA512, &SHA512),
+            ("ECDSA P-256", &p256, &SHA256),
+            ("ECDSA P-384", &p384, &SHA384),
+            ("RSA-PSS default (SHA-1)", RSA_PSS_SHA1, &SHA256),
+            ("RSA-PSS SHA-256", RSA_PSS_SHA256, &SHA256),
+            ("RSA-PSS SHA-384", RSA_PSS_SHA384, &SHA384),
+        ];
+        for (name, der, algorithm) in cases {
+            assert_eq!(channel_binding(der), Ok(hash(algorithm, der)), "{name}");
+        }
         assert_eq!(
-            channel_binding(cert.der()).as_deref(),
-            Some(expected.as_ref())
+            channel_binding(RSA_PSS_SHA512),
+            Ok(hash(&SHA512, RSA_PSS_SHA512))
         );
+        // What OpenSSL's X509_digest, libpq's hash, gives for the PSS SHA-384
+        // certificate (openssl x509 -inform DER -noout -fingerprint -sha384).
+        let openssl = "28:45:EB:45:F5:9C:89:97:25:12:4C:75:2B:65:7C:CE:64:13:14:E4:09:9C:34:CD:\
+                       78:CC:8C:C1:17:8B:F0:A5:C0:31:4F:7F:E8:34:33:8E:70:C1:C3:4B:80:8E:21:FD";
+        let ours = channel_binding(RSA_PSS_SHA384).unwrap();
+        let ours: Vec<String> = ours.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(ours.join(":"), openssl);
     }
 
     #[test]
-    fn garbage_has_no_channel_binding() {
-        assert_eq!(channel_binding(b"not a certificate"), None);
+    fn channel_binding_that_cannot_be_computed_says_why() {
+        // Ed25519 signs without a separate hash: no binding is defined, and
+        // libpq fails ("could not find digest for NID UNDEF").
+        let ed25519 = rcgen_cert(&rcgen::PKCS_ED25519);
+        let err = channel_binding(&ed25519).unwrap_err();
+        assert_eq!(err, ChannelBindingError::NoHash("Ed25519"));
+        assert!(err.to_string().contains("RSA or ECDSA"), "{err}");
+        assert_eq!(
+            channel_binding(RSA_SHA224),
+            Err(ChannelBindingError::UnsupportedHash("SHA-224"))
+        );
+        assert!(matches!(
+            channel_binding(b"not a certificate"),
+            Err(ChannelBindingError::Certificate(_))
+        ));
     }
 
     #[test]

@@ -122,3 +122,86 @@ async fn a_server_without_logical_decoding_and_an_unreachable_broker_are_both_re
         "{output}"
     );
 }
+
+#[tokio::test]
+async fn a_row_filter_or_a_column_list_that_hides_events_is_reported_with_its_fix() {
+    let pg = PgServer::start_default().await;
+    assert!(
+        pg.version_num() >= 150_000,
+        "row filters need PostgreSQL 15"
+    );
+    let kafka = Kafka::start(1, 3);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    pg.psql("ALTER PUBLICATION walrelay_events SET TABLE events WHERE (event_type <> 'Internal');")
+        .await;
+    let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(2), "{output}");
+    let found = problems(&output);
+    assert!(
+        found.len() == 1
+            && found[0].contains(
+                "filters the rows of public.events (WHERE (event_type <> 'Internal'::text))"
+            ),
+        "{output}"
+    );
+    let fix = "BEGIN; ALTER PUBLICATION \"walrelay_events\" DROP TABLE \"public\".\"events\"; \
+               ALTER PUBLICATION \"walrelay_events\" ADD TABLE \"public\".\"events\"; COMMIT;";
+    assert!(output.contains(&format!("fix: {fix}")), "{output}");
+
+    // run refuses to start rather than skip the rows the filter hides.
+    let mut relay = Walrelay::spawn(
+        &[
+            "run",
+            "--postgres-url",
+            &url,
+            "--kafka-brokers",
+            "127.0.0.1:1",
+        ],
+        &[],
+    );
+    assert_eq!(
+        relay.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        relay.stderr_text()
+    );
+    assert!(
+        relay
+            .stderr_text()
+            .contains("filters the rows of public.events"),
+        "{}",
+        relay.stderr_text()
+    );
+
+    // The fix as given clears it.
+    pg.psql(fix).await;
+    let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(0), "{output}");
+
+    // A column list without seq_nr (and, for the topic, tenant).
+    pg.psql(
+        "ALTER TABLE events ADD COLUMN tenant text;
+         ALTER PUBLICATION walrelay_events SET TABLE events (aggregate_id, event_type, payload);",
+    )
+    .await;
+    let (code, output) = check(
+        &url,
+        &kafka.bootstrap(),
+        &[
+            "--topic",
+            "events.{tenant}",
+            "--allow-aggregate-across-topics",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        problems(&output).iter().any(|l| l.contains(
+            "has a column list for public.events that leaves out [\"seq_nr\", \"tenant\"], which walrelay needs"
+        )),
+        "{output}"
+    );
+    pg.psql(fix).await;
+    let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(0), "{output}");
+}

@@ -25,6 +25,30 @@ async fn bad_run_configuration_exits_2_naming_the_setting() {
             "acks",
         ),
         ([&base[..], &["--topic", "{unclosed"]].concat(), "--topic"),
+        // One aggregate could reach two topics.
+        (
+            [&base[..], &["--topic", "events.{event_type}"]].concat(),
+            "--allow-aggregate-across-topics",
+        ),
+        // One aggregate could reach two partitions.
+        (
+            [&base[..], &["--kafka-property", "partitioner=random"]].concat(),
+            "partitioner=random: not allowed",
+        ),
+        // Dead-letter records would land among the events.
+        (
+            [
+                &base[..],
+                &[
+                    "--on-poison",
+                    "dead-letter",
+                    "--dead-letter-topic",
+                    "events",
+                ],
+            ]
+            .concat(),
+            "--dead-letter-topic",
+        ),
         (
             [&base[..], &["--create-slot=maybe"]].concat(),
             "create-slot",

@@ -163,3 +163,53 @@ async fn an_update_that_slipped_past_the_guard_halts_or_is_skipped_but_never_pub
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_table_renamed_while_streaming_stops_walrelay_naming_both_names_and_loses_nothing() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    let row = |table: &str, seq: i32| {
+        format!(
+            "INSERT INTO {table} (aggregate_id, seq_nr, event_type, payload) VALUES ('a', {seq}, 'Ok', '{{}}');"
+        )
+    };
+    pg.psql(&row("events", 1)).await;
+    let before = current_lsn(&pg).await;
+    wait_confirmed(&pg, "walrelay", before).await;
+    pg.psql("ALTER TABLE events RENAME TO events_v2;").await;
+    pg.psql(&row("events_v2", 2)).await;
+    let after = current_lsn(&pg).await;
+
+    assert_eq!(
+        relay.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        relay.stderr_text()
+    );
+    let logs = relay.stderr_text();
+    assert!(
+        logs.contains("the events table public.events (OID ")
+            && logs.contains("is named public.events_v2")
+            && logs.contains("restart with --table public.events_v2"),
+        "{logs}"
+    );
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(
+        confirmed >= before && confirmed < after,
+        "{confirmed} not between {before} and {after}"
+    );
+
+    // The fix the error gives: the held-back row arrives, nothing is lost.
+    let (mut relay, _) =
+        Walrelay::run(&url, &kafka.bootstrap(), &["--table", "public.events_v2"]).await;
+    wait_confirmed(&pg, "walrelay", after).await;
+    let records = kafka.read("events", 2, WAIT);
+    let seqs: Vec<i64> = records
+        .iter()
+        .map(crate::support::kafka::Record::seq_nr)
+        .collect();
+    assert_eq!(seqs, [1, 2], "{records:?}");
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}

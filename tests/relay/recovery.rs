@@ -303,3 +303,96 @@ async fn the_password_file_works_and_no_secret_leaks_into_logs_or_metrics() {
         "the password is in the logs"
     );
 }
+
+/// `/readyz`, or `None` while nothing listens yet.
+fn readyz(addr: std::net::SocketAddr) -> Option<(u16, String)> {
+    std::net::TcpStream::connect(addr).ok()?;
+    Some(http_get(addr, "/readyz"))
+}
+
+/// The backends of walrelay's connections that wait on a lock.
+async fn walrelay_backends_waiting_on_a_lock(pg: &PgServer) -> Vec<i32> {
+    pg.psql(
+        "SELECT string_agg(pid::text, ',') FROM pg_stat_activity
+          WHERE application_name = 'walrelay' AND wait_event_type = 'Lock'",
+    )
+    .await
+    .split(',')
+    .filter_map(|pid| pid.parse().ok())
+    .collect()
+}
+
+#[tokio::test]
+async fn a_metadata_query_that_never_returns_is_abandoned_and_readyz_names_it() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    // The publication check at start waits for this lock.
+    let locker = pg.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_publication IN ACCESS EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    let metrics = free_local_addr();
+    let metrics_arg = metrics.to_string();
+    let mut relay = Walrelay::spawn(
+        &[
+            "run",
+            "--postgres-url",
+            &url(&pg),
+            "--kafka-brokers",
+            &kafka.bootstrap(),
+            "--metrics-addr",
+            &metrics_arg,
+            "--request-timeout",
+            "4s",
+        ],
+        &[],
+    );
+    let request = "SELECT pubinsert FROM pg_publication WHERE pubname = $1";
+    // Once the request has waited half the timeout, /readyz names it.
+    eventually("/readyz names the stuck request", || {
+        readyz(metrics).is_some_and(|(status, body)| {
+            status == 503 && body.contains(&format!("has not answered `{request}`"))
+        })
+    })
+    .await;
+    // The backends serving it stop for good, as a frozen server's would;
+    // then the lock goes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stopped = loop {
+        let waiting = walrelay_backends_waiting_on_a_lock(&pg).await;
+        if !waiting.is_empty() {
+            break waiting;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing waits on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for pid in &stopped {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGSTOP).unwrap();
+    }
+    locker.batch_execute("ROLLBACK").await.unwrap();
+
+    // walrelay abandons the request, connects again and streams.
+    relay.wait_for_stderr("streaming", WAIT).await;
+    assert!(
+        relay
+            .stderr_text()
+            .contains(&format!("PostgreSQL did not answer `{request}` within 4s")),
+        "{}",
+        relay.stderr_text()
+    );
+    eventually("/readyz is 200 again", || {
+        readyz(metrics).is_some_and(|(status, _)| status == 200)
+    })
+    .await;
+    let committed = write_mixed(&mut pg.client().await, "x", 3, 5, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &relay.stderr_text());
+    for pid in &stopped {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGCONT).unwrap();
+    }
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}

@@ -201,3 +201,230 @@ async fn server_errors_carry_their_sqlstate() {
         "{err}"
     );
 }
+
+/// One backend message: tag, length, body.
+fn backend_message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(i32::try_from(body.len() + 4).unwrap()).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A NoticeResponse and a ParameterStatus: what an odd server or a pooler
+/// may send at any point, answering nothing.
+fn noise() -> Vec<u8> {
+    let mut notice = Vec::new();
+    for (field, value) in [
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "00000"),
+        (b'M', "noise"),
+    ] {
+        notice.push(field);
+        notice.extend_from_slice(value.as_bytes());
+        notice.push(0);
+    }
+    notice.push(0);
+    let mut out = backend_message(b'N', &notice);
+    out.extend(backend_message(b'S', b"application_name\0noise\0"));
+    out
+}
+
+/// Reads one backend message (tag and body) from `from`.
+async fn read_backend_message(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt as _;
+    let tag = from.read_u8().await?;
+    let len = usize::try_from(from.read_i32().await?).unwrap();
+    let mut body = vec![0; len - 4];
+    from.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// A plain-TCP proxy in front of `pg` that puts [`noise`] before every
+/// authentication message of the server, until the login completes.
+async fn noisy_login_proxy(pg: &PgServer) -> u16 {
+    use tokio::io::AsyncWriteExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = pg.port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(
+                    async move { tokio::io::copy(&mut client_read, &mut server_write).await },
+                );
+                loop {
+                    let (tag, body) = read_backend_message(&mut server_read).await?;
+                    if tag == b'R' {
+                        client_write.write_all(&noise()).await?;
+                    }
+                    client_write.write_all(&backend_message(tag, &body)).await?;
+                    if tag == b'Z' {
+                        break;
+                    }
+                }
+                tokio::io::copy(&mut server_read, &mut client_write).await?;
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn notices_and_parameter_statuses_during_login_are_not_taken_for_answers() {
+    let pg = PgServer::start_default().await;
+    let proxy = noisy_login_proxy(&pg).await;
+    for (user, password) in [
+        (SCRAM_USER, Some(SCRAM_PASSWORD)),
+        (MD5_USER, Some(MD5_PASSWORD)),
+        (PLAIN_USER, Some(PLAIN_PASSWORD)),
+        (TRUST_USER, None),
+    ] {
+        let url = pg.url(user, password, &format!("sslmode=disable&port={proxy}"));
+        let mut conn = connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{user} through the noisy proxy: {e}"));
+        let system = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
+        assert_eq!(system.dbname.as_deref(), Some("walrelay_test"), "{user}");
+    }
+    // A wrong password is still the server's error, noise or not.
+    let url = pg.url(
+        SCRAM_USER,
+        Some("wrong"),
+        &format!("sslmode=disable&port={proxy}"),
+    );
+    let err = connect(&url).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
+}
+
+/// A server that never proves it knows the password: it answers the SCRAM
+/// client's proof with a notice and then declares the session ready.
+async fn proofless_scram_server() -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut client, _) = listener.accept().await?;
+        // StartupMessage: length, then the rest.
+        let len = usize::try_from(client.read_i32().await?).unwrap();
+        client.read_exact(&mut vec![0; len - 4]).await?;
+        client
+            .write_all(&backend_message(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0"))
+            .await?;
+        // SASLInitialResponse: mechanism, then the client-first-message,
+        // "n,,n=,r=<client nonce>".
+        let (_, body) = read_backend_message(&mut client).await?;
+        let first = String::from_utf8_lossy(&body);
+        let nonce = first.rsplit("r=").next().unwrap().to_owned();
+        let server_first = format!("r={nonce}fakeserver,s=c2FsdHNhbHQ=,i=4096");
+        let mut cont = 11_i32.to_be_bytes().to_vec();
+        cont.extend_from_slice(server_first.as_bytes());
+        client.write_all(&backend_message(b'R', &cont)).await?;
+        // SASLResponse with the client's proof; no SASLFinal ever comes.
+        read_backend_message(&mut client).await?;
+        client.write_all(&noise()).await?;
+        client.write_all(&backend_message(b'Z', b"I")).await?;
+        // Hold the connection open until the client leaves.
+        let _ = client.read_u8().await;
+        std::io::Result::Ok(())
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_server_that_skips_the_scram_proof_behind_a_notice_is_refused() {
+    let port = proofless_scram_server().await;
+    let url = format!("postgres://u:secret@127.0.0.1:{port}/d?sslmode=disable");
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), connect(&url))
+        .await
+        .expect("the login neither failed nor succeeded");
+    let Err(err) = result else {
+        panic!("logged in without the server's SCRAM proof");
+    };
+    assert!(
+        matches!(err, ConnError::Protocol(_)) && err.to_string().contains("SASL final"),
+        "{err}"
+    );
+}
+
+/// A server that lets anyone in, then never answers a query: a frozen
+/// backend, as far as the client can tell.
+async fn silent_server() -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let len = usize::try_from(client.read_i32().await?).unwrap();
+                client.read_exact(&mut vec![0; len - 4]).await?;
+                client.write_all(&backend_message(b'R', &[0; 4])).await?;
+                client.write_all(&backend_message(b'Z', b"I")).await?;
+                // Read and ignore whatever comes, until the client leaves.
+                let mut sink = [0; 1024];
+                while client.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn replication_commands_that_get_no_answer_time_out_naming_the_command() {
+    use std::time::Duration;
+    use walrelay::pg::conn::Feedback;
+    use walrelay::pg::lsn::Lsn;
+    use walrelay::pg::request::TimedOut;
+
+    let port = silent_server().await;
+    let mut p = params(&format!("postgres://u@127.0.0.1:{port}/d?sslmode=disable"));
+    p.requests.timeout = Duration::from_millis(300);
+
+    let mut conn = ReplicationConnection::connect(&p).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), conn.show("wal_sender_timeout"))
+        .await
+        .expect("SHOW hung")
+        .unwrap_err();
+    let show = TimedOut {
+        request: "SHOW \"wal_sender_timeout\"".into(),
+        after: Duration::from_millis(300),
+    };
+    assert!(
+        matches!(&err, ConnError::RequestTimeout(t) if *t == show) && err.is_transient(),
+        "{err}"
+    );
+    // The connection is not used again: a late answer to SHOW would be taken
+    // for the next command's.
+    let err = conn.simple_query("IDENTIFY_SYSTEM").await.unwrap_err();
+    assert!(
+        matches!(&err, ConnError::RequestTimeout(t) if *t == show),
+        "{err}"
+    );
+
+    let conn = ReplicationConnection::connect(&p).await.unwrap();
+    let start = conn.start_logical(
+        "walrelay",
+        Lsn::ZERO,
+        &[("proto_version", "1")],
+        Feedback::new(Lsn::ZERO),
+        Duration::from_secs(10),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("START_REPLICATION hung")
+        .unwrap_err();
+    assert!(
+        err.is_transient()
+            && err
+                .to_string()
+                .contains("did not answer `START_REPLICATION SLOT \"walrelay\" LOGICAL 0/0"),
+        "{err}"
+    );
+}
