@@ -23,14 +23,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, TxnId};
-use crate::config::{OnUnexpectedChange, RunConfig};
+use crate::config::{OnUnexpectedChange, RunConfig, SnapshotMode};
 use crate::metrics::Metrics;
 use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
 use crate::slot::{self, SlotProblem};
-use crate::snapshot::{self, InitialSnapshot, SnapshotMode};
+use crate::snapshot::{self, InitialSnapshot, SnapshotError};
 use crate::source::{Source, SourceError, Step, UnexpectedChange};
 
 /// SQLSTATE undefined_object: START_REPLICATION on a slot that does not exist.
@@ -97,6 +97,9 @@ pub enum RunError {
     /// The stream could not be followed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The initial snapshot could not be published.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// An UPDATE, DELETE or TRUNCATE of the events table.
     #[error(
         "the append-only events table saw a {} in the transaction committed at {}; walrelay does not \
@@ -228,7 +231,7 @@ async fn stream(
     }
     if let Some(initial) = initial {
         let known = &mut known_topics;
-        let ensure = async |topic: &str| -> Result<bool, RunError> {
+        let ensure = async |topic: &str| -> Result<bool, SinkError> {
             if known.contains(topic) {
                 return Ok(true);
             }
@@ -415,7 +418,7 @@ async fn ensure_topic(
     topic: &str,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Result<bool, RunError> {
+) -> Result<bool, SinkError> {
     let mut backoff = Backoff { attempt: 0 };
     loop {
         match sink.check_topic(topic, METADATA_TIMEOUT).await {
@@ -428,7 +431,7 @@ async fn ensure_topic(
                     return Ok(false);
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }

@@ -22,24 +22,33 @@ use bytes::Bytes;
 
 use crate::config::RunConfig;
 use crate::event::{EventLayout, Transaction};
-use crate::pg::conn::{self, ReplicationConnection};
+use crate::pg::conn::{self, ConnError, ReplicationConnection};
 use crate::pg::lsn::Lsn;
+use crate::pg::metadata::MetadataError;
 use crate::pg::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity};
 use crate::pg::protocol::system_time_to_pg;
-use crate::pipeline::RunError;
-use crate::sink::Sink;
+use crate::sink::{Sink, SinkError};
+use crate::source::SourceError;
 
 /// Rows fetched from the snapshot cursor at a time.
 const FETCH_ROWS: usize = 1000;
 
-/// Whether to publish the rows that exist when the slot is created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotMode {
-    /// Publish them first (default).
-    Initial,
-    /// Start with what commits after the slot exists.
-    Never,
+/// Why the initial snapshot could not be published. The marker stays, so the
+/// next start begins it again.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The metadata connection, which reads the snapshot, failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The replication connection failed.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The producer failed or refused a row for good.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The table's rows cannot become events.
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 /// The name of the marker slot of `slot`.
@@ -64,8 +73,8 @@ pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
     snapshot: InitialSnapshot,
-    mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, RunError>,
-) -> Result<u64, RunError> {
+    mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, SinkError>,
+) -> Result<u64, SnapshotError> {
     let InitialSnapshot {
         mut connection,
         name,
@@ -78,17 +87,17 @@ pub async fn publish(
         .read_only(true)
         .start()
         .await
-        .map_err(crate::pg::metadata::MetadataError::from)?;
+        .map_err(MetadataError::from)?;
     tx.batch_execute(&format!(
         "SET TRANSACTION SNAPSHOT {}",
         conn::quote_literal(&name)
     ))
     .await
-    .map_err(crate::pg::metadata::MetadataError::from)?;
+    .map_err(MetadataError::from)?;
 
     let relation = describe_table(&tx, config).await?;
     let layout =
-        EventLayout::new(&relation, &config.topic).map_err(crate::source::SourceError::from)?;
+        EventLayout::new(&relation, &config.topic).map_err(SourceError::from)?;
     let columns: Vec<String> = relation
         .columns
         .iter()
@@ -103,7 +112,7 @@ pub async fn publish(
         conn::quote_ident(&config.table.name),
     ))
     .await
-    .map_err(crate::pg::metadata::MetadataError::from)?;
+    .map_err(MetadataError::from)?;
 
     let commit_ts = system_time_to_pg(SystemTime::now());
     let txn = Transaction::new(consistent_point, commit_ts);
@@ -114,7 +123,7 @@ pub async fn publish(
         let rows = tx
             .query(&format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"), &[])
             .await
-            .map_err(crate::pg::metadata::MetadataError::from)?;
+            .map_err(MetadataError::from)?;
         if rows.is_empty() {
             break;
         }
@@ -130,7 +139,7 @@ pub async fn publish(
             let event =
                 layout
                     .event(&txn, &tuple)
-                    .map_err(|reason| crate::source::SourceError::Row {
+                    .map_err(|reason| SourceError::Row {
                         aggregate: None,
                         seq_nr: "?".into(),
                         commit_lsn: consistent_point,
@@ -145,18 +154,18 @@ pub async fn publish(
     }
     tx.commit()
         .await
-        .map_err(crate::pg::metadata::MetadataError::from)?;
+        .map_err(MetadataError::from)?;
     sink.commit(id, sent, consistent_point);
 
     // Only once every row is acknowledged may the marker go.
     while sink.flush(Duration::from_secs(5)).await > 0 {
         if let Some(failure) = sink.failure() {
-            return Err(RunError::Publish(Box::new(failure)));
+            return Err(SinkError::Publish(Box::new(failure)).into());
         }
         tracing::info!("waiting for the broker to acknowledge the snapshot");
     }
     if let Some(failure) = sink.failure() {
-        return Err(RunError::Publish(Box::new(failure)));
+        return Err(SinkError::Publish(Box::new(failure)).into());
     }
     connection
         .simple_query(&format!(
@@ -173,7 +182,7 @@ pub async fn publish(
 async fn describe_table(
     tx: &tokio_postgres::Transaction<'_>,
     config: &RunConfig,
-) -> Result<Relation, RunError> {
+) -> Result<Relation, MetadataError> {
     let rows = tx
         .query(
             "SELECT a.attname::text, a.atttypid::oid, a.atttypmod FROM pg_attribute a
@@ -183,7 +192,7 @@ async fn describe_table(
             &[&config.table.schema, &config.table.name],
         )
         .await
-        .map_err(crate::pg::metadata::MetadataError::from)?;
+        .map_err(MetadataError::from)?;
     Ok(Relation {
         oid: 0,
         namespace: config.table.schema.clone(),
