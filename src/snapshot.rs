@@ -96,8 +96,7 @@ pub async fn publish(
     .map_err(MetadataError::from)?;
 
     let relation = describe_table(&tx, config).await?;
-    let layout =
-        EventLayout::new(&relation, &config.topic).map_err(SourceError::from)?;
+    let layout = EventLayout::new(&relation, &config.topic).map_err(SourceError::from)?;
     let columns: Vec<String> = relation
         .columns
         .iter()
@@ -136,15 +135,14 @@ pub async fn publish(
                         })
                 })
                 .collect();
-            let event =
-                layout
-                    .event(&txn, &tuple)
-                    .map_err(|reason| SourceError::Row {
-                        aggregate: None,
-                        seq_nr: "?".into(),
-                        commit_lsn: consistent_point,
-                        reason,
-                    })?;
+            let event = layout
+                .event(&txn, &tuple)
+                .map_err(|reason| SourceError::Row {
+                    aggregate: None,
+                    seq_nr: "?".into(),
+                    commit_lsn: consistent_point,
+                    reason,
+                })?;
             if !ensure_topic(&event.topic).await? {
                 return Ok(sent);
             }
@@ -152,9 +150,7 @@ pub async fn publish(
             sent += 1;
         }
     }
-    tx.commit()
-        .await
-        .map_err(MetadataError::from)?;
+    tx.commit().await.map_err(MetadataError::from)?;
     sink.commit(id, sent, consistent_point);
 
     // Only once every row is acknowledged may the marker go.
