@@ -526,6 +526,12 @@ impl Sink {
         self.shared.checkpoint().abandon_open();
     }
 
+    /// Whether transaction `txn` and every one before it are fully
+    /// acknowledged (see [`Checkpoint::completed`]).
+    pub fn completed(&self, txn: TxnId) -> bool {
+        self.shared.checkpoint().completed(txn)
+    }
+
     /// The confirmed position.
     pub fn confirmed(&self) -> Lsn {
         self.shared.checkpoint().confirmed()
