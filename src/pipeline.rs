@@ -397,19 +397,8 @@ async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapsh
         .await?;
     tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
         "created the replication slot; the rows already in the table are published first");
-    let name = created.snapshot_name.ok_or_else(|| {
-        RunError::Conn(ConnError::Protocol(
-            "CREATE_REPLICATION_SLOT exported no snapshot".into(),
-        ))
-    })?;
-    Ok((
-        created.consistent_point,
-        Some(InitialSnapshot {
-            connection: repl,
-            name,
-            consistent_point: created.consistent_point,
-        }),
-    ))
+    let snapshot = InitialSnapshot::import(client, repl, &created).await?;
+    Ok((created.consistent_point, Some(snapshot)))
 }
 
 /// Waits until `topic` is known to exist; `Ok(false)` when shutdown came first.

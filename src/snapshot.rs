@@ -4,10 +4,17 @@
 //! Creating the slot with `EXPORT_SNAPSHOT` yields a snapshot of exactly the
 //! moment the slot becomes consistent: every transaction that committed
 //! before its consistent point is visible in it, and every one that commits
-//! after is streamed by the slot. Reading the table in that snapshot
-//! (`SET TRANSACTION SNAPSHOT` on the metadata connection), ordered by
-//! `aggregate_id, seq_nr`, and then streaming, therefore leaves no gap and
-//! sends nothing twice.
+//! after is streamed by the slot. Reading the table in that snapshot,
+//! ordered by `aggregate_id, seq_nr`, and then streaming, therefore leaves no
+//! gap and sends nothing twice.
+//!
+//! The exported snapshot lives only until the replication connection that
+//! created the slot runs its next command, so it is imported at once
+//! (`SET TRANSACTION SNAPSHOT`) into a transaction on the metadata
+//! connection, which holds it from then on, and the replication connection
+//! is closed. Everything after, the marker's removal included, goes over the
+//! metadata connection: an idle replication connection cut by a NAT or a
+//! load balancer during a long snapshot can no longer strand it.
 //!
 //! The snapshot must survive a crash half-way. walrelay's only durable state
 //! is in PostgreSQL, so a marker lives there too: a physical replication slot
@@ -22,7 +29,7 @@ use bytes::Bytes;
 
 use crate::config::RunConfig;
 use crate::event::{EventLayout, Transaction};
-use crate::pg::conn::{self, ConnError, ReplicationConnection};
+use crate::pg::conn::{self, ConnError, CreatedSlot, ReplicationConnection};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::MetadataError;
 use crate::pg::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity};
@@ -56,15 +63,44 @@ pub fn marker_name(slot: &str) -> String {
     format!("{slot}_init")
 }
 
-/// A snapshot exported by slot creation, waiting to be published.
+/// A snapshot exported by slot creation, imported on the metadata
+/// connection and waiting to be published.
 #[derive(Debug)]
 pub struct InitialSnapshot {
-    /// The connection that created the slot; the snapshot lives until its next command.
-    pub connection: ReplicationConnection,
+    /// The metadata connection, inside a read-only transaction that imported the snapshot.
+    client: tokio_postgres::Client,
     /// The exported snapshot's name.
-    pub name: String,
+    name: String,
     /// The slot's consistent point: the `lsn` header of the snapshot's events.
-    pub consistent_point: Lsn,
+    consistent_point: Lsn,
+}
+
+impl InitialSnapshot {
+    /// Imports the snapshot that creating the slot exported on `repl` into a
+    /// transaction on `client`, then closes `repl`: the importing
+    /// transaction holds the snapshot from here on.
+    pub async fn import(
+        client: tokio_postgres::Client,
+        repl: ReplicationConnection,
+        created: &CreatedSlot,
+    ) -> Result<Self, SnapshotError> {
+        let name = created.snapshot_name.clone().ok_or_else(|| {
+            ConnError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into())
+        })?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                conn::quote_literal(&name)
+            ))
+            .await
+            .map_err(MetadataError::from)?;
+        repl.close().await?;
+        Ok(InitialSnapshot {
+            client,
+            name,
+            consistent_point: created.consistent_point,
+        })
+    }
 }
 
 /// Publishes every row of the table as of the snapshot, waits until all are
@@ -76,33 +112,19 @@ pub async fn publish(
     mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, SinkError>,
 ) -> Result<u64, SnapshotError> {
     let InitialSnapshot {
-        mut connection,
+        client,
         name,
         consistent_point,
     } = snapshot;
-    let mut client = crate::pg::metadata::connect(&config.postgres).await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(MetadataError::from)?;
-    tx.batch_execute(&format!(
-        "SET TRANSACTION SNAPSHOT {}",
-        conn::quote_literal(&name)
-    ))
-    .await
-    .map_err(MetadataError::from)?;
-
-    let relation = describe_table(&tx, config).await?;
+    let relation = describe_table(&client, config).await?;
     let layout = EventLayout::new(&relation, &config.topic).map_err(SourceError::from)?;
     let columns: Vec<String> = relation
         .columns
         .iter()
         .map(|c| format!("t.{}::text", conn::quote_ident(&c.name)))
         .collect();
-    tx.batch_execute(&format!(
+    client
+        .batch_execute(&format!(
         // Qualified, so that ORDER BY sorts by the columns, not by their text
         // forms in the select list ("10" < "9").
         "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t ORDER BY t.aggregate_id, t.seq_nr",
@@ -119,7 +141,7 @@ pub async fn publish(
     let mut sent = 0u64;
     tracing::info!(snapshot = %name, consistent_point = %consistent_point, "publishing the rows that existed when the slot was created");
     loop {
-        let rows = tx
+        let rows = client
             .query(&format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"), &[])
             .await
             .map_err(MetadataError::from)?;
@@ -150,7 +172,10 @@ pub async fn publish(
             sent += 1;
         }
     }
-    tx.commit().await.map_err(MetadataError::from)?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(MetadataError::from)?;
     sink.commit(id, sent, consistent_point);
 
     // Only once every row is acknowledged may the marker go.
@@ -163,12 +188,13 @@ pub async fn publish(
     if let Some(failure) = sink.failure() {
         return Err(SinkError::Publish(Box::new(failure)).into());
     }
-    connection
-        .simple_query(&format!(
-            "DROP_REPLICATION_SLOT {}",
-            conn::quote_ident(&marker_name(&config.slot))
-        ))
-        .await?;
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot($1)",
+            &[&marker_name(&config.slot)],
+        )
+        .await
+        .map_err(MetadataError::from)?;
     tracing::info!(rows = sent, "initial snapshot published");
     Ok(sent)
 }
@@ -176,10 +202,10 @@ pub async fn publish(
 /// The table's columns as a Relation, so the snapshot's rows map exactly as
 /// streamed rows do.
 async fn describe_table(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &tokio_postgres::Client,
     config: &RunConfig,
 ) -> Result<Relation, MetadataError> {
-    let rows = tx
+    let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid::oid, a.atttypmod FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -399,6 +399,15 @@ impl ReplicationConnection {
         Ok(conn)
     }
 
+    /// Says goodbye (Terminate) and closes the connection.
+    pub async fn close(mut self) -> Result<(), ConnError> {
+        frontend::terminate(&mut self.out);
+        self.send().await?;
+        // The server closes after Terminate; a failing TLS close_notify is harmless.
+        let _ = self.writer.shutdown().await;
+        Ok(())
+    }
+
     /// The process ID of the walsender serving this connection.
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid

@@ -146,3 +146,61 @@ async fn an_interrupted_snapshot_starts_again_and_loses_nothing() {
     );
     assert_eq!(second.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+/// `walrelay run` against `pg` and `kafka` with `extra` flags, not waited for.
+fn spawn_run(pg: &PgServer, kafka: &Kafka, extra: &[&str]) -> Walrelay {
+    let metrics = crate::support::walrelay::free_local_addr().to_string();
+    let url = url(pg);
+    let brokers = kafka.bootstrap();
+    let mut args = vec![
+        "run",
+        "--postgres-url",
+        &url,
+        "--kafka-brokers",
+        &brokers,
+        "--metrics-addr",
+        &metrics,
+    ];
+    args.extend_from_slice(extra);
+    Walrelay::spawn(&args, &[])
+}
+
+/// The slots of the cluster, sorted, comma-separated.
+async fn slots(pg: &PgServer) -> String {
+    pg.psql("SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots")
+        .await
+}
+
+#[tokio::test]
+async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 6);
+    let committed = existing(&pg, "old", 100, 20).await;
+    // Acknowledgements take seconds, so the snapshot is still being published
+    // when the connection is cut.
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(3))
+        .unwrap();
+    let mut relay = spawn_run(&pg, &kafka, &[]);
+    relay.wait_for_stderr("publishing the rows", WAIT).await;
+    // A NAT or load balancer drops the idle replication connection that
+    // created the slot, as pg_terminate_backend does.
+    pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE backend_type = 'walsender' AND application_name = 'walrelay'",
+    )
+    .await;
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    relay
+        .wait_for_stderr("initial snapshot published", WAIT)
+        .await;
+    assert_eq!(slots(&pg).await, "walrelay", "the marker is left behind");
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    relay.wait_for_stderr("streaming", WAIT).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
