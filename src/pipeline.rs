@@ -172,7 +172,15 @@ pub async fn run(
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
     let (confirmed, initial) = loop {
-        match prepare_source(config).await {
+        let prepared = tokio::select! {
+            biased;
+            // SIGTERM or SIGINT, also while waiting for another instance's
+            // first start: nothing to drain yet, and what was begun is redone
+            // by the next start.
+            () = shutdown.cancelled() => return Ok(()),
+            prepared = prepare_source(config) => prepared,
+        };
+        match prepared {
             Ok(prepared) => break prepared,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
@@ -342,29 +350,30 @@ async fn check_stale_holder(
 /// Checks the server and the publication, makes sure the slot exists, and
 /// returns its confirmed position, with the snapshot to publish first when
 /// this start created the slot.
+///
+/// The slots are looked at and changed under the first-start lock (see
+/// [`snapshot`]), so that an instance starting while another publishes its
+/// initial snapshot waits for it instead of taking its marker for the trace
+/// of an interrupted start. The lock goes with the returned snapshot, and is
+/// released with the metadata connection otherwise.
 async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
     let client = metadata::connect(&config.postgres).await?;
     metadata::verify_source(&client, &config.publication, &config.table).await?;
+    snapshot::lock_first_start(&client, &config.slot).await?;
     let marker = snapshot::marker_name(&config.slot);
     let interrupted = slot::inspect(&client, &marker).await?.is_some();
     let existing = slot::inspect(&client, &config.slot).await?;
     if interrupted {
-        // A previous start died before its initial snapshot was acknowledged:
-        // begin again, from a new slot.
+        // A previous start died before its initial snapshot was acknowledged
+        // (it held the lock until then): begin again, from a new slot.
         tracing::warn!(slot = %config.slot, "the initial snapshot of a previous start was interrupted; starting it again (rows may be published twice)");
-        let mut repl = ReplicationConnection::connect(&config.postgres).await?;
-        if existing.is_some() {
-            repl.simple_query(&format!(
-                "DROP_REPLICATION_SLOT {}",
-                conn::quote_ident(&config.slot)
-            ))
-            .await?;
+        let stale = existing.is_some().then_some(config.slot.as_str());
+        for name in stale.into_iter().chain([marker.as_str()]) {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+                .map_err(MetadataError::from)?;
         }
-        repl.simple_query(&format!(
-            "DROP_REPLICATION_SLOT {}",
-            conn::quote_ident(&marker)
-        ))
-        .await?;
     } else if let Some(state) = existing {
         if let Some(problem) = state.problem(&config.slot, &config.postgres.dbname) {
             return Err(problem.into());

@@ -23,6 +23,17 @@
 //! A start that finds the marker knows the snapshot was interrupted, drops
 //! both slots and begins again (republishing rows is allowed; losing them is
 //! not).
+//!
+//! The marker is only meaningful if no one else is publishing a snapshot at
+//! the same moment: while one instance publishes, the marker is there and
+//! inactive, exactly as if it had died. First starts are therefore
+//! serialized by a session-level advisory lock on the metadata connection
+//! ([`lock_first_start`]), taken before the slots are looked at and held
+//! until the snapshot is acknowledged and the marker dropped. It needs no
+//! privilege, and PostgreSQL releases it when the session ends, so a crash
+//! cannot leave it behind. An instance that gets the lock after waiting looks
+//! again: the slot without a marker means the other instance finished (resume
+//! from the slot); the marker means it died (start over).
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -39,6 +50,9 @@ use crate::source::SourceError;
 
 /// Rows fetched from the snapshot cursor at a time.
 const FETCH_ROWS: usize = 1000;
+
+/// How often an instance waiting for another's first start tries the lock.
+const LOCK_RETRY: Duration = Duration::from_millis(500);
 
 /// Why the initial snapshot could not be published. The marker stays, so the
 /// next start begins it again.
@@ -63,11 +77,57 @@ pub fn marker_name(slot: &str) -> String {
     format!("{slot}_init")
 }
 
+/// The advisory-lock key that serializes the first starts of `slot`: the
+/// 64-bit FNV-1a hash of `walrelay first start of slot <slot>`. Slot names
+/// are unique in the cluster, so every instance configured for the slot, and
+/// nothing else, agrees on it (in `pg_locks`, an `advisory` lock with the
+/// key's high and low halves as `classid` and `objid`).
+pub fn first_start_lock_key(slot: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"walrelay first start of slot "
+        .iter()
+        .chain(slot.as_bytes())
+    {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Takes the session-level lock that serializes the first starts of `slot`
+/// on `client`, waiting as long as another instance holds it (cancel the
+/// future to stop waiting). Dropping the connection releases it.
+pub async fn lock_first_start(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), MetadataError> {
+    let key = first_start_lock_key(slot);
+    let mut waited = false;
+    // Polled rather than pg_advisory_lock, which would leave a backend queued
+    // for the lock after a shutdown dropped the connection.
+    while !client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await?
+        .get::<_, bool>(0)
+    {
+        if !waited {
+            tracing::info!(slot = %slot, "waiting for another instance's first start (its initial snapshot) to finish");
+            waited = true;
+        }
+        tokio::time::sleep(LOCK_RETRY).await;
+    }
+    if waited {
+        tracing::info!(slot = %slot, "the other instance's first start is over; looking at the slot again");
+    }
+    Ok(())
+}
+
 /// A snapshot exported by slot creation, imported on the metadata
 /// connection and waiting to be published.
 #[derive(Debug)]
 pub struct InitialSnapshot {
-    /// The metadata connection, inside a read-only transaction that imported the snapshot.
+    /// The metadata connection, holding the first-start lock, inside a
+    /// read-only transaction that imported the snapshot.
     client: tokio_postgres::Client,
     /// The exported snapshot's name.
     name: String,
@@ -77,8 +137,8 @@ pub struct InitialSnapshot {
 
 impl InitialSnapshot {
     /// Imports the snapshot that creating the slot exported on `repl` into a
-    /// transaction on `client`, then closes `repl`: the importing
-    /// transaction holds the snapshot from here on.
+    /// transaction on `client` (which holds the first-start lock), then
+    /// closes `repl`: the importing transaction holds the snapshot from here on.
     pub async fn import(
         client: tokio_postgres::Client,
         repl: ReplicationConnection,
@@ -104,7 +164,8 @@ impl InitialSnapshot {
 }
 
 /// Publishes every row of the table as of the snapshot, waits until all are
-/// acknowledged, then removes the marker. Returns the number of rows.
+/// acknowledged, then removes the marker and releases the first-start lock.
+/// Returns the number of rows.
 pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
@@ -195,6 +256,14 @@ pub async fn publish(
         )
         .await
         .map_err(MetadataError::from)?;
+    // The next instance's first start may look now (it finds the slot and resumes).
+    client
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&first_start_lock_key(&config.slot)],
+        )
+        .await
+        .map_err(MetadataError::from)?;
     tracing::info!(rows = sent, "initial snapshot published");
     Ok(sent)
 }
@@ -230,4 +299,23 @@ async fn describe_table(
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_key_is_stable_and_differs_per_slot() {
+        // Instances of different walrelay versions must agree on it.
+        assert_eq!(
+            first_start_lock_key("walrelay"),
+            first_start_lock_key("walrelay")
+        );
+        assert_eq!(first_start_lock_key("walrelay"), 0x569c_f4f4_c5a4_84e6);
+        assert_ne!(
+            first_start_lock_key("walrelay"),
+            first_start_lock_key("walrelay_2")
+        );
+    }
 }

@@ -204,3 +204,90 @@ async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
     relay.wait_for_stderr("streaming", WAIT).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+/// Waits until `condition` holds for the logs of `relays`, all of which must stay up.
+async fn until_logs(relays: &mut [Walrelay], what: &str, condition: impl Fn(&[String]) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs: Vec<String> = relays.iter().map(Walrelay::stderr_text).collect();
+        if condition(&logs) {
+            return;
+        }
+        let exited = relays.iter_mut().any(|r| r.exited().is_some());
+        assert!(
+            !exited && tokio::time::Instant::now() < deadline,
+            "never: {what}\n{}",
+            logs.join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn instances_started_together_wait_for_one_first_start_and_lose_nothing() {
+    const WAITING: &str = "waiting for another instance's first start";
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 6);
+    let mut committed = existing(&pg, "old", 1000, 20).await;
+    // The broker is away at first: whichever instance creates the slot holds
+    // its first start open until the broker is back, however the processes
+    // get scheduled.
+    kafka.set_all_brokers(false);
+    let mut relays = vec![spawn_run(&pg, &kafka, &[]), spawn_run(&pg, &kafka, &[])];
+    until_logs(
+        &mut relays,
+        "one creates the slot, the other waits",
+        |logs| {
+            logs.iter()
+                .any(|l| l.contains("created the replication slot"))
+                && logs.iter().any(|l| l.contains(WAITING))
+        },
+    )
+    .await;
+    // One more, started while the snapshot is under way (the marker is
+    // there, inactive), waits too, and still answers SIGTERM at once.
+    let mut late = [spawn_run(&pg, &kafka, &[])];
+    until_logs(&mut late, "the late instance waits", |logs| {
+        logs[0].contains(WAITING)
+    })
+    .await;
+    let [mut late] = late;
+    assert_eq!(
+        late.stop_with(Signal::SIGTERM).await.code(),
+        Some(0),
+        "{}",
+        late.stderr_text()
+    );
+
+    // Writes go on while the snapshot is published and the instances settle.
+    let writer = {
+        let mut client = pg.client().await;
+        let mut seqs: HashMap<String, i64> = (0..1000).map(|a| (format!("old-{a}"), 21)).collect();
+        tokio::spawn(async move { write_mixed(&mut client, "old", 1000, 300, 0, &mut seqs).await })
+    };
+    kafka.set_all_brokers(true);
+    committed.extend(writer.await.unwrap());
+
+    until_logs(
+        &mut relays,
+        "one instance streams, the other stands by",
+        |logs| {
+            logs.iter().any(|l| l.contains("streaming"))
+                && logs.iter().any(|l| l.contains("standing by"))
+        },
+    )
+    .await;
+    let records = kafka.read("events", committed.len(), WAIT);
+    let logs = [&relays[0], &relays[1], &late]
+        .map(Walrelay::stderr_text)
+        .join("\n----\n");
+    check(&committed, &records).assert_clean(true, &logs);
+    assert!(!logs.contains("interrupted"), "{logs}");
+    // The instance that waited found the slot and resumed from it.
+    assert!(logs.contains("resuming from the slot"), "{logs}");
+    assert_eq!(slots(&pg).await, "walrelay", "{logs}");
+    for mut relay in relays {
+        assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+        assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    }
+}
