@@ -38,6 +38,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::checkpoint::TxnId;
 use crate::config::RunConfig;
 use crate::event::{EventLayout, Transaction};
 use crate::pg::conn::{self, ConnError, CreatedSlot, ReplicationConnection};
@@ -50,6 +51,12 @@ use crate::source::SourceError;
 
 /// Rows fetched from the snapshot cursor at a time.
 const FETCH_ROWS: usize = 1000;
+
+/// How often the wait for the snapshot's acknowledgements looks at the watermark.
+const ACK_POLL: Duration = Duration::from_millis(20);
+
+/// How often that wait says it still waits.
+const ACK_WAIT_REPORT: Duration = Duration::from_secs(5);
 
 /// How often an instance waiting for another's first start tries the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(500);
@@ -239,16 +246,9 @@ pub async fn publish(
         .map_err(MetadataError::from)?;
     sink.commit(id, sent, consistent_point);
 
-    // Only once every row is acknowledged may the marker go.
-    while sink.flush(Duration::from_secs(5)).await > 0 {
-        if let Some(failure) = sink.failure() {
-            return Err(SinkError::Publish(Box::new(failure)).into());
-        }
-        tracing::info!("waiting for the broker to acknowledge the snapshot");
-    }
-    if let Some(failure) = sink.failure() {
-        return Err(SinkError::Publish(Box::new(failure)).into());
-    }
+    // Only once every row is acknowledged, dead-letter records in place of
+    // refused rows included, may the marker go.
+    wait_acknowledged(sink, id).await?;
     client
         .execute(
             "SELECT pg_drop_replication_slot($1)",
@@ -266,6 +266,26 @@ pub async fn publish(
         .map_err(MetadataError::from)?;
     tracing::info!(rows = sent, "initial snapshot published");
     Ok(sent)
+}
+
+/// Waits until the snapshot's transaction `id` is fully acknowledged, as the
+/// watermark sees it. An empty producer queue is not enough: a row the broker
+/// refuses leaves the queue before its dead-letter record, queued by another
+/// task, enters it.
+async fn wait_acknowledged(sink: &Sink, id: TxnId) -> Result<(), SinkError> {
+    let mut report_at = tokio::time::Instant::now() + ACK_WAIT_REPORT;
+    while !sink.completed(id) {
+        tokio::select! {
+            // Refused for good (--on-poison halt): it never completes.
+            failure = sink.failed() => return Err(SinkError::Publish(Box::new(failure))),
+            () = tokio::time::sleep(ACK_POLL) => {}
+        }
+        if tokio::time::Instant::now() >= report_at {
+            tracing::info!("waiting for the broker to acknowledge the snapshot");
+            report_at += ACK_WAIT_REPORT;
+        }
+    }
+    Ok(())
 }
 
 /// The table's columns as a Relation, so the snapshot's rows map exactly as

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
@@ -290,4 +291,77 @@ async fn instances_started_together_wait_for_one_first_start_and_lose_nothing() 
         assert!(relay.exited().is_none(), "{}", relay.stderr_text());
         assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
     }
+}
+
+#[tokio::test]
+async fn the_marker_stays_until_a_refused_rows_dead_letter_record_is_acknowledged() {
+    let pg = PgServer::start_default().await;
+    // The dead-letter topic lives on a broker of its own, which is down: its
+    // records wait in the producer while the main topic's are acknowledged.
+    let kafka = Kafka::start(2, 1);
+    let cluster = kafka.cluster();
+    cluster.partition_leader("events", 0, Some(1)).unwrap();
+    cluster.create_topic("dead", 1, 1).unwrap();
+    cluster.partition_leader("dead", 0, Some(2)).unwrap();
+    cluster.broker_down(2).unwrap();
+    let committed = existing(&pg, "old", 3, 2).await;
+    // The broker refuses the first produce request for good: its rows go to
+    // the dead-letter topic instead.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let mut relay = spawn_run(
+        &pg,
+        &kafka,
+        &["--on-poison", "dead-letter", "--dead-letter-topic", "dead"],
+    );
+    relay
+        .wait_for_stderr("sending it to the dead-letter topic", WAIT)
+        .await;
+    // Still waiting for acknowledgements, or done too early.
+    until_logs(
+        std::slice::from_mut(&mut relay),
+        "the snapshot is done or waits",
+        |logs| {
+            logs[0].contains("waiting for the broker to acknowledge the snapshot")
+                || logs[0].contains("initial snapshot published")
+        },
+    )
+    .await;
+    assert_eq!(
+        slots(&pg).await,
+        "walrelay,walrelay_init",
+        "the marker went before the dead-letter record was acknowledged:\n{}",
+        relay.stderr_text()
+    );
+    assert!(!relay.stderr_text().contains("initial snapshot published"));
+
+    cluster.broker_up(2).unwrap();
+    relay
+        .wait_for_stderr("initial snapshot published", WAIT)
+        .await;
+    assert_eq!(slots(&pg).await, "walrelay");
+    // Every row is on the topic or described on the dead-letter topic.
+    let published = kafka.read("events", 0, Duration::from_secs(2));
+    let dead = kafka.read("dead", committed.len() - published.len(), WAIT);
+    let mut seen: Vec<EventId> = published
+        .iter()
+        .map(|r| (r.key.clone(), r.seq_nr()))
+        .chain(dead.iter().map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r.value.as_deref().unwrap()).unwrap();
+            (
+                v["aggregate_id"].as_str().unwrap().to_owned(),
+                v["seq_nr"].as_str().unwrap().parse().unwrap(),
+            )
+        }))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    let mut expected = committed.clone();
+    expected.sort();
+    assert!(!dead.is_empty());
+    assert_eq!(seen, expected, "{}", relay.stderr_text());
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
