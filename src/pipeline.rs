@@ -249,7 +249,7 @@ async fn stream(
             }
             Ok(exists)
         };
-        let publish = snapshot::publish(config, sink, initial, ensure);
+        let publish = snapshot::publish(config, sink, metrics, initial, ensure);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -608,14 +608,13 @@ impl Session<'_> {
             tracing::error!(error = %row, "the slot is not confirmed past this row (--on-poison halt)");
             return Err(row.into());
         };
-        let failure = PublishFailure {
-            aggregate: aggregate.unwrap_or_else(|| "?".to_owned()),
+        let failure = PublishFailure::invalid_row(
+            aggregate,
             seq_nr,
-            lsn: commit_lsn.to_string(),
-            topic: self.config.topic.to_string(),
-            kind: "invalid_row",
-            reason: reason.to_string(),
-        };
+            commit_lsn,
+            self.config.topic.to_string(),
+            &reason,
+        );
         tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
             reason = %failure.reason, "row cannot be published; sending it to the dead-letter topic");
         let txn = *txn;

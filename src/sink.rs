@@ -154,6 +154,27 @@ pub struct PublishFailure {
     pub reason: String,
 }
 
+impl PublishFailure {
+    /// A row of `topic` (the template) that cannot become an event, in the
+    /// transaction committed at `commit_lsn`.
+    pub fn invalid_row(
+        aggregate: Option<String>,
+        seq_nr: String,
+        commit_lsn: Lsn,
+        topic: String,
+        reason: &crate::event::RowError,
+    ) -> Self {
+        PublishFailure {
+            aggregate: aggregate.unwrap_or_else(|| "?".to_owned()),
+            seq_nr,
+            lsn: commit_lsn.to_string(),
+            topic,
+            kind: "invalid_row",
+            reason: reason.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for PublishFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -41,13 +41,14 @@ use bytes::Bytes;
 use crate::checkpoint::TxnId;
 use crate::config::RunConfig;
 use crate::event::{EventLayout, Transaction};
+use crate::metrics::Metrics;
 use crate::pg::conn::{self, ConnError, CreatedSlot, ReplicationConnection};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::MetadataError;
 use crate::pg::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity};
 use crate::pg::protocol::system_time_to_pg;
-use crate::sink::{Sink, SinkError};
-use crate::source::SourceError;
+use crate::sink::{PublishFailure, Sink, SinkError};
+use crate::source::{SourceError, row_error};
 
 /// Rows fetched from the snapshot cursor at a time.
 const FETCH_ROWS: usize = 1000;
@@ -176,6 +177,7 @@ impl InitialSnapshot {
 pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
+    metrics: &Metrics,
     snapshot: InitialSnapshot,
     mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, SinkError>,
 ) -> Result<u64, SnapshotError> {
@@ -225,14 +227,15 @@ pub async fn publish(
                         })
                 })
                 .collect();
-            let event = layout
-                .event(&txn, &tuple)
-                .map_err(|reason| SourceError::Row {
-                    aggregate: None,
-                    seq_nr: "?".into(),
-                    commit_lsn: consistent_point,
-                    reason,
-                })?;
+            let event = match layout.event(&txn, &tuple) {
+                Ok(event) => event,
+                Err(reason) => {
+                    let row = row_error(&layout, &tuple, consistent_point, reason);
+                    poison_row(config, sink, metrics, id, row).await?;
+                    sent += 1;
+                    continue;
+                }
+            };
             if !ensure_topic(&event.topic).await? {
                 return Ok(sent);
             }
@@ -266,6 +269,47 @@ pub async fn publish(
         .map_err(MetadataError::from)?;
     tracing::info!(rows = sent, "initial snapshot published");
     Ok(sent)
+}
+
+/// A row of the snapshot that cannot become an event, as `--on-poison` says
+/// and as in streaming: counted, then either the end of the run (the marker
+/// stays, so the next start begins the snapshot again) or a record on the
+/// dead-letter topic in its place, as one event of transaction `id`.
+async fn poison_row(
+    config: &RunConfig,
+    sink: &Sink,
+    metrics: &Metrics,
+    id: TxnId,
+    row: SourceError,
+) -> Result<(), SnapshotError> {
+    metrics
+        .publish_errors
+        .with_label_values(&["invalid_row"])
+        .inc();
+    let (
+        Some(_),
+        SourceError::Row {
+            aggregate,
+            seq_nr,
+            commit_lsn,
+            reason,
+        },
+    ) = (&config.dead_letter_topic, &row)
+    else {
+        tracing::error!(error = %row, "the initial snapshot stops at this row (--on-poison halt); the next start begins it again");
+        return Err(row.into());
+    };
+    let failure = PublishFailure::invalid_row(
+        aggregate.clone(),
+        seq_nr.clone(),
+        *commit_lsn,
+        config.topic.to_string(),
+        reason,
+    );
+    tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
+        reason = %failure.reason, "row of the initial snapshot cannot be published; sending it to the dead-letter topic");
+    sink.dead_letter(id, &failure).await?;
+    Ok(())
 }
 
 /// Waits until the snapshot's transaction `id` is fully acknowledged, as the
