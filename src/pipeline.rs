@@ -29,7 +29,7 @@ use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, Snapshot
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
-use crate::slot::{self, SlotProblem};
+use crate::slot::{self, HolderWatch, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotError};
 use crate::source::{Source, SourceError, Step, UnexpectedChange};
 
@@ -260,7 +260,7 @@ async fn stream(
         }
     }
     let mut standby_since: Option<tokio::time::Instant> = None;
-    let mut stale_reported = None;
+    let mut holder = HolderWatch::default();
     loop {
         let session = Session {
             config,
@@ -288,7 +288,7 @@ async fn stream(
                     standby_since = Some(tokio::time::Instant::now());
                 }
                 metrics.standby.set(1);
-                if let Err(e) = check_stale_holder(config, &mut stale_reported).await {
+                if let Err(e) = check_stale_holder(config, &mut holder).await {
                     tracing::debug!(error = %e, "cannot check the slot's holder");
                 }
                 STANDBY_RETRY
@@ -307,44 +307,21 @@ async fn stream(
     }
 }
 
-/// Reports the process holding the slot when it has stopped replying for
-/// longer than `--stale-slot-grace`, and with `--take-over-stale-slot`
-/// terminates it so that this instance can take over. `reported` remembers
-/// the PID last reported, so each is reported once.
+/// One look at the slot's holder from a standby (see [`HolderWatch`]), over
+/// a metadata connection of its own.
 async fn check_stale_holder(
     config: &RunConfig,
-    reported: &mut Option<i32>,
+    watch: &mut HolderWatch,
 ) -> Result<(), MetadataError> {
     let client = metadata::connect(&config.postgres).await?;
-    let Some(row) = client
-        .query_opt(
-            "SELECT s.active_pid,
-                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start))::float8
-               FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
-              WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
-            &[&config.slot],
+    watch
+        .check(
+            &client,
+            &config.slot,
+            config.stale_slot_grace,
+            config.take_over_stale_slot,
         )
-        .await?
-    else {
-        return Ok(());
-    };
-    let (pid, silent): (i32, Option<f64>) = (row.get(0), row.get(1));
-    let silent = Duration::from_secs_f64(silent.unwrap_or(0.0).max(0.0));
-    if silent < config.stale_slot_grace {
-        return Ok(());
-    }
-    if *reported != Some(pid) {
-        tracing::warn!(slot = %config.slot, pid, silent = ?silent,
-            "the slot is held by a process that has not replied for longer than --stale-slot-grace{}",
-            if config.take_over_stale_slot { "; terminating it to take over" } else { "; start with --take-over-stale-slot to take over, or SELECT pg_terminate_backend(pid)" });
-        *reported = Some(pid);
-    }
-    if config.take_over_stale_slot {
-        client
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
-            .await?;
-    }
-    Ok(())
+        .await
 }
 
 /// Checks the server and the publication, makes sure the slot exists, and
