@@ -97,25 +97,34 @@ async fn an_interrupted_snapshot_starts_again_and_loses_nothing() {
         "--kafka-brokers",
         &kafka.bootstrap(),
     ];
+    // Each round trip to the broker takes a second, so the snapshot is
+    // still under way when its first rows have been acknowledged.
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(1))
+        .unwrap();
+    let metrics = crate::support::walrelay::free_local_addr();
     let mut first = Walrelay::spawn(
-        &[
-            &args[..],
-            &[
-                "--metrics-addr",
-                &crate::support::walrelay::free_local_addr().to_string(),
-            ],
-        ]
-        .concat(),
+        &[&args[..], &["--metrics-addr", &metrics.to_string()]].concat(),
         &[],
     );
     first.wait_for_stderr("publishing the rows", WAIT).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while crate::support::walrelay::metric(metrics, "walrelay_events_published_total") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no row acknowledged:\n{}",
+            first.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     first.stop_with(Signal::SIGKILL).await;
-    let slots = pg
-        .psql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots")
-        .await;
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
     assert_eq!(
-        slots,
+        slots(&pg).await,
         "walrelay,walrelay_init",
         "killed before or after the snapshot: {}",
         first.stderr_text()
