@@ -215,6 +215,18 @@ async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
+/// Writes 300 transactions over 100 aggregates named `{prefix}-{n}` on a task
+/// of its own; the task returns the committed events.
+async fn spawn_writer(
+    pg: &PgServer,
+    prefix: &'static str,
+) -> tokio::task::JoinHandle<Vec<EventId>> {
+    let mut client = pg.client().await;
+    tokio::spawn(
+        async move { write_mixed(&mut client, prefix, 100, 300, 0, &mut HashMap::new()).await },
+    )
+}
+
 /// Waits until `condition` holds for the logs of `relays`, all of which must stay up.
 async fn until_logs(relays: &mut [Walrelay], what: &str, condition: impl Fn(&[String]) -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -243,6 +255,9 @@ async fn instances_started_together_wait_for_one_first_start_and_lose_nothing() 
     // its first start open until the broker is back, however the processes
     // get scheduled.
     kafka.set_all_brokers(false);
+    // Writes go on while the instances start: some commit before the slot's
+    // consistent point (snapshot rows), some after (streamed).
+    let early = spawn_writer(&pg, "early").await;
     let mut relays = vec![spawn_run(&pg, &kafka, &[]), spawn_run(&pg, &kafka, &[])];
     until_logs(
         &mut relays,
@@ -269,14 +284,11 @@ async fn instances_started_together_wait_for_one_first_start_and_lose_nothing() 
         late.stderr_text()
     );
 
-    // Writes go on while the snapshot is published and the instances settle.
-    let writer = {
-        let mut client = pg.client().await;
-        let mut seqs: HashMap<String, i64> = (0..1000).map(|a| (format!("old-{a}"), 21)).collect();
-        tokio::spawn(async move { write_mixed(&mut client, "old", 1000, 300, 0, &mut seqs).await })
-    };
+    // And while the snapshot is published and the instances settle.
+    let late_writes = spawn_writer(&pg, "late").await;
     kafka.set_all_brokers(true);
-    committed.extend(writer.await.unwrap());
+    committed.extend(early.await.unwrap());
+    committed.extend(late_writes.await.unwrap());
 
     until_logs(
         &mut relays,
