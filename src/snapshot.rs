@@ -193,17 +193,19 @@ pub async fn publish(
         .iter()
         .map(|c| format!("t.{}::text", conn::quote_ident(&c.name)))
         .collect();
-    client
-        .batch_execute(&format!(
-        // Qualified, so that ORDER BY sorts by the columns, not by their text
-        // forms in the select list ("10" < "9").
-        "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t ORDER BY t.aggregate_id, t.seq_nr",
+    // Qualified, so that ORDER BY sorts by the columns, not by their text
+    // forms in the select list ("10" < "9").
+    let declare = format!(
+        "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t \
+         ORDER BY t.aggregate_id, t.seq_nr",
         columns.join(", "),
         conn::quote_ident(&config.table.schema),
         conn::quote_ident(&config.table.name),
-    ))
-    .await
-    .map_err(MetadataError::from)?;
+    );
+    client
+        .batch_execute(&declare)
+        .await
+        .map_err(MetadataError::from)?;
 
     let commit_ts = system_time_to_pg(SystemTime::now());
     let txn = Transaction::new(consistent_point, commit_ts);
@@ -259,14 +261,17 @@ pub async fn publish(
         )
         .await
         .map_err(MetadataError::from)?;
-    // The next instance's first start may look now (it finds the slot and resumes).
-    client
+    // The next instance's first start may look now (it finds the slot and
+    // resumes). Should this fail, the session is gone, and the lock with it.
+    if let Err(error) = client
         .execute(
             "SELECT pg_advisory_unlock($1)",
             &[&first_start_lock_key(&config.slot)],
         )
         .await
-        .map_err(MetadataError::from)?;
+    {
+        tracing::debug!(error = %MetadataError::from(error), "releasing the first-start lock");
+    }
     tracing::info!(rows = sent, "initial snapshot published");
     Ok(sent)
 }
