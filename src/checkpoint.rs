@@ -82,6 +82,13 @@ impl Checkpoint {
         self.pending.len()
     }
 
+    /// Whether transaction `id` and every one before it are fully
+    /// acknowledged: committed, every event (dead-letter records in place of
+    /// refused ones included) acknowledged, no longer pending.
+    pub fn completed(&self, id: TxnId) -> bool {
+        id < self.first_id
+    }
+
     /// A transaction began; its events carry the returned ID.
     pub fn begin(&mut self, commit_ts: i64) -> TxnId {
         self.pending.push_back(Pending {
@@ -192,6 +199,30 @@ mod tests {
         assert_eq!(last.confirmed, Some(Lsn(200)));
         assert_eq!(last.completed, 2);
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn completed_once_it_and_everything_before_it_is_acknowledged() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        let b = c.begin(0);
+        assert!(!c.completed(a));
+        c.commit(a, 2, Lsn(100));
+        c.commit(b, 1, Lsn(200));
+        c.acked(b);
+        assert!(!c.completed(b), "a is still out");
+        c.acked(a);
+        assert!(!c.completed(a), "one of a's events is still out");
+        c.acked(a);
+        assert!(c.completed(a) && c.completed(b));
+        // A poisoned transaction never completes, nor does anything after it.
+        let p = c.begin(0);
+        let after = c.begin(0);
+        c.commit(p, 1, Lsn(300));
+        c.commit(after, 0, Lsn(400));
+        c.poison(p);
+        c.acked(p);
+        assert!(!c.completed(p) && !c.completed(after));
     }
 
     #[test]

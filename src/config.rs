@@ -13,7 +13,6 @@ use serde::Deserialize;
 use crate::event::{KEY_COLUMN, TableName, TopicTemplate};
 use crate::pg::params::{ConnectParams, ParamsError};
 use crate::sink::{SinkConfigError, parse_properties};
-use crate::snapshot::SnapshotMode;
 use crate::tail::TailOptions;
 
 /// The default publication.
@@ -212,6 +211,16 @@ pub struct RunArgs {
     /// stale (and, with --take-over-stale-slot, terminated) [default: 60s].
     #[arg(long, env = "WALRELAY_STALE_SLOT_GRACE")]
     pub stale_slot_grace: Option<String>,
+}
+
+/// Whether to publish the rows that exist when the slot is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Publish them first (default).
+    Initial,
+    /// Start with what commits after the slot exists.
+    Never,
 }
 
 /// What to do with a row that cannot be published.

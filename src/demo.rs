@@ -265,7 +265,7 @@ pub async fn run(
         metrics_addr,
         shutdown_timeout: Duration::from_secs(5),
         heartbeat_interval: None,
-        snapshot: crate::snapshot::SnapshotMode::Initial,
+        snapshot: crate::config::SnapshotMode::Initial,
         dead_letter_topic: None,
         on_unexpected_change: crate::config::OnUnexpectedChange::Halt,
         take_over_stale_slot: false,

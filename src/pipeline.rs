@@ -23,14 +23,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, TxnId};
-use crate::config::{OnUnexpectedChange, RunConfig};
+use crate::config::{OnUnexpectedChange, RunConfig, SnapshotMode};
 use crate::metrics::Metrics;
 use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
-use crate::slot::{self, SlotProblem};
-use crate::snapshot::{self, InitialSnapshot, SnapshotMode};
+use crate::slot::{self, HolderWatch, SlotProblem};
+use crate::snapshot::{self, InitialSnapshot, SnapshotError};
 use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 
 /// SQLSTATE undefined_object: START_REPLICATION on a slot that does not exist.
@@ -97,6 +97,9 @@ pub enum RunError {
     /// The stream could not be followed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The initial snapshot could not be published.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// An UPDATE, DELETE or TRUNCATE of the events table.
     #[error(
         "the append-only events table saw a {} in the transaction committed at {}; walrelay does not \
@@ -183,7 +186,15 @@ pub async fn run(
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
     let (confirmed, initial) = loop {
-        match prepare_source(config).await {
+        let prepared = tokio::select! {
+            biased;
+            // SIGTERM or SIGINT, also while waiting for another instance's
+            // first start: nothing to drain yet, and what was begun is redone
+            // by the next start.
+            () = shutdown.cancelled() => return Ok(()),
+            prepared = prepare_source(config) => prepared,
+        };
+        match prepared {
             Ok(prepared) => break prepared,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
@@ -242,7 +253,7 @@ async fn stream(
     }
     if let Some(initial) = initial {
         let known = &mut known_topics;
-        let ensure = async |topic: &str| -> Result<bool, RunError> {
+        let ensure = async |topic: &str| -> Result<bool, SinkError> {
             if known.contains(topic) {
                 return Ok(true);
             }
@@ -252,7 +263,7 @@ async fn stream(
             }
             Ok(exists)
         };
-        let publish = snapshot::publish(config, sink, initial, ensure);
+        let publish = snapshot::publish(config, sink, metrics, initial, ensure);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -263,7 +274,7 @@ async fn stream(
         }
     }
     let mut standby_since: Option<tokio::time::Instant> = None;
-    let mut stale_reported = None;
+    let mut holder = HolderWatch::default();
     loop {
         let session = Session {
             config,
@@ -293,7 +304,7 @@ async fn stream(
                     standby_since = Some(tokio::time::Instant::now());
                 }
                 metrics.standby.set(1);
-                if let Err(e) = check_stale_holder(config, &mut stale_reported).await {
+                if let Err(e) = check_stale_holder(config, &mut holder).await {
                     tracing::debug!(error = %e, "cannot check the slot's holder");
                 }
                 STANDBY_RETRY
@@ -312,72 +323,49 @@ async fn stream(
     }
 }
 
-/// Reports the process holding the slot when it has stopped replying for
-/// longer than `--stale-slot-grace`, and with `--take-over-stale-slot`
-/// terminates it so that this instance can take over. `reported` remembers
-/// the PID last reported, so each is reported once.
+/// One look at the slot's holder from a standby (see [`HolderWatch`]), over
+/// a metadata connection of its own.
 async fn check_stale_holder(
     config: &RunConfig,
-    reported: &mut Option<i32>,
+    watch: &mut HolderWatch,
 ) -> Result<(), MetadataError> {
     let client = metadata::connect(&config.postgres).await?;
-    let Some(row) = client
-        .query_opt(
-            "SELECT s.active_pid,
-                    extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start))::float8
-               FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
-              WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
-            &[&config.slot],
+    watch
+        .check(
+            &client,
+            &config.slot,
+            config.stale_slot_grace,
+            config.take_over_stale_slot,
         )
-        .await?
-    else {
-        return Ok(());
-    };
-    let (pid, silent): (i32, Option<f64>) = (row.get(0), row.get(1));
-    let silent = Duration::from_secs_f64(silent.unwrap_or(0.0).max(0.0));
-    if silent < config.stale_slot_grace {
-        return Ok(());
-    }
-    if *reported != Some(pid) {
-        tracing::warn!(slot = %config.slot, pid, silent = ?silent,
-            "the slot is held by a process that has not replied for longer than --stale-slot-grace{}",
-            if config.take_over_stale_slot { "; terminating it to take over" } else { "; start with --take-over-stale-slot to take over, or SELECT pg_terminate_backend(pid)" });
-        *reported = Some(pid);
-    }
-    if config.take_over_stale_slot {
-        client
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
-            .await?;
-    }
-    Ok(())
+        .await
 }
 
 /// Checks the server and the publication, makes sure the slot exists, and
 /// returns its confirmed position, with the snapshot to publish first when
 /// this start created the slot.
+///
+/// The slots are looked at and changed under the first-start lock (see
+/// [`snapshot`]), so that an instance starting while another publishes its
+/// initial snapshot waits for it instead of taking its marker for the trace
+/// of an interrupted start. The lock goes with the returned snapshot, and is
+/// released with the metadata connection otherwise.
 async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
     let client = metadata::connect(&config.postgres).await?;
     metadata::verify_source(&client, &config.publication, &config.table).await?;
+    snapshot::lock_first_start(&client, &config.slot).await?;
     let marker = snapshot::marker_name(&config.slot);
     let interrupted = slot::inspect(&client, &marker).await?.is_some();
     let existing = slot::inspect(&client, &config.slot).await?;
     if interrupted {
-        // A previous start died before its initial snapshot was acknowledged:
-        // begin again, from a new slot.
+        // A previous start died before its initial snapshot was acknowledged
+        // (it held the lock until then): begin again, from a new slot.
         tracing::warn!(slot = %config.slot, "the initial snapshot of a previous start was interrupted; starting it again (rows may be published twice)");
-        let mut repl = ReplicationConnection::connect(&config.postgres).await?;
-        if existing.is_some() {
-            repl.simple_query(&format!(
-                "DROP_REPLICATION_SLOT {}",
-                conn::quote_ident(&config.slot)
-            ))
-            .await?;
+        let stale = existing.is_some().then_some(config.slot.as_str());
+        for name in stale.into_iter().chain([marker.as_str()]) {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await?;
         }
-        repl.simple_query(&format!(
-            "DROP_REPLICATION_SLOT {}",
-            conn::quote_ident(&marker)
-        ))
-        .await?;
     } else if let Some(state) = existing {
         if let Some(problem) = state.problem(&config.slot, &config.postgres.dbname) {
             return Err(problem.into());
@@ -410,19 +398,8 @@ async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapsh
         .await?;
     tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
         "created the replication slot; the rows already in the table are published first");
-    let name = created.snapshot_name.ok_or_else(|| {
-        RunError::Conn(ConnError::Protocol(
-            "CREATE_REPLICATION_SLOT exported no snapshot".into(),
-        ))
-    })?;
-    Ok((
-        created.consistent_point,
-        Some(InitialSnapshot {
-            connection: repl,
-            name,
-            consistent_point: created.consistent_point,
-        }),
-    ))
+    let snapshot = InitialSnapshot::import(client, repl, &created).await?;
+    Ok((created.consistent_point, Some(snapshot)))
 }
 
 /// Waits until `topic` is known to exist; `Ok(false)` when shutdown came first.
@@ -431,7 +408,7 @@ async fn ensure_topic(
     topic: &str,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Result<bool, RunError> {
+) -> Result<bool, SinkError> {
     let mut backoff = Backoff { attempt: 0 };
     loop {
         match sink.check_topic(topic, METADATA_TIMEOUT).await {
@@ -444,7 +421,7 @@ async fn ensure_topic(
                     return Ok(false);
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -626,14 +603,13 @@ impl Session<'_> {
             tracing::error!(error = %row, "the slot is not confirmed past this row (--on-poison halt)");
             return Err(row.into());
         };
-        let failure = PublishFailure {
-            aggregate: aggregate.unwrap_or_else(|| "?".to_owned()),
+        let failure = PublishFailure::invalid_row(
+            aggregate,
             seq_nr,
-            lsn: commit_lsn.to_string(),
-            topic: self.config.topic.to_string(),
-            kind: "invalid_row",
-            reason: reason.to_string(),
-        };
+            commit_lsn,
+            self.config.topic.to_string(),
+            &reason,
+        );
         tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
             reason = %failure.reason, "row cannot be published; sending it to the dead-letter topic");
         let txn = *txn;

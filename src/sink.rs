@@ -182,6 +182,27 @@ pub struct PublishFailure {
     pub reason: String,
 }
 
+impl PublishFailure {
+    /// A row of `topic` (the template) that cannot become an event, in the
+    /// transaction committed at `commit_lsn`.
+    pub fn invalid_row(
+        aggregate: Option<String>,
+        seq_nr: String,
+        commit_lsn: Lsn,
+        topic: String,
+        reason: &crate::event::RowError,
+    ) -> Self {
+        PublishFailure {
+            aggregate: aggregate.unwrap_or_else(|| "?".to_owned()),
+            seq_nr,
+            lsn: commit_lsn.to_string(),
+            topic,
+            kind: "invalid_row",
+            reason: reason.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for PublishFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -552,6 +573,12 @@ impl Sink {
     /// The replication session ended mid-transaction; the next one replays it.
     pub fn abandon_open(&self) {
         self.shared.checkpoint().abandon_open();
+    }
+
+    /// Whether transaction `txn` and every one before it are fully
+    /// acknowledged (see [`Checkpoint::completed`]).
+    pub fn completed(&self, txn: TxnId) -> bool {
+        self.shared.checkpoint().completed(txn)
     }
 
     /// The confirmed position.

@@ -6,6 +6,19 @@
 //! more WAL than `max_slot_wal_keep_size`, means the events between its last
 //! confirmation and now may never reach Kafka; walrelay then refuses to start
 //! rather than silently begin again from "now".
+//!
+//! A standby also watches the process that holds the slot ([`HolderWatch`]).
+//! A live holder sends a standby status update at least every 10 seconds,
+//! even while a broker outage holds its confirmations back, and each carries
+//! a new `reply_time`; `pg_stat_replication` shows it with the positions
+//! reported. A holder whose report has not changed at all for
+//! `--stale-slot-grace`, timed on the standby's own monotonic clock, is dead
+//! or frozen. The holder's clock is never compared with anyone else's: a
+//! holder whose clock is hours off is as alive as any other.
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::MetadataError;
 
@@ -122,6 +135,146 @@ impl SlotState {
     }
 }
 
+/// What `pg_stat_replication` shows of the holder's last status update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Replies {
+    reply_time: Option<String>,
+    write_lsn: Option<String>,
+    flush_lsn: Option<String>,
+}
+
+/// One look at the process that holds the slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Holder {
+    /// Nobody holds the slot.
+    Nobody,
+    /// A walsender whose replies this role may not see: without
+    /// `pg_read_all_stats`, `pg_stat_replication` shows its PID only.
+    Hidden(i32),
+    /// The holder with its replies (`None`: not a walsender, so it sends none).
+    Seen(i32, Option<Replies>),
+}
+
+/// What a look at the holder concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Nobody holds it, or the holder's replies changed within the grace.
+    Alive,
+    /// The holder's replies cannot be seen: no judgement is possible.
+    Hidden(i32),
+    /// The holder's replies have not changed for this long, past the grace.
+    Stale(i32, Duration),
+}
+
+/// What a standby has seen of the process that holds the slot, timed on its
+/// own monotonic clock; see the module documentation.
+#[derive(Debug, Default)]
+pub struct HolderWatch {
+    /// The holder's PID, its replies, and when this instance first saw them so.
+    last: Option<(i32, Option<Replies>, Instant)>,
+    /// The PID last reported as stale, so that each is reported once.
+    reported_stale: Option<i32>,
+    /// The PID last reported as hidden, likewise.
+    reported_hidden: Option<i32>,
+}
+
+impl HolderWatch {
+    /// Looks at the holder of `slot` once. When its replies have not changed
+    /// for `grace`, reports it with its PID (once) and, with `take_over`,
+    /// terminates it so that this instance can take the slot.
+    pub async fn check(
+        &mut self,
+        client: &crate::pg::metadata::Client,
+        slot: &str,
+        grace: Duration,
+        take_over: bool,
+    ) -> Result<(), MetadataError> {
+        let holder = match client
+            .query_opt(
+                "SELECT s.active_pid, r.pid IS NOT NULL, r.state IS NOT NULL,
+                        r.reply_time::text, r.write_lsn::text, r.flush_lsn::text
+                   FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
+                &[&slot],
+            )
+            .await?
+        {
+            None => Holder::Nobody,
+            Some(row) => match (row.get(0), row.get(1), row.get(2)) {
+                (pid, true, false) => Holder::Hidden(pid),
+                (pid, walsender, _) => Holder::Seen(
+                    pid,
+                    walsender.then(|| Replies {
+                        reply_time: row.get(3),
+                        write_lsn: row.get(4),
+                        flush_lsn: row.get(5),
+                    }),
+                ),
+            },
+        };
+        match self.observe(holder, Instant::now(), grace) {
+            Verdict::Alive => {}
+            Verdict::Hidden(pid) => {
+                if self.reported_hidden != Some(pid) {
+                    tracing::warn!(slot = %slot, pid,
+                        "cannot tell whether the slot's holder is alive: pg_stat_replication shows its replies only to roles with \
+                         pg_read_all_stats; GRANT pg_read_all_stats to walrelay's role for --stale-slot-grace to apply");
+                    self.reported_hidden = Some(pid);
+                }
+            }
+            Verdict::Stale(pid, unchanged) => {
+                let first = self.reported_stale != Some(pid);
+                if first {
+                    tracing::warn!(slot = %slot, pid, unchanged = ?unchanged,
+                        "the slot is held by a process that has not replied for longer than --stale-slot-grace \
+                         (its status in pg_stat_replication has not changed as this instance saw it){}",
+                        if take_over { "; terminating it to take over" } else { "; start with --take-over-stale-slot to take over, or SELECT pg_terminate_backend(pid)" });
+                    self.reported_stale = Some(pid);
+                }
+                if take_over {
+                    let terminated = client
+                        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                        .await;
+                    if let (Err(error), true) = (terminated, first) {
+                        tracing::warn!(slot = %slot, pid, error = %error,
+                            "cannot terminate the slot's holder: a role may only terminate its own sessions \
+                             unless it has pg_signal_backend; run every instance as the same role");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a look at the holder taken at `now`.
+    fn observe(&mut self, holder: Holder, now: Instant, grace: Duration) -> Verdict {
+        let (pid, replies) = match holder {
+            Holder::Nobody => {
+                self.last = None;
+                return Verdict::Alive;
+            }
+            Holder::Hidden(pid) => {
+                self.last = None;
+                return Verdict::Hidden(pid);
+            }
+            Holder::Seen(pid, replies) => (pid, replies),
+        };
+        let since = match &self.last {
+            Some((p, r, since)) if *p == pid && *r == replies => *since,
+            _ => {
+                self.last = Some((pid, replies, now));
+                now
+            }
+        };
+        let unchanged = now.saturating_duration_since(since);
+        if unchanged >= grace {
+            Verdict::Stale(pid, unchanged)
+        } else {
+            Verdict::Alive
+        }
+    }
+}
+
 /// Whether `name` is a valid name for walrelay's slot: lower-case letters,
 /// digits and underscores, at most 58 characters (PostgreSQL allows 63, and
 /// the initial snapshot's marker slot adds `_init`).
@@ -183,6 +336,83 @@ mod tests {
             text.contains("0/100") && text.contains("pg_drop_replication_slot"),
             "{text}"
         );
+    }
+
+    fn seen(pid: i32, reply_time: &str, flush: &str) -> Holder {
+        Holder::Seen(
+            pid,
+            Some(Replies {
+                reply_time: Some(reply_time.into()),
+                write_lsn: Some(flush.into()),
+                flush_lsn: Some(flush.into()),
+            }),
+        )
+    }
+
+    #[test]
+    fn a_holder_whose_replies_change_is_alive_whatever_its_clock_says() {
+        let grace = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut watch = HolderWatch::default();
+        // Its clock is years behind, and its positions stand still (a broker
+        // outage): every update still carries a new reply_time.
+        for tick in 0..100u64 {
+            let reply_time = format!("2001-01-01 00:00:{:02}+00", tick % 60);
+            let verdict = watch.observe(
+                seen(7, &reply_time, "0/100"),
+                start + Duration::from_secs(10 * tick),
+                grace,
+            );
+            assert_eq!(verdict, Verdict::Alive, "tick {tick}");
+        }
+    }
+
+    #[test]
+    fn a_holder_whose_replies_stand_still_is_stale_after_the_grace_on_our_clock() {
+        let grace = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut watch = HolderWatch::default();
+        let frozen = || seen(7, "2030-01-01 00:00:00+00", "0/100");
+        assert_eq!(watch.observe(frozen(), start, grace), Verdict::Alive);
+        let at = |s| start + Duration::from_secs(s);
+        assert_eq!(watch.observe(frozen(), at(14), grace), Verdict::Alive);
+        assert_eq!(
+            watch.observe(frozen(), at(15), grace),
+            Verdict::Stale(7, Duration::from_secs(15))
+        );
+        // Another holder (a new PID) starts the count again.
+        let other = || seen(8, "2030-01-01 00:00:00+00", "0/100");
+        assert_eq!(watch.observe(other(), at(16), grace), Verdict::Alive);
+        assert_eq!(watch.observe(other(), at(30), grace), Verdict::Alive);
+        assert_eq!(
+            watch.observe(other(), at(31), grace),
+            Verdict::Stale(8, Duration::from_secs(15))
+        );
+        // A holder that is not a walsender never replies.
+        assert_eq!(
+            watch.observe(Holder::Seen(9, None), at(40), grace),
+            Verdict::Alive
+        );
+        assert!(matches!(
+            watch.observe(Holder::Seen(9, None), at(55), grace),
+            Verdict::Stale(9, _)
+        ));
+    }
+
+    #[test]
+    fn a_holder_this_role_cannot_see_is_never_called_stale() {
+        let grace = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut watch = HolderWatch::default();
+        for s in [0, 60, 3600] {
+            assert_eq!(
+                watch.observe(Holder::Hidden(7), start + Duration::from_secs(s), grace),
+                Verdict::Hidden(7)
+            );
+        }
+        // Nobody holds it: nothing to watch, and the count starts afresh.
+        assert_eq!(watch.observe(Holder::Nobody, start, grace), Verdict::Alive);
+        assert!(watch.last.is_none());
     }
 
     #[test]

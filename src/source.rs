@@ -338,7 +338,7 @@ impl Source {
 }
 
 /// Names the row that could not become an event by its key and seq_nr.
-fn row_error(
+pub fn row_error(
     layout: &EventLayout,
     row: &TupleData,
     commit_lsn: Lsn,

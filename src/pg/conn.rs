@@ -403,13 +403,7 @@ impl ReplicationConnection {
         tls: Option<TlsSetup>,
         target: &str,
     ) -> Result<Self, ConnError> {
-        let tcp = TcpStream::connect((params.host.as_str(), params.port))
-            .await
-            .map_err(|source| ConnError::Connect {
-                target: target.to_owned(),
-                source,
-            })?;
-        tcp.set_nodelay(true)?;
+        let tcp = tcp_connect(params, target).await?;
         let (socket, binding) = match tls {
             None => (Socket::Plain(tcp), None),
             Some(tls) => start_tls(tcp, tls, target).await?,
@@ -429,6 +423,15 @@ impl ReplicationConnection {
         };
         conn.startup(params, binding).await?;
         Ok(conn)
+    }
+
+    /// Says goodbye (Terminate) and closes the connection.
+    pub async fn close(mut self) -> Result<(), ConnError> {
+        frontend::terminate(&mut self.out);
+        self.send().await?;
+        // The server closes after Terminate; a failing TLS close_notify is harmless.
+        let _ = self.writer.shutdown().await;
+        Ok(())
     }
 
     /// The process ID of the walsender serving this connection.
@@ -877,6 +880,30 @@ fn sasl_mechanism(
     Ok((mechanism, cb))
 }
 
+/// Opens the TCP connection, with Nagle off (status updates are small and
+/// urgent) and the keepalives of `params`.
+async fn tcp_connect(params: &ConnectParams, target: &str) -> Result<TcpStream, ConnError> {
+    let tcp = TcpStream::connect((params.host.as_str(), params.port))
+        .await
+        .map_err(|source| ConnError::Connect {
+            target: target.to_owned(),
+            source,
+        })?;
+    tcp.set_nodelay(true)?;
+    if let Some(keepalives) = params.keepalives {
+        // An idle replication connection (a standby's, or one waiting on a
+        // stalled broker) must survive NAT and load balancer idle timeouts,
+        // and a dead peer must show within a minute, not hours.
+        socket2::SockRef::from(&tcp).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(keepalives.idle)
+                .with_interval(keepalives.interval)
+                .with_retries(keepalives.count),
+        )?;
+    }
+    Ok(tcp)
+}
+
 async fn start_tls(
     mut tcp: TcpStream,
     tls: TlsSetup,
@@ -1139,6 +1166,41 @@ impl ReplicationStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_socket_gets_the_keepalives_of_the_url() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = |query: &str| {
+            ConnectParams::from_url_with_env(
+                &format!("postgres://u@127.0.0.1:{port}/d{query}"),
+                |_| None,
+            )
+            .unwrap()
+        };
+        let tuned = url("?keepalives_idle=42&keepalives_interval=7&keepalives_count=4");
+        let tcp = tcp_connect(&tuned, "test").await.unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(42)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+        let defaults = tcp_connect(&url(""), "test").await.unwrap();
+        assert_eq!(
+            socket2::SockRef::from(&defaults)
+                .tcp_keepalive_time()
+                .unwrap(),
+            super::super::params::DEFAULT_KEEPALIVES.idle
+        );
+        let off = tcp_connect(&url("?keepalives=0"), "test").await.unwrap();
+        assert!(!socket2::SockRef::from(&off).keepalive().unwrap());
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {

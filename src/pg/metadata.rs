@@ -268,6 +268,18 @@ async fn connect_raw(
     if let Some(password) = params.password() {
         config.password(password);
     }
+    // The same keepalives as the replication connection: this connection
+    // may wait idle for a long time (between snapshot fetches, while the
+    // broker is away) and must be neither dropped by a NAT nor held open
+    // for hours by a dead peer.
+    match params.keepalives {
+        Some(k) => config
+            .keepalives(true)
+            .keepalives_idle(k.idle)
+            .keepalives_interval(k.interval)
+            .keepalives_retries(k.count),
+        None => config.keepalives(false),
+    };
     // The two arms differ in the connection's stream type, so each spawns its own.
     if let Some(tls) = TlsSetup::new(params)? {
         let (client, connection) = config.connect(MakeRustlsConnect(tls)).await?;

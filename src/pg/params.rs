@@ -6,6 +6,14 @@
 //! in libpq. `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
 //! `PGSSLMODE`, `PGSSLROOTCERT` and `PGAPPNAME` fill in what the URL leaves out.
 //!
+//! TCP keepalives are on by default, with shorter timings than the operating
+//! system's (two hours idle on Linux): a NAT gateway or load balancer drops a
+//! connection that stays silent for minutes, and a connection that waits
+//! idle (the metadata connection during a long snapshot, a standby's) must
+//! neither be dropped that way nor wait hours to notice a dead peer. libpq's
+//! `keepalives`, `keepalives_idle`, `keepalives_interval` and
+//! `keepalives_count` parameters change them.
+//!
 //! The password never leaves this module in text form except to authenticate:
 //! [`ConnectParams`]'s `Debug` and [`ConnectParams::redacted_url`] hide it.
 use std::fmt;
@@ -20,6 +28,25 @@ pub const DEFAULT_PORT: u16 = 5432;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `application_name` walrelay reports unless the URL names another.
 pub const DEFAULT_APPLICATION_NAME: &str = "walrelay";
+/// TCP keepalive timings unless the URL names others: the first probe after
+/// 30 s of silence (well below the idle timeouts of NAT gateways and load
+/// balancers, a few minutes), a dead peer noticed within a minute.
+pub const DEFAULT_KEEPALIVES: Keepalives = Keepalives {
+    idle: Duration::from_secs(30),
+    interval: Duration::from_secs(10),
+    count: 3,
+};
+
+/// TCP keepalive timings, as libpq's `keepalives_*` parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalives {
+    /// Silence before the first probe (`keepalives_idle`).
+    pub idle: Duration,
+    /// Between probes (`keepalives_interval`).
+    pub interval: Duration,
+    /// Unanswered probes before the connection counts as dead (`keepalives_count`).
+    pub count: u32,
+}
 
 /// How the connection uses TLS, as libpq's `sslmode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +121,8 @@ pub struct ConnectParams {
     /// How long each request may then wait for an answer, and where waiting
     /// requests are listed (not part of the URL: `--request-timeout`).
     pub requests: RequestLimit,
+    /// TCP keepalives on every connection; `None` with `keepalives=0`.
+    pub keepalives: Option<Keepalives>,
 }
 
 /// A connection URL that cannot be used.
@@ -172,6 +201,7 @@ impl ConnectParams {
         let mut sslrootcert = None;
         let mut application_name = None;
         let mut connect_timeout = None;
+        let mut keepalives = KeepaliveParams::default();
 
         for (key, value) in url.query_pairs() {
             let value = value.into_owned();
@@ -185,6 +215,7 @@ impl ConnectParams {
                 "sslrootcert" => sslrootcert = Some(parse_root_certs(value)),
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => connect_timeout = Some(parse_timeout(&value)?),
+                k if k.starts_with("keepalives") => keepalives.set(k, &value)?,
                 "sslcert" | "sslkey" | "sslpassword" => {
                     return Err(ParamsError::Unsupported(format!(
                         "{key} (client certificates)"
@@ -204,18 +235,7 @@ impl ConnectParams {
             }
         }
 
-        let host = match host.or_else(|| env("PGHOST")) {
-            Some(h) if h.starts_with('/') => {
-                return Err(ParamsError::Unsupported(
-                    "a Unix-domain socket host (use a TCP host name or address)".into(),
-                ));
-            }
-            Some(h) if h.contains(',') => {
-                return Err(ParamsError::Unsupported("several hosts".into()));
-            }
-            Some(h) => h,
-            None => "localhost".to_owned(),
-        };
+        let host = resolve_host(host.or_else(|| env("PGHOST")))?;
         let port = match port {
             Some(0) => return Err(invalid_port("0")),
             Some(p) => p,
@@ -244,6 +264,7 @@ impl ConnectParams {
                 .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned()),
             connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             requests: RequestLimit::default(),
+            keepalives: keepalives.on.then_some(keepalives.timings),
         })
     }
 
@@ -298,7 +319,20 @@ impl fmt::Debug for ConnectParams {
             .field("application_name", &self.application_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.requests.timeout)
+            .field("keepalives", &self.keepalives)
             .finish()
+    }
+}
+
+/// The host to connect to: a TCP host name or address, `localhost` by default.
+fn resolve_host(host: Option<String>) -> Result<String, ParamsError> {
+    match host {
+        Some(h) if h.starts_with('/') => Err(ParamsError::Unsupported(
+            "a Unix-domain socket host (use a TCP host name or address)".into(),
+        )),
+        Some(h) if h.contains(',') => Err(ParamsError::Unsupported("several hosts".into())),
+        Some(h) => Ok(h),
+        None => Ok("localhost".to_owned()),
     }
 }
 
@@ -329,6 +363,62 @@ fn parse_timeout(value: &str) -> Result<Duration, ParamsError> {
             expected: "a whole number of seconds greater than 0",
         }),
     }
+}
+
+/// The `keepalives*` parameters of a URL.
+struct KeepaliveParams {
+    on: bool,
+    timings: Keepalives,
+}
+
+impl Default for KeepaliveParams {
+    fn default() -> Self {
+        KeepaliveParams {
+            on: true,
+            timings: DEFAULT_KEEPALIVES,
+        }
+    }
+}
+
+impl KeepaliveParams {
+    fn set(&mut self, key: &str, value: &str) -> Result<(), ParamsError> {
+        let secs = |param| parse_positive(param, value).map(|n| Duration::from_secs(n.into()));
+        match key {
+            // libpq: 1 (the default) turns them on, 0 off.
+            "keepalives" => {
+                self.on = match value {
+                    "1" => true,
+                    "0" => false,
+                    _ => {
+                        return Err(ParamsError::InvalidValue {
+                            param: "keepalives",
+                            value: value.into(),
+                            expected: "1 (on, the default) or 0 (off)",
+                        });
+                    }
+                };
+            }
+            "keepalives_idle" => self.timings.idle = secs("keepalives_idle")?,
+            "keepalives_interval" => self.timings.interval = secs("keepalives_interval")?,
+            "keepalives_count" => self.timings.count = parse_positive("keepalives_count", value)?,
+            _ => return Err(ParamsError::UnknownParam(key.to_owned())),
+        }
+        Ok(())
+    }
+}
+
+fn parse_positive(param: &'static str, value: &str) -> Result<u32, ParamsError> {
+    // libpq reads 0 as "the operating system's default", which is hours of
+    // idle time on Linux: walrelay asks for an explicit value instead.
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ParamsError::InvalidValue {
+            param,
+            value: value.into(),
+            expected: "a whole number greater than 0 (seconds; probes for keepalives_count)",
+        })
 }
 
 fn parse_root_certs(value: String) -> RootCerts {
@@ -363,6 +453,39 @@ mod tests {
         assert_eq!(p.sslrootcert, Some(RootCerts::File("/etc/ca.pem".into())));
         assert_eq!(p.application_name, "r1");
         assert_eq!(p.connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn keepalives_are_on_by_default_and_follow_libpq_parameters() {
+        let p = ConnectParams::from_url_with_env("postgres://u@h/d", no_env).unwrap();
+        assert_eq!(p.keepalives, Some(DEFAULT_KEEPALIVES));
+        let p = ConnectParams::from_url_with_env(
+            "postgres://u@h/d?keepalives_idle=120&keepalives_interval=5&keepalives_count=9",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            p.keepalives,
+            Some(Keepalives {
+                idle: Duration::from_secs(120),
+                interval: Duration::from_secs(5),
+                count: 9
+            })
+        );
+        let p = ConnectParams::from_url_with_env("postgres://u@h/d?keepalives=0", no_env).unwrap();
+        assert_eq!(p.keepalives, None);
+        for bad in [
+            "keepalives_often=1",
+            "keepalives=yes",
+            "keepalives_idle=0",
+            "keepalives_interval=-1",
+            "keepalives_count=x",
+        ] {
+            let err = ConnectParams::from_url_with_env(&format!("postgres://u@h/d?{bad}"), no_env)
+                .unwrap_err();
+            let param = bad.split('=').next().unwrap();
+            assert!(err.to_string().contains(param), "{bad}: {err}");
+        }
     }
 
     #[test]

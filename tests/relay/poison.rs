@@ -213,3 +213,65 @@ async fn a_table_renamed_while_streaming_stops_walrelay_naming_both_names_and_lo
     assert_eq!(seqs, [1, 2], "{records:?}");
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn bad_rows_of_the_initial_snapshot_are_dead_lettered_too() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    kafka.cluster().create_topic("dead", 1, 1).unwrap();
+    loose_table(&pg).await;
+    // Rows that exist before walrelay's first start, bad ones among them.
+    pg.psql(
+        "INSERT INTO loose VALUES ('a', 1, 'Ok', '{}'), ('a', 2, 'Bad', 'not json'),
+                                  (NULL, 3, 'NoKey', '{}'), ('b', 1, 'Ok', '{}');",
+    )
+    .await;
+    let (url, mut args) = loose_args(&pg);
+    args.extend(["--on-poison", "dead-letter", "--dead-letter-topic", "dead"]);
+    let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    assert!(
+        relay.stderr_text().contains("initial snapshot published"),
+        "{}",
+        relay.stderr_text()
+    );
+    // The stream goes on after the snapshot.
+    pg.psql("INSERT INTO loose VALUES ('b', 2, 'Ok', '{}');")
+        .await;
+    let mut published: Vec<(String, i64)> = kafka
+        .read("events", 3, WAIT)
+        .iter()
+        .map(|r| (r.key.clone(), r.seq_nr()))
+        .collect();
+    published.sort();
+    assert_eq!(
+        published,
+        [("a".into(), 1), ("b".into(), 1), ("b".into(), 2)]
+    );
+    let dead: Vec<serde_json::Value> = kafka
+        .read("dead", 2, WAIT)
+        .iter()
+        .map(|r| serde_json::from_str(r.value.as_deref().unwrap()).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(
+        dead[0]["aggregate_id"] == "a"
+            && dead[0]["seq_nr"] == "2"
+            && dead[0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("not valid JSON"),
+        "{dead:?}"
+    );
+    assert!(
+        dead[1]["seq_nr"] == "3" && dead[1]["error"].as_str().unwrap().contains("NULL"),
+        "{dead:?}"
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(slot_name, ',') FROM pg_replication_slots")
+            .await,
+        "walrelay",
+        "the snapshot's marker is left"
+    );
+    assert_eq!(metric(metrics, "walrelay_dead_lettered_total"), 2);
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}

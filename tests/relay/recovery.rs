@@ -1,13 +1,19 @@
 //! The source side going away and coming back, a second instance standing
 //! by, and a busy database with an idle events table.
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
+use bytes::BytesMut;
 use nix::sys::signal::Signal;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use walrelay::pg::protocol::{StandbyStatus, put_standby_status_update};
 
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
-use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+use crate::support::postgres::{DATABASE, PgServer, SCRAM_PASSWORD, SCRAM_USER, TRUST_USER};
 use crate::support::walrelay::{Walrelay, free_local_addr, http_get, metric};
 use crate::support::workload::{check, write_mixed};
 
@@ -169,29 +175,26 @@ async fn an_idle_events_table_does_not_pin_the_wal_of_a_busy_database() {
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
-#[tokio::test]
-async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
-    let pg = PgServer::start_default().await;
-    let kafka = Kafka::start(1, 4);
-    let (mut frozen, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
-    let holder: i32 = pg
-        .psql("SELECT active_pid FROM pg_replication_slots")
+/// The PID holding the slot `walrelay`, if any.
+async fn slot_holder(pg: &PgServer) -> Option<i32> {
+    pg.psql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'walrelay'")
         .await
         .parse()
-        .unwrap();
-    frozen.signal(Signal::SIGSTOP);
+        .ok()
+}
 
-    let standby_addr = free_local_addr();
-    let standby_arg = standby_addr.to_string();
+/// A standby on `postgres_url` with `--take-over-stale-slot --stale-slot-grace 15s`, standing by.
+async fn stale_slot_standby(postgres_url: &str, kafka: &Kafka) -> Walrelay {
+    let metrics = free_local_addr().to_string();
     let mut standby = Walrelay::spawn(
         &[
             "run",
             "--postgres-url",
-            &url(&pg),
+            postgres_url,
             "--kafka-brokers",
             &kafka.bootstrap(),
             "--metrics-addr",
-            &standby_arg,
+            &metrics,
             "--take-over-stale-slot",
             "--stale-slot-grace",
             "15s",
@@ -199,6 +202,26 @@ async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
         &[],
     );
     standby.wait_for_stderr("standing by", WAIT).await;
+    standby
+}
+
+#[tokio::test]
+async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    let (mut frozen, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let holder = slot_holder(&pg).await.expect("the slot is held");
+    frozen.signal(Signal::SIGSTOP);
+
+    // The least-privileged role cannot see the holder's replies: the standby
+    // says so and judges nothing.
+    let mut standby = stale_slot_standby(&url(&pg), &kafka).await;
+    standby
+        .wait_for_stderr("GRANT pg_read_all_stats", WAIT)
+        .await;
+    assert_eq!(slot_holder(&pg).await, Some(holder));
+    pg.psql(&format!("GRANT pg_read_all_stats TO {SCRAM_USER};"))
+        .await;
     standby
         .wait_for_stderr("has not replied for longer than --stale-slot-grace", WAIT)
         .await;
@@ -214,6 +237,155 @@ async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
     frozen.signal(Signal::SIGCONT);
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
     frozen.stop_with(Signal::SIGKILL).await;
+}
+
+/// Holds the slot `walrelay` as a walrelay instance would, replying every
+/// half second, but with a clock an hour behind; `freeze` stops the replies
+/// and keeps the connection open, as SIGSTOP does to a process.
+struct SkewedHolder {
+    frozen: Arc<AtomicBool>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl SkewedHolder {
+    const SKEW: Duration = Duration::from_secs(3600);
+
+    async fn start(pg: &PgServer) -> Self {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", pg.port()))
+            .await
+            .unwrap();
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", TRUST_USER),
+                ("database", DATABASE),
+                ("replication", "database"),
+            ],
+            &mut out,
+        )
+        .unwrap();
+        send(&mut tcp, &mut out).await;
+        while expect_no_error(&mut tcp).await != b'Z' {}
+        frontend::query(
+            "START_REPLICATION SLOT \"walrelay\" LOGICAL 0/0 \
+             (\"proto_version\" '1', \"publication_names\" 'walrelay_events')",
+            &mut out,
+        )
+        .unwrap();
+        send(&mut tcp, &mut out).await;
+        while expect_no_error(&mut tcp).await != b'W' {}
+        let (mut read, mut write) = tcp.into_split();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0; 64 * 1024];
+            while read.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        let writer = {
+            let frozen = Arc::clone(&frozen);
+            tokio::spawn(async move {
+                let mut out = BytesMut::new();
+                loop {
+                    if !frozen.load(Ordering::Relaxed) {
+                        put_standby_status_update(
+                            StandbyStatus::default(),
+                            SystemTime::now() - Self::SKEW,
+                            false,
+                            &mut out,
+                        );
+                        if write.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        SkewedHolder {
+            frozen,
+            tasks: [reader, writer],
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SkewedHolder {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn send(tcp: &mut tokio::net::TcpStream, out: &mut BytesMut) {
+    tcp.write_all(out).await.unwrap();
+    out.clear();
+}
+
+/// Reads one backend message and returns its tag; panics on an ErrorResponse.
+async fn expect_no_error(tcp: &mut tokio::net::TcpStream) -> u8 {
+    let tag = tcp.read_u8().await.unwrap();
+    let len = tcp.read_u32().await.unwrap();
+    let mut body = vec![0; usize::try_from(len).unwrap() - 4];
+    tcp.read_exact(&mut body).await.unwrap();
+    assert_ne!(tag, b'E', "{}", String::from_utf8_lossy(&body));
+    tag
+}
+
+#[tokio::test]
+async fn a_live_holder_with_a_wrong_clock_is_left_alone_until_it_freezes() {
+    const GRACE: Duration = Duration::from_secs(15);
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    pg.psql("SELECT pg_create_logical_replication_slot('walrelay', 'pgoutput');")
+        .await;
+    // The holder and the standby log in as the same role, as instances of
+    // one deployment do, so that the standby may terminate the holder.
+    pg.psql(&format!("GRANT pg_read_all_stats TO {TRUST_USER};"))
+        .await;
+    let holder = SkewedHolder::start(&pg).await;
+    let holder_pid = slot_holder(&pg).await.expect("the slot is held");
+
+    let trust_url = pg.url(TRUST_USER, None, "sslmode=disable");
+    let mut standby = stale_slot_standby(&trust_url, &kafka).await;
+    // Watched for longer than the grace, the holder, whose every reply says
+    // it is an hour old, is never called stale.
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < GRACE + Duration::from_secs(5) {
+        assert!(
+            !standby.stderr_text().contains("has not replied"),
+            "{}",
+            standby.stderr_text()
+        );
+        assert_eq!(slot_holder(&pg).await, Some(holder_pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    holder.freeze();
+    let frozen_at = tokio::time::Instant::now();
+    standby
+        .wait_for_stderr("has not replied for longer than --stale-slot-grace", WAIT)
+        .await;
+    // Judged on the standby's own clock, from the last reply it saw change.
+    assert!(
+        frozen_at.elapsed() + Duration::from_secs(1) >= GRACE,
+        "called stale {:?} after it froze",
+        frozen_at.elapsed()
+    );
+    // Taken over: terminated, not left to wal_sender_timeout (60 s).
+    standby.wait_for_stderr("streaming", WAIT).await;
+    assert!(
+        !standby.stderr_text().contains("cannot terminate"),
+        "{}",
+        standby.stderr_text()
+    );
+    let committed = write_mixed(&mut pg.client().await, "x", 5, 10, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &standby.stderr_text());
+    assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
@@ -96,25 +97,34 @@ async fn an_interrupted_snapshot_starts_again_and_loses_nothing() {
         "--kafka-brokers",
         &kafka.bootstrap(),
     ];
+    // Each round trip to the broker takes a second, so the snapshot is
+    // still under way when its first rows have been acknowledged.
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(1))
+        .unwrap();
+    let metrics = crate::support::walrelay::free_local_addr();
     let mut first = Walrelay::spawn(
-        &[
-            &args[..],
-            &[
-                "--metrics-addr",
-                &crate::support::walrelay::free_local_addr().to_string(),
-            ],
-        ]
-        .concat(),
+        &[&args[..], &["--metrics-addr", &metrics.to_string()]].concat(),
         &[],
     );
     first.wait_for_stderr("publishing the rows", WAIT).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while crate::support::walrelay::metric(metrics, "walrelay_events_published_total") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no row acknowledged:\n{}",
+            first.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     first.stop_with(Signal::SIGKILL).await;
-    let slots = pg
-        .psql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots")
-        .await;
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
     assert_eq!(
-        slots,
+        slots(&pg).await,
         "walrelay,walrelay_init",
         "killed before or after the snapshot: {}",
         first.stderr_text()
@@ -145,4 +155,234 @@ async fn an_interrupted_snapshot_starts_again_and_loses_nothing() {
         "walrelay"
     );
     assert_eq!(second.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+/// `walrelay run` against `pg` and `kafka` with `extra` flags, not waited for.
+fn spawn_run(pg: &PgServer, kafka: &Kafka, extra: &[&str]) -> Walrelay {
+    let metrics = crate::support::walrelay::free_local_addr().to_string();
+    let url = url(pg);
+    let brokers = kafka.bootstrap();
+    let mut args = vec![
+        "run",
+        "--postgres-url",
+        &url,
+        "--kafka-brokers",
+        &brokers,
+        "--metrics-addr",
+        &metrics,
+    ];
+    args.extend_from_slice(extra);
+    Walrelay::spawn(&args, &[])
+}
+
+/// The slots of the cluster, sorted, comma-separated.
+async fn slots(pg: &PgServer) -> String {
+    pg.psql("SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots")
+        .await
+}
+
+#[tokio::test]
+async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 6);
+    let committed = existing(&pg, "old", 100, 20).await;
+    // Acknowledgements take seconds, so the snapshot is still being published
+    // when the connection is cut.
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(3))
+        .unwrap();
+    let mut relay = spawn_run(&pg, &kafka, &[]);
+    relay.wait_for_stderr("publishing the rows", WAIT).await;
+    // A NAT or load balancer drops the idle replication connection that
+    // created the slot, as pg_terminate_backend does.
+    pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE backend_type = 'walsender' AND application_name = 'walrelay'",
+    )
+    .await;
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    relay
+        .wait_for_stderr("initial snapshot published", WAIT)
+        .await;
+    assert_eq!(slots(&pg).await, "walrelay", "the marker is left behind");
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    relay.wait_for_stderr("streaming", WAIT).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+/// Writes 300 transactions over 100 aggregates named `{prefix}-{n}` on a task
+/// of its own; the task returns the committed events.
+async fn spawn_writer(
+    pg: &PgServer,
+    prefix: &'static str,
+) -> tokio::task::JoinHandle<Vec<EventId>> {
+    let mut client = pg.client().await;
+    tokio::spawn(
+        async move { write_mixed(&mut client, prefix, 100, 300, 0, &mut HashMap::new()).await },
+    )
+}
+
+/// Waits until `condition` holds for the logs of `relays`, all of which must stay up.
+async fn until_logs(relays: &mut [Walrelay], what: &str, condition: impl Fn(&[String]) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs: Vec<String> = relays.iter().map(Walrelay::stderr_text).collect();
+        if condition(&logs) {
+            return;
+        }
+        let exited = relays.iter_mut().any(|r| r.exited().is_some());
+        assert!(
+            !exited && tokio::time::Instant::now() < deadline,
+            "never: {what}\n{}",
+            logs.join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn instances_started_together_wait_for_one_first_start_and_lose_nothing() {
+    const WAITING: &str = "waiting for another instance's first start";
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 6);
+    let mut committed = existing(&pg, "old", 1000, 20).await;
+    // The broker is away at first: whichever instance creates the slot holds
+    // its first start open until the broker is back, however the processes
+    // get scheduled.
+    kafka.set_all_brokers(false);
+    // Writes go on while the instances start: some commit before the slot's
+    // consistent point (snapshot rows), some after (streamed).
+    let early = spawn_writer(&pg, "early").await;
+    let mut relays = vec![spawn_run(&pg, &kafka, &[]), spawn_run(&pg, &kafka, &[])];
+    until_logs(
+        &mut relays,
+        "one creates the slot, the other waits",
+        |logs| {
+            logs.iter()
+                .any(|l| l.contains("created the replication slot"))
+                && logs.iter().any(|l| l.contains(WAITING))
+        },
+    )
+    .await;
+    // One more, started while the snapshot is under way (the marker is
+    // there, inactive), waits too, and still answers SIGTERM at once.
+    let mut late = [spawn_run(&pg, &kafka, &[])];
+    until_logs(&mut late, "the late instance waits", |logs| {
+        logs[0].contains(WAITING)
+    })
+    .await;
+    let [mut late] = late;
+    assert_eq!(
+        late.stop_with(Signal::SIGTERM).await.code(),
+        Some(0),
+        "{}",
+        late.stderr_text()
+    );
+
+    // And while the snapshot is published and the instances settle.
+    let late_writes = spawn_writer(&pg, "late").await;
+    kafka.set_all_brokers(true);
+    committed.extend(early.await.unwrap());
+    committed.extend(late_writes.await.unwrap());
+
+    until_logs(
+        &mut relays,
+        "one instance streams, the other stands by",
+        |logs| {
+            logs.iter().any(|l| l.contains("streaming"))
+                && logs.iter().any(|l| l.contains("standing by"))
+        },
+    )
+    .await;
+    let records = kafka.read("events", committed.len(), WAIT);
+    let logs = [&relays[0], &relays[1], &late]
+        .map(Walrelay::stderr_text)
+        .join("\n----\n");
+    check(&committed, &records).assert_clean(true, &logs);
+    assert!(!logs.contains("interrupted"), "{logs}");
+    // The instance that waited found the slot and resumed from it.
+    assert!(logs.contains("resuming from the slot"), "{logs}");
+    assert_eq!(slots(&pg).await, "walrelay", "{logs}");
+    for mut relay in relays {
+        assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+        assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    }
+}
+
+#[tokio::test]
+async fn the_marker_stays_until_a_refused_rows_dead_letter_record_is_acknowledged() {
+    let pg = PgServer::start_default().await;
+    // The dead-letter topic lives on a broker of its own, which is down: its
+    // records wait in the producer while the main topic's are acknowledged.
+    let kafka = Kafka::start(2, 1);
+    let cluster = kafka.cluster();
+    cluster.partition_leader("events", 0, Some(1)).unwrap();
+    cluster.create_topic("dead", 1, 1).unwrap();
+    cluster.partition_leader("dead", 0, Some(2)).unwrap();
+    cluster.broker_down(2).unwrap();
+    let committed = existing(&pg, "old", 3, 2).await;
+    // The broker refuses the first produce request for good: its rows go to
+    // the dead-letter topic instead.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let mut relay = spawn_run(
+        &pg,
+        &kafka,
+        &["--on-poison", "dead-letter", "--dead-letter-topic", "dead"],
+    );
+    relay
+        .wait_for_stderr("sending it to the dead-letter topic", WAIT)
+        .await;
+    // Still waiting for acknowledgements, or done too early.
+    until_logs(
+        std::slice::from_mut(&mut relay),
+        "the snapshot is done or waits",
+        |logs| {
+            logs[0].contains("waiting for the broker to acknowledge the snapshot")
+                || logs[0].contains("initial snapshot published")
+        },
+    )
+    .await;
+    assert_eq!(
+        slots(&pg).await,
+        "walrelay,walrelay_init",
+        "the marker went before the dead-letter record was acknowledged:\n{}",
+        relay.stderr_text()
+    );
+    assert!(!relay.stderr_text().contains("initial snapshot published"));
+
+    cluster.broker_up(2).unwrap();
+    relay
+        .wait_for_stderr("initial snapshot published", WAIT)
+        .await;
+    assert_eq!(slots(&pg).await, "walrelay");
+    // Every row is on the topic or described on the dead-letter topic.
+    let published = kafka.read("events", 0, Duration::from_secs(2));
+    let dead = kafka.read("dead", committed.len() - published.len(), WAIT);
+    let mut seen: Vec<EventId> = published
+        .iter()
+        .map(|r| (r.key.clone(), r.seq_nr()))
+        .chain(dead.iter().map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r.value.as_deref().unwrap()).unwrap();
+            (
+                v["aggregate_id"].as_str().unwrap().to_owned(),
+                v["seq_nr"].as_str().unwrap().parse().unwrap(),
+            )
+        }))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    let mut expected = committed.clone();
+    expected.sort();
+    assert!(!dead.is_empty());
+    assert_eq!(seen, expected, "{}", relay.stderr_text());
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
