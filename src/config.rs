@@ -3,7 +3,7 @@
 //!
 //! Every problem is reported naming the setting, and exits with code 2.
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,8 +24,14 @@ pub const DEFAULT_TABLE: &str = "public.events";
 pub const DEFAULT_TOPIC: &str = "events";
 /// The default replication slot.
 pub const DEFAULT_SLOT: &str = "walrelay";
-/// The default metrics address.
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
+/// The metrics endpoint's port unless `--metrics-addr` names another.
+pub const DEFAULT_METRICS_PORT: u16 = 9187;
+
+/// The default metrics address: the loopback interface only, so that nothing
+/// is exposed unless asked for (`--metrics-addr 0.0.0.0:9187`).
+pub fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_METRICS_PORT))
+}
 /// How long the slot's holder may be silent before a standby calls it stale.
 pub const DEFAULT_STALE_SLOT_GRACE: Duration = Duration::from_secs(60);
 /// How long a shutdown waits for outstanding acknowledgements by default.
@@ -73,7 +79,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Address of the demo's /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value_t = default_metrics_addr().to_string())]
     pub metrics_addr: String,
 }
 
@@ -84,8 +90,9 @@ impl DemoArgs {
             invalid(
                 "metrics-addr",
                 format!(
-                    "{:?} is not an address like 127.0.0.1:9187",
-                    self.metrics_addr
+                    "{:?} is not an address like {}",
+                    self.metrics_addr,
+                    default_metrics_addr()
                 ),
             )
         })
@@ -161,7 +168,8 @@ pub struct RunArgs {
         value_delimiter = ';'
     )]
     pub kafka_property: Vec<String>,
-    /// Address of the /metrics, /healthz and /readyz endpoint [default: 0.0.0.0:9187].
+    /// Address of the /metrics, /healthz and /readyz endpoint; 0.0.0.0:9187
+    /// listens on every interface [default: 127.0.0.1:9187].
     #[arg(long, env = "WALRELAY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// How long SIGTERM waits for outstanding acknowledgements [default: 30s].
@@ -389,10 +397,7 @@ impl RunArgs {
             .topic
             .or(file.topic)
             .unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
-        let metrics_addr = self
-            .metrics_addr
-            .or(file.metrics_addr)
-            .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned());
+        let metrics_addr = self.metrics_addr.or(file.metrics_addr);
         let shutdown_timeout = match self.shutdown_timeout.or(file.shutdown_timeout) {
             Some(text) => parse_duration("shutdown-timeout", &text, Duration::ZERO)?,
             None => DEFAULT_SHUTDOWN_TIMEOUT,
@@ -441,12 +446,15 @@ impl RunArgs {
             topic: topic
                 .parse()
                 .map_err(|e: crate::event::TopicTemplateError| invalid("topic", e.to_string()))?,
-            metrics_addr: metrics_addr.parse().map_err(|_| {
-                invalid(
-                    "metrics-addr",
-                    format!("{metrics_addr:?} is not an address like 0.0.0.0:9187"),
-                )
-            })?,
+            metrics_addr: match metrics_addr {
+                None => default_metrics_addr(),
+                Some(text) => text.parse().map_err(|_| {
+                    invalid(
+                        "metrics-addr",
+                        format!("{text:?} is not an address like 0.0.0.0:9187"),
+                    )
+                })?,
+            },
             shutdown_timeout,
         })
     }
@@ -613,7 +621,8 @@ mod tests {
         assert_eq!(c.table.to_string(), "public.events");
         assert_eq!(c.topic.to_string(), "events");
         assert!(c.create_slot);
-        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9187");
+        // Loopback only unless told otherwise.
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9187");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(c.kafka_properties.is_empty());
     }

@@ -379,6 +379,3 @@ fn print_published(brokers: &str, out: &mut impl Write, done: &CancellationToken
         }
     }
 }
-
-/// The metrics address the demo uses unless told otherwise.
-pub const DEFAULT_DEMO_METRICS_ADDR: &str = "127.0.0.1:9187";

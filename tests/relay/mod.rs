@@ -5,6 +5,7 @@ mod config;
 mod crash;
 mod delivery;
 mod demo;
+mod endpoint;
 mod faults;
 mod poison;
 mod recovery;
