@@ -41,6 +41,10 @@ pub async fn run(
             })?;
     tracing::info!(addr = %config.metrics_addr, postgres = %config.postgres.redacted_url(),
         brokers = %config.kafka_brokers, topic = %config.topic, slot = %config.slot, "starting");
+    // Allowed, since the user asked for them; never silent.
+    for weakening in config.kafka_properties.weakenings() {
+        tracing::warn!(fix = weakening.fix, "{weakening}");
+    }
 
     let shutdown = CancellationToken::new();
     let server_stop = shutdown.clone();

@@ -17,7 +17,6 @@
 //!   or a fatal producer error poisons its transaction: the watermark never
 //!   passes it, and the pipeline stops with a [`PublishFailure`] naming the
 //!   aggregate, `seq_nr` and LSN.
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +30,7 @@ use tokio::sync::Notify;
 
 use crate::checkpoint::{Advance, Checkpoint, TxnId};
 use crate::event::{Event, LSN_HEADER, SEQ_NR_COLUMN};
+use crate::kafka_properties::KafkaProperties;
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
 use crate::pg::lsn::Lsn;
@@ -52,82 +52,27 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "walrelay"),
 ];
 
-/// Settings that would break walrelay's guarantees, with why.
-const FORBIDDEN: &[(&str, &str, &str)] = &[
-    (
-        "acks",
-        "all",
-        "only acks=all (or -1) makes an acknowledgement mean the event is safe",
-    ),
-    (
-        "enable.idempotence",
-        "true",
-        "without idempotence, retries can reorder or duplicate events within an aggregate",
-    ),
-    (
-        "delivery.report.only.error",
-        "false",
-        "walrelay confirms the slot from the delivery reports of successful events",
-    ),
-];
-
 /// The producer cannot be configured as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkConfigError {
-    /// A `--kafka-property` that is not `key=value`.
-    #[error("--kafka-property {0:?}: expected key=value")]
-    Syntax(String),
-    /// A property that would break the guarantees.
-    #[error("--kafka-property {key}={value}: not allowed: {why}")]
-    Forbidden {
-        /// The property.
-        key: String,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        why: &'static str,
-    },
     /// `bootstrap.servers` set twice, differently.
     #[error(
         "--kafka-property bootstrap.servers conflicts with --kafka-brokers; set the brokers once"
     )]
     Brokers,
-    /// librdkafka refused a property.
-    #[error("--kafka-property: {0}")]
-    Rejected(#[source] KafkaError),
-}
-
-/// Parses `key=value` pairs, checking each against the guarantees.
-pub fn parse_properties(pairs: &[String]) -> Result<BTreeMap<String, String>, SinkConfigError> {
-    let mut map = BTreeMap::new();
-    for pair in pairs {
-        let (key, value) = pair
-            .split_once('=')
-            .filter(|(k, _)| !k.trim().is_empty())
-            .ok_or_else(|| SinkConfigError::Syntax(pair.clone()))?;
-        let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
-        for (forbidden, allowed, why) in FORBIDDEN {
-            let acks_all = key == "acks" && value == "-1";
-            if key == *forbidden && value != *allowed && !acks_all {
-                return Err(SinkConfigError::Forbidden { key, value, why });
-            }
-        }
-        map.insert(key, value);
-    }
-    Ok(map)
 }
 
 /// The producer configuration: walrelay's defaults, then the user's properties.
 pub fn producer_config(
     brokers: &str,
-    properties: &BTreeMap<String, String>,
+    properties: &KafkaProperties,
 ) -> Result<ClientConfig, SinkConfigError> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
     for (k, v) in DEFAULTS {
         config.set(*k, *v);
     }
-    for (k, v) in properties {
+    for (k, v) in properties.iter() {
         if k == "bootstrap.servers" && v != brokers {
             return Err(SinkConfigError::Brokers);
         }

@@ -9,4 +9,5 @@ mod endpoint;
 mod faults;
 mod poison;
 mod recovery;
+mod secrets;
 mod snapshot;
