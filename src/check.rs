@@ -90,8 +90,19 @@ pub async fn findings(config: &RunConfig) -> Vec<Finding> {
             "check --postgres-url, the password and pg_hba.conf",
         )),
     }
+    out.extend(kafka_property_findings(config));
     out.push(kafka_finding(config).await);
     out
+}
+
+/// Producer properties that weaken the broker connection's protection.
+fn kafka_property_findings(config: &RunConfig) -> Vec<Finding> {
+    config
+        .kafka_properties
+        .weakenings()
+        .into_iter()
+        .map(|w| Finding::problem("kafka security", w.to_string(), w.fix))
+        .collect()
 }
 
 /// Prints the findings and a summary; returns whether there was no problem.

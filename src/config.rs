@@ -2,17 +2,23 @@
 //! checked before anything connects.
 //!
 //! Every problem is reported naming the setting, and exits with code 2.
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+//!
+//! Secrets (the URL's password, the password file's content, Kafka
+//! properties such as `sasl.password`) are kept in types whose `Debug` hides
+//! them, are never quoted by an error, and are not shown by `--help` when they
+//! come from the environment. A file holding one must be readable by its
+//! owner only, as libpq requires of `~/.pgpass`.
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::event::{KEY_COLUMN, TableName, TopicTemplate};
+use crate::kafka_properties::{self, KafkaProperties, Origin, PropertyArg, PropertyError};
 use crate::pg::params::{ConnectParams, ParamsError};
-use crate::sink::{SinkConfigError, parse_properties};
+use crate::sink::SinkConfigError;
 use crate::tail::TailOptions;
 
 /// The default publication.
@@ -23,8 +29,14 @@ pub const DEFAULT_TABLE: &str = "public.events";
 pub const DEFAULT_TOPIC: &str = "events";
 /// The default replication slot.
 pub const DEFAULT_SLOT: &str = "walrelay";
-/// The default metrics address.
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
+/// The metrics endpoint's port unless `--metrics-addr` names another.
+pub const DEFAULT_METRICS_PORT: u16 = 9187;
+
+/// The default metrics address: the loopback interface only, so that nothing
+/// is exposed unless asked for (`--metrics-addr 0.0.0.0:9187`).
+pub fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_METRICS_PORT))
+}
 /// How long the slot's holder may be silent before a standby calls it stale.
 pub const DEFAULT_STALE_SLOT_GRACE: Duration = Duration::from_secs(60);
 /// How long a shutdown waits for outstanding acknowledgements by default.
@@ -75,7 +87,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Address of the demo's /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value_t = default_metrics_addr().to_string())]
     pub metrics_addr: String,
 }
 
@@ -86,11 +98,70 @@ impl DemoArgs {
             invalid(
                 "metrics-addr",
                 format!(
-                    "{:?} is not an address like 127.0.0.1:9187",
-                    self.metrics_addr
+                    "{:?} is not an address like {}",
+                    self.metrics_addr,
+                    default_metrics_addr()
                 ),
             )
         })
+    }
+}
+
+/// A PostgreSQL URL as given. Its `Debug` shows it with the password hidden.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct PostgresUrl(String);
+
+impl From<String> for PostgresUrl {
+    fn from(text: String) -> Self {
+        PostgresUrl(text)
+    }
+}
+
+impl PostgresUrl {
+    /// The URL's text, password included: for parsing only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the URL carries a password (`user:password@` or `?password=`).
+    pub fn has_password(&self) -> bool {
+        url::Url::parse(&self.0).map_or(true, |url| {
+            url.password().is_some() || url.query_pairs().any(|(k, _)| k == "password")
+        })
+    }
+
+    /// The URL with its password replaced; a text that is not a URL is
+    /// hidden whole, since it may hold one anywhere.
+    pub fn redacted(&self) -> String {
+        let Ok(mut url) = url::Url::parse(&self.0) else {
+            return "<not a URL; hidden>".to_owned();
+        };
+        if url.password().is_some() {
+            // Only URLs that cannot have a password refuse one.
+            let _ = url.set_password(Some(kafka_properties::REDACTED));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" {
+                        kafka_properties::REDACTED.to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
     }
 }
 
@@ -100,10 +171,15 @@ pub struct SourceArgs {
     /// PostgreSQL connection URL (libpq form), e.g.
     /// postgres://walrelay@db:5432/app?sslmode=verify-full&sslrootcert=/etc/ca.pem
     #[arg(long, env = "WALRELAY_POSTGRES_URL", hide_env_values = true)]
-    pub postgres_url: String,
-    /// A file holding the PostgreSQL password (overrides the URL's and PGPASSWORD).
+    pub postgres_url: PostgresUrl,
+    /// A file holding the PostgreSQL password (overrides the URL's and
+    /// PGPASSWORD); it must be readable by its owner only (chmod 600).
     #[arg(long, env = "WALRELAY_POSTGRES_PASSWORD_FILE")]
     pub postgres_password_file: Option<PathBuf>,
+    /// Use a password file (or configuration file holding a secret) that
+    /// group or others may read, with a warning, instead of refusing it.
+    #[arg(long, env = "WALRELAY_ALLOW_WORLD_READABLE_SECRETS")]
+    pub allow_world_readable_secrets: bool,
     /// The publication that covers the events table.
     #[arg(long, env = "WALRELAY_PUBLICATION", default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
@@ -137,8 +213,9 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     /// PostgreSQL connection URL (libpq form).
     #[arg(long, env = "WALRELAY_POSTGRES_URL", hide_env_values = true)]
-    pub postgres_url: Option<String>,
-    /// A file holding the PostgreSQL password.
+    pub postgres_url: Option<PostgresUrl>,
+    /// A file holding the PostgreSQL password; it must be readable by its
+    /// owner only (chmod 600).
     #[arg(long, env = "WALRELAY_POSTGRES_PASSWORD_FILE")]
     pub postgres_password_file: Option<PathBuf>,
     /// How long a request to PostgreSQL may wait for its answer before the
@@ -146,6 +223,10 @@ pub struct RunArgs {
     /// has waited half as long [default: 30s].
     #[arg(long, env = "WALRELAY_REQUEST_TIMEOUT")]
     pub request_timeout: Option<String>,
+    /// Use a password file or --config file holding a secret that group or
+    /// others may read, with a warning, instead of refusing it.
+    #[arg(long, env = "WALRELAY_ALLOW_WORLD_READABLE_SECRETS")]
+    pub allow_world_readable_secrets: bool,
     /// The replication slot [default: walrelay].
     #[arg(long, env = "WALRELAY_SLOT")]
     pub slot: Option<String>,
@@ -170,15 +251,22 @@ pub struct RunArgs {
     /// their order no longer holds [default: false].
     #[arg(long, env = "WALRELAY_ALLOW_AGGREGATE_ACROSS_TOPICS", num_args = 0..=1, default_missing_value = "true")]
     pub allow_aggregate_across_topics: Option<bool>,
-    /// A librdkafka producer property, key=value (repeatable; in the
-    /// environment separated by ';').
+    /// A librdkafka producer property, key=value, the value taken as is
+    /// (repeatable). In the environment: WALRELAY_KAFKA_PROPERTY, one
+    /// key=value per line; flags replace it.
+    #[arg(long = "kafka-property")]
+    pub kafka_property: Vec<PropertyArg>,
+    /// Allow a --kafka-property that loads code into walrelay or runs a
+    /// command (plugin.library.paths, sasl.kerberos.kinit.cmd,
+    /// ssl.engine.location, ssl.providers), by name (repeatable).
     #[arg(
-        long = "kafka-property",
-        env = "WALRELAY_KAFKA_PROPERTY",
-        value_delimiter = ';'
+        long = "allow-unsafe-kafka-property",
+        env = "WALRELAY_ALLOW_UNSAFE_KAFKA_PROPERTY",
+        value_delimiter = ','
     )]
-    pub kafka_property: Vec<String>,
-    /// Address of the /metrics, /healthz and /readyz endpoint [default: 0.0.0.0:9187].
+    pub allow_unsafe_kafka_property: Vec<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoint; 0.0.0.0:9187
+    /// listens on every interface [default: 127.0.0.1:9187].
     #[arg(long, env = "WALRELAY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// How long SIGTERM waits for outstanding acknowledgements [default: 30s].
@@ -247,7 +335,7 @@ pub enum OnUnexpectedChange {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    postgres_url: Option<String>,
+    postgres_url: Option<PostgresUrl>,
     postgres_password_file: Option<PathBuf>,
     request_timeout: Option<String>,
     slot: Option<String>,
@@ -257,7 +345,8 @@ struct FileConfig {
     kafka_brokers: Option<String>,
     topic: Option<String>,
     allow_aggregate_across_topics: Option<bool>,
-    kafka_properties: Option<BTreeMap<String, String>>,
+    kafka_properties: Option<KafkaProperties>,
+    allow_unsafe_kafka_properties: Option<Vec<String>>,
     metrics_addr: Option<String>,
     shutdown_timeout: Option<String>,
     heartbeat_interval: Option<String>,
@@ -270,14 +359,74 @@ struct FileConfig {
 }
 
 impl FileConfig {
-    fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+    /// Reads the file; one that holds a secret must be readable by its owner
+    /// only, unless `allow_readable`.
+    fn load(path: &Path, allow_readable: bool) -> Result<Self, ConfigError> {
         let error = |message: String| ConfigError::File {
             path: path.display().to_string(),
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| error(e.message().to_owned()))
+        let file: FileConfig = toml::from_str(&text).map_err(|e| error(e.message().to_owned()))?;
+        let secret = if file
+            .postgres_url
+            .as_ref()
+            .is_some_and(PostgresUrl::has_password)
+        {
+            Some("a password (postgres_url)")
+        } else if file
+            .kafka_properties
+            .as_ref()
+            .is_some_and(KafkaProperties::holds_secret)
+        {
+            Some("a secret Kafka property")
+        } else {
+            None
+        };
+        if let Some(secret) = secret {
+            check_private("config", path, secret, allow_readable)?;
+        }
+        Ok(file)
     }
+}
+
+/// The group's and others' read, write and execute bits, which libpq checks.
+const GROUP_OR_OTHERS: u32 = 0o077;
+
+/// Refuses a file holding `secret` that its group or others may read (or
+/// write), as libpq refuses such a `~/.pgpass`; with `allow_readable`, warns.
+fn check_private(
+    setting: &'static str,
+    path: &Path,
+    secret: &'static str,
+    allow_readable: bool,
+) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| ConfigError::SecretFile {
+            setting,
+            path: path.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & GROUP_OR_OTHERS == 0 {
+        return Ok(());
+    }
+    if allow_readable {
+        tracing::warn!(
+            file = %path.display(), mode = format!("{mode:04o}"), setting,
+            "the file holds {secret} and group or others may read it; used anyway (--allow-world-readable-secrets)"
+        );
+        return Ok(());
+    }
+    Err(ConfigError::SecretFileMode {
+        setting,
+        path: path.display().to_string(),
+        secret,
+        mode,
+    })
 }
 
 /// Parses a duration setting (`30s`, `2m`) of at least `min`.
@@ -377,7 +526,7 @@ pub struct RunConfig {
     /// Kafka bootstrap servers.
     pub kafka_brokers: String,
     /// librdkafka properties given by the user.
-    pub kafka_properties: BTreeMap<String, String>,
+    pub kafka_properties: KafkaProperties,
     /// The topic template.
     pub topic: TopicTemplate,
     /// The metrics endpoint's address.
@@ -402,12 +551,22 @@ pub struct RunConfig {
 impl RunArgs {
     /// Merges flags, environment and the configuration file, and checks every
     /// setting; nothing connects before this succeeds.
-    #[allow(clippy::too_many_lines)] // One flat merge of every setting reads best.
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        self.validate_with_env(|name| std::env::var(name).ok())
+    }
+
+    /// As [`RunArgs::validate`], with the environment variables clap does not
+    /// read (`WALRELAY_KAFKA_PROPERTY`) looked up by `env`.
+    #[allow(clippy::too_many_lines)] // One flat merge of every setting reads best.
+    pub fn validate_with_env(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<RunConfig, ConfigError> {
+        let allow_readable = self.allow_world_readable_secrets;
         let file = self
             .config
             .as_deref()
-            .map(FileConfig::load)
+            .map(|path| FileConfig::load(path, allow_readable))
             .transpose()?
             .unwrap_or_default();
         let source = SourceArgs {
@@ -416,6 +575,7 @@ impl RunArgs {
                 .or(file.postgres_url)
                 .ok_or_else(|| invalid("postgres-url", "is required".into()))?,
             postgres_password_file: self.postgres_password_file.or(file.postgres_password_file),
+            allow_world_readable_secrets: allow_readable,
             publication: self
                 .publication
                 .or(file.publication)
@@ -443,15 +603,22 @@ impl RunArgs {
             .or(file.kafka_brokers)
             .filter(|b| !b.trim().is_empty())
             .ok_or_else(|| invalid("kafka-brokers", "is required".into()))?;
-        let mut kafka_properties = match file.kafka_properties {
-            Some(map) => parse_properties(
-                &map.into_iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>(),
-            )?,
-            None => BTreeMap::new(),
+        let kafka_properties = kafka_properties(
+            file.kafka_properties,
+            &self.kafka_property,
+            env(KAFKA_PROPERTY_ENV).as_deref(),
+        )?;
+        let allowed_unsafe = if self.allow_unsafe_kafka_property.is_empty() {
+            file.allow_unsafe_kafka_properties.unwrap_or_default()
+        } else {
+            self.allow_unsafe_kafka_property
         };
-        kafka_properties.extend(parse_properties(&self.kafka_property)?);
+        for (name, what) in kafka_properties.check_unsafe(&allowed_unsafe)? {
+            tracing::warn!(
+                property = name,
+                "--kafka-property {name} {what} (allowed by --allow-unsafe-kafka-property)"
+            );
+        }
         let topic = topic_template(
             &self
                 .topic
@@ -461,10 +628,7 @@ impl RunArgs {
                 .or(file.allow_aggregate_across_topics)
                 .unwrap_or(false),
         )?;
-        let metrics_addr = self
-            .metrics_addr
-            .or(file.metrics_addr)
-            .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned());
+        let metrics_addr = self.metrics_addr.or(file.metrics_addr);
         let shutdown_timeout = match self.shutdown_timeout.or(file.shutdown_timeout) {
             Some(text) => parse_duration("shutdown-timeout", &text, Duration::ZERO)?,
             None => DEFAULT_SHUTDOWN_TIMEOUT,
@@ -505,19 +669,25 @@ impl RunArgs {
             table: source.table()?,
             slot,
             create_slot: self.create_slot.or(file.create_slot).unwrap_or(true),
-            // The same check librdkafka would make later, now, with the flag's name.
+            // The checks librdkafka would make when the producer starts, now
+            // (after the unsafe ones are ruled out: a plugin loads when set).
             kafka_properties: {
-                crate::sink::producer_config(&kafka_brokers, &kafka_properties)?;
+                crate::sink::producer_config(&kafka_brokers, &kafka_properties)?
+                    .create_native_config()
+                    .map_err(|e| kafka_properties.rejected(&e))?;
                 kafka_properties
             },
             kafka_brokers,
             topic,
-            metrics_addr: metrics_addr.parse().map_err(|_| {
-                invalid(
-                    "metrics-addr",
-                    format!("{metrics_addr:?} is not an address like 0.0.0.0:9187"),
-                )
-            })?,
+            metrics_addr: match metrics_addr {
+                None => default_metrics_addr(),
+                Some(text) => text.parse().map_err(|_| {
+                    invalid(
+                        "metrics-addr",
+                        format!("{text:?} is not an address like 0.0.0.0:9187"),
+                    )
+                })?,
+            },
             shutdown_timeout,
         })
     }
@@ -538,6 +708,31 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// A file holding a secret whose permissions cannot be read.
+    #[error("--{setting} {path}: cannot read its permissions: {source}")]
+    SecretFile {
+        /// The flag, without dashes.
+        setting: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file holding a secret that group or others may access.
+    #[error(
+        "--{setting} {path}: holds {secret}, but group or others have access to it (mode {mode:04o}); permissions should be u=rw (0600) or less: chmod 600 {path} (or pass --allow-world-readable-secrets to use it anyway)"
+    )]
+    SecretFileMode {
+        /// The flag, without dashes.
+        setting: &'static str,
+        /// The file.
+        path: String,
+        /// What it holds.
+        secret: &'static str,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The configuration file.
     #[error("--config {path}: {message}")]
     File {
@@ -546,9 +741,12 @@ pub enum ConfigError {
         /// What is wrong, naming the key.
         message: String,
     },
-    /// A producer property.
+    /// The producer's configuration.
     #[error(transparent)]
     Kafka(#[from] SinkConfigError),
+    /// A producer property.
+    #[error(transparent)]
+    KafkaProperty(#[from] PropertyError),
     /// Another setting.
     #[error("--{setting}: {message}")]
     Invalid {
@@ -562,8 +760,14 @@ pub enum ConfigError {
 impl SourceArgs {
     /// The connection parameters, with the password file applied.
     pub fn connect_params(&self) -> Result<ConnectParams, ConfigError> {
-        let mut params = ConnectParams::from_url(&self.postgres_url)?;
+        let mut params = ConnectParams::from_url(self.postgres_url.expose())?;
         if let Some(path) = &self.postgres_password_file {
+            check_private(
+                "postgres-password-file",
+                path,
+                "a password",
+                self.allow_world_readable_secrets,
+            )?;
             let text =
                 std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
                     path: path.display().to_string(),
@@ -591,6 +795,35 @@ impl SourceArgs {
         }
         Ok(self.publication.clone())
     }
+}
+
+/// The environment variable of `--kafka-property`: one `key=value` per line.
+pub const KAFKA_PROPERTY_ENV: &str = "WALRELAY_KAFKA_PROPERTY";
+
+/// The producer properties: the file's, overridden by the flags' (or, when
+/// no flag is given, by the environment variable's lines).
+fn kafka_properties(
+    file: Option<KafkaProperties>,
+    flags: &[PropertyArg],
+    env: Option<&str>,
+) -> Result<KafkaProperties, PropertyError> {
+    let mut properties = file
+        .map(KafkaProperties::checked)
+        .transpose()?
+        .unwrap_or_default();
+    properties.extend(if flags.is_empty() {
+        env.map(KafkaProperties::parse_lines)
+            .transpose()?
+            .unwrap_or_default()
+    } else {
+        KafkaProperties::parse(
+            flags
+                .iter()
+                .enumerate()
+                .map(|(i, arg)| (Origin::Flag(i + 1), arg.0.as_str())),
+        )?
+    });
+    Ok(properties)
 }
 
 fn invalid(setting: &'static str, message: String) -> ConfigError {
@@ -663,13 +896,26 @@ mod tests {
     }
 
     fn run(args: &[&str]) -> Result<RunConfig, String> {
-        let mut argv = vec!["walrelay", "run"];
-        argv.extend_from_slice(args);
-        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        run_with_env(args, None)
+    }
+
+    /// `walrelay run ARGS` with `WALRELAY_KAFKA_PROPERTY` set to `properties`.
+    fn run_with_env(args: &[&str], properties: Option<&str>) -> Result<RunConfig, String> {
+        let cli = run_args(args).map_err(|e| e.to_string())?;
         let Command::Run(run) = cli.command else {
             unreachable!("parsed as run")
         };
-        run.validate().map_err(|e| e.to_string())
+        run.validate_with_env(|name| {
+            assert_eq!(name, KAFKA_PROPERTY_ENV);
+            properties.map(str::to_owned)
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn run_args(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["walrelay", "run"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
     }
 
     const MINIMAL: [&str; 4] = [
@@ -687,7 +933,8 @@ mod tests {
         assert_eq!(c.table.to_string(), "public.events");
         assert_eq!(c.topic.to_string(), "events");
         assert!(c.create_slot);
-        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9187");
+        // Loopback only unless told otherwise.
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9187");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(c.kafka_properties.is_empty());
     }
@@ -724,8 +971,8 @@ shutdown_timeout = "45s"
         assert_eq!(c.slot, "from_file");
         assert!(!c.create_slot);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(45));
-        assert_eq!(c.kafka_properties["linger.ms"], "1");
-        assert_eq!(c.kafka_properties["compression.type"], "zstd");
+        assert_eq!(c.kafka_properties.get("linger.ms"), Some("1"));
+        assert_eq!(c.kafka_properties.get("compression.type"), Some("zstd"));
         let c = run(&["--config", path.to_str().unwrap(), "--create-slot"]).unwrap();
         assert!(c.create_slot);
     }
@@ -817,6 +1064,15 @@ shutdown_timeout = "45s"
         assert!(run(&[&MINIMAL[..], &["--kafka-property", "acks=-1"]].concat()).is_ok());
     }
 
+    /// Writes `text` to a new file of mode `mode` in `dir`.
+    fn file_with_mode(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
     #[test]
     fn producer_properties_that_break_per_key_placement_or_order_are_refused() {
         let with = |property: &str| run(&[&MINIMAL[..], &["--kafka-property", property]].concat());
@@ -830,10 +1086,13 @@ shutdown_timeout = "45s"
             "request.required.acks=1",
         ] {
             let err = with(property).unwrap_err();
+            let (key, value) = property.split_once('=').unwrap();
             assert!(
-                err.starts_with(&format!("--kafka-property {property}: not allowed: ")),
+                err.starts_with(&format!("--kafka-property {key}: not allowed but as ")),
                 "{property}: {err}"
             );
+            // A value is never quoted: it could be a secret.
+            assert!(!err.contains(&format!("={value}")), "{property}: {err}");
         }
         assert!(
             with("partitioner=random")
@@ -963,8 +1222,7 @@ shutdown_timeout = "45s"
     #[test]
     fn the_password_file_wins_and_loses_its_newline() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pw");
-        std::fs::write(&path, "from-file\n").unwrap();
+        let path = file_with_mode(dir.path(), "pw", "from-file\n", 0o600);
         let o = tail(&[
             "--postgres-url",
             "postgres://u:from-url@h/d",
@@ -973,5 +1231,200 @@ shutdown_timeout = "45s"
         ])
         .unwrap();
         assert_eq!(o.postgres.password(), Some("from-file"));
+    }
+
+    /// What the tests below must never see printed.
+    const SECRET: &str = "pa;ss word=";
+
+    #[test]
+    fn debug_output_of_every_configuration_struct_redacts_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let encoded = "pa%3Bss%20word%3D";
+        let config = file_with_mode(
+            dir.path(),
+            "walrelay.toml",
+            &format!(
+                "postgres_url = \"postgres://u:{encoded}@h/d\"\nkafka_brokers = \"k:1\"\n\
+                 [kafka_properties]\n\"sasl.password\" = \"{SECRET}\"\n\"ssl.key.pem\" = \"{SECRET}\"\n"
+            ),
+            0o600,
+        );
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--postgres-url",
+            &format!("postgres://u:{encoded}@h/d?password={encoded}&sslmode=require"),
+            "--kafka-property",
+            &format!("sasl.oauthbearer.config={SECRET}"),
+            "--kafka-property",
+            &format!("sasl.password={SECRET}"),
+        ];
+        let cli = run_args(&args).unwrap();
+        let Command::Run(run_args) = &cli.command else {
+            unreachable!()
+        };
+        let file = FileConfig::load(&config, false).unwrap();
+        let validated = run(&args).unwrap();
+        assert_eq!(
+            validated.kafka_properties.get("sasl.password"),
+            Some(SECRET)
+        );
+        assert_eq!(validated.postgres.password(), Some(SECRET));
+        for (what, text) in [
+            ("Cli", format!("{cli:?}")),
+            ("RunArgs", format!("{run_args:?}")),
+            ("FileConfig", format!("{file:?}")),
+            ("RunConfig", format!("{validated:?}")),
+            ("RunConfig pretty", format!("{validated:#?}")),
+        ] {
+            assert!(
+                !text.contains("pa;ss") && !text.contains(encoded) && !text.contains("pa%3B"),
+                "{what}: {text}"
+            );
+            assert!(text.contains(kafka_properties::REDACTED), "{what}: {text}");
+        }
+        let tail = Cli::try_parse_from([
+            "walrelay",
+            "tail",
+            "--postgres-url",
+            &format!("postgres://u:{encoded}@h/d"),
+        ])
+        .unwrap();
+        assert!(!format!("{tail:?}").contains(encoded), "{tail:?}");
+        // A URL that does not parse is hidden whole.
+        let bad = PostgresUrl::from(format!("postgres://u:{SECRET}@h:port/d"));
+        assert!(!format!("{bad:?}").contains("pa;ss"), "{bad:?}");
+    }
+
+    #[test]
+    fn kafka_properties_are_neither_split_nor_trimmed_and_the_environment_has_one_per_line() {
+        let c = run(&[
+            &MINIMAL[..],
+            &["--kafka-property", &format!("sasl.password={SECRET} ")],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(
+            c.kafka_properties.get("sasl.password"),
+            Some("pa;ss word= ")
+        );
+        let env = format!("sasl.password={SECRET}\r\n\nlinger.ms=7\n");
+        let c = run_with_env(&MINIMAL, Some(&env)).unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        assert_eq!(c.kafka_properties.get("linger.ms"), Some("7"));
+        // Flags replace the environment's list.
+        let c = run_with_env(
+            &[&MINIMAL[..], &["--kafka-property", "linger.ms=9"]].concat(),
+            Some(&env),
+        )
+        .unwrap();
+        assert_eq!(c.kafka_properties.get("linger.ms"), Some("9"));
+        assert_eq!(c.kafka_properties.get("sasl.password"), None);
+    }
+
+    #[test]
+    fn bad_kafka_properties_are_refused_without_their_value() {
+        for property in [
+            format!("sasl.pasword={SECRET}"),
+            format!("sasl.password:{SECRET}"),
+            format!("linger.ms={SECRET}"),
+            format!("acks={SECRET}"),
+        ] {
+            let e = run(&[&MINIMAL[..], &["--kafka-property", &property]].concat()).unwrap_err();
+            assert!(!e.contains("pa;ss"), "{e}");
+            assert!(e.contains("--kafka-property"), "{e}");
+        }
+        let e = run_with_env(
+            &MINIMAL,
+            Some(&format!("linger.ms=1\nsasl.password {SECRET}")),
+        )
+        .unwrap_err();
+        assert!(
+            !e.contains("pa;ss") && e.contains("WALRELAY_KAFKA_PROPERTY (line 2)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn properties_that_load_code_need_to_be_allowed_by_name() {
+        let unsafe_property = [
+            &MINIMAL[..],
+            &[
+                "--kafka-property",
+                "sasl.kerberos.kinit.cmd=touch /tmp/owned",
+            ],
+        ]
+        .concat();
+        let e = run(&unsafe_property).unwrap_err();
+        assert!(
+            e.contains("--allow-unsafe-kafka-property sasl.kerberos.kinit.cmd")
+                && !e.contains("touch"),
+            "{e}"
+        );
+        let allowed = [
+            &unsafe_property[..],
+            &["--allow-unsafe-kafka-property", "sasl.kerberos.kinit.cmd"],
+        ]
+        .concat();
+        assert!(run(&allowed).is_ok());
+        let e = run(&[
+            &MINIMAL[..],
+            &["--allow-unsafe-kafka-property", "linger.ms"],
+        ]
+        .concat())
+        .unwrap_err();
+        assert!(e.contains("not one of the properties"), "{e}");
+    }
+
+    #[test]
+    fn files_holding_a_secret_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = file_with_mode(dir.path(), "pw", SECRET, 0o640);
+        let args = [
+            &MINIMAL[..],
+            &["--postgres-password-file", password.to_str().unwrap()],
+        ]
+        .concat();
+        let e = run(&args).unwrap_err();
+        assert!(
+            e.contains("chmod 600") && e.contains("0640") && !e.contains("pa;ss"),
+            "{e}"
+        );
+        let allowed = run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).unwrap();
+        assert_eq!(allowed.postgres.password(), Some(SECRET));
+
+        let with_password = file_with_mode(
+            dir.path(),
+            "secret.toml",
+            "postgres_url = \"postgres://u:pw@h/d\"\nkafka_brokers = \"k:1\"\n",
+            0o604,
+        );
+        let with_property = file_with_mode(
+            dir.path(),
+            "property.toml",
+            "postgres_url = \"postgres://u@h/d\"\nkafka_brokers = \"k:1\"\n\
+             [kafka_properties]\n\"sasl.password\" = \"pw\"\n",
+            0o644,
+        );
+        for file in [&with_password, &with_property] {
+            let e = run(&["--config", file.to_str().unwrap()]).unwrap_err();
+            assert!(e.contains("--config") && e.contains("chmod 600"), "{e}");
+            assert!(
+                run(&[
+                    "--config",
+                    file.to_str().unwrap(),
+                    "--allow-world-readable-secrets"
+                ])
+                .is_ok()
+            );
+        }
+        // Without a secret in it, anyone may read it.
+        let public = file_with_mode(
+            dir.path(),
+            "public.toml",
+            "postgres_url = \"postgres://u@h/d\"\nkafka_brokers = \"k:1\"\n",
+            0o644,
+        );
+        assert!(run(&["--config", public.to_str().unwrap()]).is_ok());
     }
 }

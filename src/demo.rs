@@ -258,7 +258,7 @@ pub async fn run(
             .map_err(|e| pg_error("table", e))?,
         create_slot: true,
         kafka_brokers: brokers.clone(),
-        kafka_properties: std::collections::BTreeMap::new(),
+        kafka_properties: crate::kafka_properties::KafkaProperties::default(),
         topic: crate::config::DEFAULT_TOPIC
             .parse()
             .map_err(|e| pg_error("topic", e))?,
@@ -379,6 +379,3 @@ fn print_published(brokers: &str, out: &mut impl Write, done: &CancellationToken
         }
     }
 }
-
-/// The metrics address the demo uses unless told otherwise.
-pub const DEFAULT_DEMO_METRICS_ADDR: &str = "127.0.0.1:9187";

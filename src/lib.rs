@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod kafka_properties;
 pub mod metrics;
 pub mod monitor;
 pub mod pg;

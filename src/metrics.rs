@@ -6,10 +6,17 @@
 //! PostgreSQL, the broker is reachable and no request to PostgreSQL has
 //! waited for its answer longer than half of `--request-timeout` (503 with
 //! the reason otherwise).
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -68,6 +75,8 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`.
     pub slot_retained_wal: IntGauge,
+    /// Connections to the HTTP endpoint closed unserved: too many were open.
+    pub http_connections_rejected: IntCounter,
     health: Arc<Health>,
 }
 
@@ -278,6 +287,10 @@ impl Metrics {
                 "walrelay_slot_retained_wal_bytes",
                 "WAL the slot keeps: the server's WAL position minus the slot's restart_lsn.",
             ),
+            http_connections_rejected: counter(
+                "walrelay_http_connections_rejected_total",
+                "Connections to the metrics endpoint closed unserved because too many were open.",
+            ),
             registry,
             health: Arc::new(Health::default()),
         };
@@ -322,18 +335,58 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+/// How long a client may take to send a request's head (its request line and
+/// headers), and how long a kept-alive connection may sit idle between
+/// requests: a request to these endpoints is a few hundred bytes, sent in
+/// milliseconds by any scraper or probe.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; one more is closed as soon as it is accepted.
+/// A Prometheus server or two and an orchestrator's probes need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long one connection is served. Then it is closed between two requests,
+/// or, busy with a response its client does not read, dropped
+/// [`CLOSE_GRACE`] later.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long a connection asked to close (at shutdown, or at the end of its
+/// lifetime) may take to finish the response it is writing.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// The read buffer of a connection, hence the largest request head accepted
+/// (hyper's minimum is 8 KiB; a larger head is answered 431).
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// The limits of the HTTP endpoint. Anyone who reaches the port can open
+/// connections: these bound what each one, and all of them, may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// See [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
+    /// See [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`CONNECTION_LIFETIME`].
+    pub connection_lifetime: Duration,
+    /// See [`CLOSE_GRACE`]; at shutdown, never longer than the shutdown timeout.
+    pub close_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+            connection_lifetime: CONNECTION_LIFETIME,
+            close_grace: CLOSE_GRACE,
+        }
+    }
+}
+
+/// The routes: `/metrics`, `/healthz` and `/readyz`.
+fn router(metrics: &Metrics) -> axum::Router {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
 
     let for_metrics = metrics.clone();
     let health = Arc::clone(metrics.health());
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -364,10 +417,117 @@ pub async fn serve(
                     }
                 }
             }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        )
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`
+/// completes; then stops accepting, closes idle connections at once and gives
+/// busy ones `limits.close_grace` to finish their response before dropping
+/// them, so that shutdown never waits on a client.
+///
+/// Each connection runs under [`HttpLimits`]: hyper's header-read timeout
+/// (which also closes idle kept-alive connections), a lifetime, and a cap on
+/// how many are served at once. Over the cap, a new connection is closed as
+/// soon as it is accepted: the client learns at once, instead of waiting in
+/// the listen backlog.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = router(&metrics);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    // `closing`: finish the response in hand, then close; `dropping`: close now.
+    let closing = CancellationToken::new();
+    let dropping = CancellationToken::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            // Shutdown first: no new connection once it is asked for.
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(error) => {
+                // Out of file descriptors, or a connection reset before it was
+                // accepted: pause briefly rather than spin on the error.
+                tracing::debug!(error = %error, "metrics endpoint: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics.http_connections_rejected.inc();
+            drop(stream);
+            continue;
+        };
+        connections.spawn(serve_connection(
+            stream,
+            app.clone(),
+            limits,
+            closing.clone(),
+            dropping.clone(),
+            slot,
+        ));
+    }
+    drop(listener);
+    closing.cancel();
+    connections.close();
+    if tokio::time::timeout(limits.close_grace, connections.wait())
         .await
+        .is_err()
+    {
+        dropping.cancel();
+        connections.wait().await;
+    }
+}
+
+/// How long the accept loop pauses after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves one connection under `limits`, holding its `slot` until it ends.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: axum::Router,
+    limits: HttpLimits,
+    closing: CancellationToken,
+    dropping: CancellationToken,
+    slot: OwnedSemaphorePermit,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        biased;
+        () = dropping.cancelled() => return,
+        // Timeouts and client errors end here; they are the client's business.
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(error = %error, "metrics endpoint: connection ended");
+            }
+            return;
+        }
+        () = closing.cancelled() => {}
+        () = tokio::time::sleep(limits.connection_lifetime) => {}
+    }
+    // Idle: closed at once. Mid-request: closed after its response, if that
+    // goes out within the grace.
+    connection.as_mut().graceful_shutdown();
+    tokio::select! {
+        biased;
+        () = dropping.cancelled() => {}
+        _ = connection.as_mut() => {}
+        () = tokio::time::sleep(limits.close_grace) => {}
+    }
+    drop(slot);
 }
 
 /// Binds the metrics address, before anything else starts, so a port clash is
@@ -400,6 +560,7 @@ mod tests {
             "walrelay_standby",
             "walrelay_slot_wal_status",
             "walrelay_slot_retained_wal_bytes",
+            "walrelay_http_connections_rejected_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
@@ -413,6 +574,175 @@ mod tests {
             let documented =
                 readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{"));
             assert!(documented, "{name} is not documented in README.md");
+        }
+    }
+
+    /// Serves on a free local port with `limits`; returns the address, the
+    /// metrics, the trigger of shutdown and the server's task.
+    async fn start(
+        limits: HttpLimits,
+    ) -> (
+        SocketAddr,
+        Metrics,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+        let stop = CancellationToken::new();
+        let on_stop = stop.clone();
+        let server = tokio::spawn(serve(listener, metrics.clone(), limits, async move {
+            on_stop.cancelled().await;
+        }));
+        (addr, metrics, stop, server)
+    }
+
+    /// Reads until the server closes the connection; panics after `within`.
+    async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(within, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "the server kept the connection open past {within:?}"
+        );
+        received
+    }
+
+    /// `GET /healthz` on a fresh connection: the status line, or `None` when
+    /// the server closed the connection without an answer.
+    async fn get(addr: SocketAddr) -> Option<String> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let answer = closed_by_server(&mut stream, Duration::from_secs(10)).await;
+        let text = String::from_utf8_lossy(&answer);
+        text.lines()
+            .next()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+    }
+
+    const LONG: Duration = Duration::from_secs(600);
+
+    #[tokio::test]
+    async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, _stop, _server) = start(HttpLimits {
+            header_read_timeout: Duration::from_millis(300),
+            connection_lifetime: LONG,
+            ..HttpLimits::default()
+        })
+        .await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /metr").await.unwrap();
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Bounded by the test, not by the server: without the timeout, never.
+        closed_by_server(&mut silent, Duration::from_secs(30)).await;
+        closed_by_server(&mut half, Duration::from_secs(30)).await;
+        let answered = closed_by_server(&mut idle, Duration::from_secs(30)).await;
+        assert!(
+            String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"),
+            "the kept-alive connection was answered first"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_at_once_and_counted() {
+        let (addr, metrics, _stop, _server) = start(HttpLimits {
+            header_read_timeout: LONG,
+            max_connections: 2,
+            connection_lifetime: LONG,
+            ..HttpLimits::default()
+        })
+        .await;
+        let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Accepted in order: the third is over the cap, and told so by a
+        // close, long before the (ten-minute) header timeout.
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        closed_by_server(&mut third, Duration::from_secs(30)).await;
+        assert_eq!(metrics.http_connections_rejected.get(), 1);
+        // A closed connection frees its slot for the next client.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if get(addr).await.is_some_and(|l| l.contains(" 200 ")) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no slot came free");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_slow_clients() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, stop, server) = start(HttpLimits {
+            header_read_timeout: LONG,
+            connection_lifetime: LONG,
+            close_grace: Duration::from_millis(300),
+            ..HttpLimits::default()
+        })
+        .await;
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /metr").await.unwrap();
+        // A client that asks and asks and never reads: its responses fill the
+        // socket buffers, and the server blocks writing to it.
+        let mut greedy = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+        let _ = tokio::time::timeout(Duration::from_secs(5), greedy.write_all(&request)).await;
+        assert_eq!(get(addr).await.as_deref(), Some("HTTP/1.1 200 OK"));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("the server stopped without waiting for its clients")
+            .unwrap();
+        closed_by_server(&mut half, Duration::from_secs(30)).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_loses_its_connection_after_its_lifetime() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, _stop, _server) = start(HttpLimits {
+            header_read_timeout: LONG,
+            max_connections: 1,
+            connection_lifetime: Duration::from_millis(300),
+            close_grace: Duration::from_millis(300),
+        })
+        .await;
+        // It takes the only slot and asks for more than the socket buffers
+        // hold, reading nothing: the server blocks writing to it.
+        let mut greedy = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+        let _ = tokio::time::timeout(Duration::from_secs(5), greedy.write_all(&request)).await;
+        // The slot comes free all the same.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if get(addr).await.is_some_and(|l| l.contains(" 200 ")) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the client that never reads kept its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

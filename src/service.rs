@@ -5,7 +5,7 @@ use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RunConfig;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, HttpLimits, Metrics};
 use crate::pipeline::{self, RunError};
 
 /// Why the service stopped with an error.
@@ -46,12 +46,25 @@ pub async fn run(
             })?;
     tracing::info!(addr = %config.metrics_addr, postgres = %config.postgres.redacted_url(),
         brokers = %config.kafka_brokers, topic = %config.topic, slot = %config.slot, "starting");
+    // Allowed, since the user asked for them; never silent.
+    for weakening in config.kafka_properties.weakenings() {
+        tracing::warn!(fix = weakening.fix, "{weakening}");
+    }
 
     let shutdown = CancellationToken::new();
     let server_stop = shutdown.clone();
-    let server = tokio::spawn(metrics::serve(listener, metrics.clone(), async move {
-        server_stop.cancelled().await;
-    }));
+    // Open connections get at most the shutdown timeout to finish, so that
+    // the endpoint's drain ends within the pipeline's.
+    let limits = HttpLimits {
+        close_grace: metrics::CLOSE_GRACE.min(config.shutdown_timeout),
+        ..HttpLimits::default()
+    };
+    let server = tokio::spawn(metrics::serve(
+        listener,
+        metrics.clone(),
+        limits,
+        async move { server_stop.cancelled().await },
+    ));
     let on_signal = shutdown.clone();
     let signal = tokio::spawn(async move {
         stop.await;
@@ -61,7 +74,7 @@ pub async fn run(
     let result = pipeline::run(&config, metrics, shutdown.clone()).await;
     signal.abort();
     shutdown.cancel();
-    if let Ok(Err(error)) = server.await {
+    if let Err(error) = server.await {
         tracing::warn!(error = %error, "metrics endpoint failed");
     }
     Ok(result?)

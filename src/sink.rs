@@ -17,7 +17,6 @@
 //!   or a fatal producer error poisons its transaction: the watermark never
 //!   passes it, and the pipeline stops with a [`PublishFailure`] naming the
 //!   aggregate, `seq_nr` and LSN.
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +30,7 @@ use tokio::sync::Notify;
 
 use crate::checkpoint::{Advance, Checkpoint, TxnId};
 use crate::event::{Event, LSN_HEADER, SEQ_NR_COLUMN};
+use crate::kafka_properties::KafkaProperties;
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
 use crate::pg::lsn::Lsn;
@@ -52,109 +52,27 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "walrelay"),
 ];
 
-/// A property whose other values would break walrelay's guarantees.
-struct Guard {
-    /// Its name and librdkafka's aliases for it.
-    names: &'static [&'static str],
-    /// The values that keep the guarantees.
-    allowed: &'static [&'static str],
-    /// Why the others are refused.
-    why: &'static str,
-}
-
-/// Settings that would break walrelay's guarantees, with why.
-const GUARDS: &[Guard] = &[
-    Guard {
-        names: &["acks", "request.required.acks"],
-        allowed: &["all", "-1"],
-        why: "only acks=all (or -1) makes an acknowledgement mean the event is safe",
-    },
-    Guard {
-        names: &["enable.idempotence"],
-        allowed: &["true"],
-        why: "without idempotence, retries can reorder or duplicate events within an aggregate",
-    },
-    Guard {
-        names: &["delivery.report.only.error"],
-        allowed: &["false"],
-        why: "walrelay confirms the slot from the delivery reports of successful events",
-    },
-    // murmur2 and murmur2_random differ only for a NULL key, which walrelay
-    // never sends (a NULL aggregate_id is a poison row); an empty key hashes
-    // the same under both.
-    Guard {
-        names: &["partitioner"],
-        allowed: &["murmur2_random", "murmur2"],
-        why: "each aggregate must stay in the one partition its earlier events went to, the one \
-              the Java client and Kafka Streams choose for its key (murmur2); random spreads an \
-              aggregate over partitions, consistent_random does so for an empty aggregate_id, and \
-              any other hash moves aggregates to other partitions, where consumers see their \
-              events out of order",
-    },
-    Guard {
-        names: &["queuing.strategy"],
-        allowed: &["fifo"],
-        why: "lifo sends later events of an aggregate before earlier ones",
-    },
-];
-
 /// The producer cannot be configured as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkConfigError {
-    /// A `--kafka-property` that is not `key=value`.
-    #[error("--kafka-property {0:?}: expected key=value")]
-    Syntax(String),
-    /// A property that would break the guarantees.
-    #[error("--kafka-property {key}={value}: not allowed: {why}")]
-    Forbidden {
-        /// The property.
-        key: String,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        why: &'static str,
-    },
     /// `bootstrap.servers` set twice, differently.
     #[error(
         "--kafka-property bootstrap.servers conflicts with --kafka-brokers; set the brokers once"
     )]
     Brokers,
-    /// librdkafka refused a property.
-    #[error("--kafka-property: {0}")]
-    Rejected(#[source] KafkaError),
-}
-
-/// Parses `key=value` pairs, checking each against the guarantees.
-pub fn parse_properties(pairs: &[String]) -> Result<BTreeMap<String, String>, SinkConfigError> {
-    let mut map = BTreeMap::new();
-    for pair in pairs {
-        let (key, value) = pair
-            .split_once('=')
-            .filter(|(k, _)| !k.trim().is_empty())
-            .ok_or_else(|| SinkConfigError::Syntax(pair.clone()))?;
-        let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
-        if let Some(guard) = GUARDS.iter().find(|g| g.names.contains(&key.as_str())) {
-            if !guard.allowed.contains(&value.as_str()) {
-                let why = guard.why;
-                return Err(SinkConfigError::Forbidden { key, value, why });
-            }
-        }
-        map.insert(key, value);
-    }
-    Ok(map)
 }
 
 /// The producer configuration: walrelay's defaults, then the user's properties.
 pub fn producer_config(
     brokers: &str,
-    properties: &BTreeMap<String, String>,
+    properties: &KafkaProperties,
 ) -> Result<ClientConfig, SinkConfigError> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
     for (k, v) in DEFAULTS {
         config.set(*k, *v);
     }
-    for (k, v) in properties {
+    for (k, v) in properties.iter() {
         let brokers_key = k == "bootstrap.servers" || k == "metadata.broker.list";
         if brokers_key && v != brokers {
             return Err(SinkConfigError::Brokers);

@@ -33,7 +33,7 @@ async fn bad_run_configuration_exits_2_naming_the_setting() {
         // One aggregate could reach two partitions.
         (
             [&base[..], &["--kafka-property", "partitioner=random"]].concat(),
-            "partitioner=random: not allowed",
+            "--kafka-property partitioner: not allowed but as murmur2_random or murmur2",
         ),
         // Dead-letter records would land among the events.
         (

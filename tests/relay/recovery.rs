@@ -454,6 +454,8 @@ async fn the_password_file_works_and_no_secret_leaks_into_logs_or_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pg-password");
     std::fs::write(&file, format!("{SCRAM_PASSWORD}\n")).unwrap();
+    // Readable by its owner only, or walrelay refuses it.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let no_password = pg.url(SCRAM_USER, None, "sslmode=require");
     let (mut relay, metrics) = Walrelay::run(
         &no_password,

@@ -1,0 +1,254 @@
+//! Secrets stay secret through the binary: `--help`, configuration errors and
+//! logs never print them; files holding them must be private; producer
+//! properties that load code must be allowed by name, and those that weaken
+//! TLS are reported.
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::walrelay::Walrelay;
+
+/// The secret each test hides; its pieces are searched for too.
+const SECRET: &str = "hunter2;and more ";
+const WAIT: Duration = Duration::from_secs(60);
+/// Nothing listens on port 1: only a connection attempt could fail there.
+const NOWHERE: [&str; 4] = [
+    "--postgres-url",
+    "postgres://u@127.0.0.1:1/d",
+    "--kafka-brokers",
+    "127.0.0.1:1",
+];
+
+/// Panics if the secret, or its distinctive part, is in `text`.
+fn assert_hidden(text: &str, context: &str) {
+    assert!(
+        !text.contains("hunter2"),
+        "{context}: the secret is printed:\n{text}"
+    );
+}
+
+fn private_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// Runs `walrelay ARGS` with `env` to its end; returns the exit code and
+/// everything it printed.
+async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut w = Walrelay::spawn(args, env);
+    let status = w.wait(WAIT).await;
+    let printed = format!("{}\n{}", w.stdout_lines().join("\n"), w.stderr_text());
+    (status.code(), printed)
+}
+
+#[tokio::test]
+async fn help_never_prints_a_secret_from_the_environment() {
+    let url = format!("postgres://walrelay:{}@db/app", "hunter2%3B");
+    let property = format!("sasl.password={SECRET}");
+    let env = [
+        ("WALRELAY_POSTGRES_URL", url.as_str()),
+        ("WALRELAY_KAFKA_PROPERTY", property.as_str()),
+    ];
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["check", "--help"],
+        &["tail", "--help"],
+        &["demo", "--help"],
+    ] {
+        let (code, printed) = run_to_end(args, &env).await;
+        assert_eq!(code, Some(0), "{args:?}:\n{printed}");
+        assert_hidden(&printed, &format!("{args:?}"));
+    }
+    // Non-secret settings still show where they come from.
+    let (_, printed) = run_to_end(&["run", "--help"], &env).await;
+    assert!(printed.contains("WALRELAY_KAFKA_PROPERTY"), "{printed}");
+}
+
+#[tokio::test]
+async fn a_bad_kafka_property_is_refused_without_echoing_its_value() {
+    for property in [
+        // A typo in the name: librdkafka does not know it, and says so.
+        format!("sasl.pasword={SECRET}"),
+        // A colon for the equals sign.
+        format!("sasl.password:{SECRET}"),
+        // No separator at all.
+        format!("sasl.password {SECRET}"),
+        // A guarantee walrelay insists on, given something else.
+        format!("acks={SECRET}"),
+    ] {
+        let args = [&["run"][..], &NOWHERE, &["--kafka-property", &property]].concat();
+        let (code, printed) = run_to_end(&args, &[]).await;
+        assert_eq!(code, Some(2), "{property:?}:\n{printed}");
+        assert!(printed.contains("--kafka-property"), "{printed}");
+        assert_hidden(&printed, &property);
+    }
+    // The same from the environment, one property per line.
+    let lines = format!("linger.ms=5\nsasl.password {SECRET}\n");
+    let args = [&["run"][..], &NOWHERE].concat();
+    let (code, printed) = run_to_end(&args, &[("WALRELAY_KAFKA_PROPERTY", &lines)]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("WALRELAY_KAFKA_PROPERTY (line 2)"),
+        "{printed}"
+    );
+    assert_hidden(&printed, "environment");
+}
+
+#[tokio::test]
+async fn a_password_file_others_may_read_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = private_file(dir.path(), "pw", SECRET, 0o644);
+    let file_arg = file.to_str().unwrap();
+    let args = [
+        &["check"][..],
+        &NOWHERE,
+        &["--postgres-password-file", file_arg],
+    ]
+    .concat();
+    let (code, printed) = run_to_end(&args, &[]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("invalid configuration")
+            && printed.contains(&format!("chmod 600 {file_arg}")),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("cannot connect"),
+        "it connected:\n{printed}"
+    );
+    assert_hidden(&printed, "refused");
+
+    // Allowed: a warning, then the file is used (here: for a server that is
+    // not there, which check reports).
+    let allowed = [&args[..], &["--allow-world-readable-secrets"]].concat();
+    let (_, printed) = run_to_end(&allowed, &[]).await;
+    assert!(
+        printed.contains("group or others may read it") && printed.contains("PROBLEM  postgres"),
+        "{printed}"
+    );
+    assert_hidden(&printed, "allowed");
+
+    // The same file, private: accepted without a word.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, printed) = run_to_end(&args, &[]).await;
+    assert!(
+        !printed.contains("group or others") && printed.contains("PROBLEM  postgres"),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
+async fn a_config_file_holding_a_password_must_be_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = private_file(
+        dir.path(),
+        "walrelay.toml",
+        "postgres_url = \"postgres://u:hunter2@127.0.0.1:1/d\"\nkafka_brokers = \"127.0.0.1:1\"\n",
+        0o644,
+    );
+    let (code, printed) = run_to_end(&["run", "--config", file.to_str().unwrap()], &[]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("--config") && printed.contains("chmod 600"),
+        "{printed}"
+    );
+    assert_hidden(&printed, "config file");
+}
+
+#[tokio::test]
+async fn properties_that_load_code_or_run_commands_need_an_allowance() {
+    let marker = tempfile::tempdir().unwrap();
+    let ran = marker.path().join("ran");
+    let command = format!("sasl.kerberos.kinit.cmd=touch {}", ran.display());
+    for property in [
+        "plugin.library.paths=/nonexistent/libevil".to_owned(),
+        "ssl.engine.location=/nonexistent/engine.so".to_owned(),
+        "ssl.providers=/nonexistent/provider".to_owned(),
+        command.clone(),
+    ] {
+        let name = property.split_once('=').unwrap().0;
+        let args = [&["check"][..], &NOWHERE, &["--kafka-property", &property]].concat();
+        let (code, printed) = run_to_end(&args, &[]).await;
+        assert_eq!(code, Some(2), "{property}:\n{printed}");
+        assert!(
+            printed.contains(&format!("--allow-unsafe-kafka-property {name}")),
+            "{printed}"
+        );
+        assert!(!printed.contains("/nonexistent"), "{printed}");
+    }
+    assert!(!ran.exists(), "the command ran");
+    // Allowed by name, the plugin is loaded: here it does not exist, and
+    // librdkafka says so.
+    let args = [
+        &["check"][..],
+        &NOWHERE,
+        &[
+            "--kafka-property",
+            "plugin.library.paths=/nonexistent/libevil",
+        ],
+        &["--allow-unsafe-kafka-property", "plugin.library.paths"],
+    ]
+    .concat();
+    let (code, printed) = run_to_end(&args, &[]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("--kafka-property plugin.library.paths")
+            && !printed.contains("--allow-unsafe-kafka-property plugin"),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
+async fn tls_weakening_properties_are_warned_about_and_reported_by_check() {
+    let weak = [
+        "--kafka-property",
+        "enable.ssl.certificate.verification=false",
+        "--kafka-property",
+        "ssl.endpoint.identification.algorithm=none",
+        "--kafka-property",
+        "security.protocol=sasl_plaintext",
+        "--kafka-property",
+        "sasl.username=walrelay",
+        "--kafka-property",
+    ];
+    let password = format!("sasl.password={SECRET}");
+    let args = [&["check"][..], &NOWHERE, &weak, &[&password]].concat();
+    let (code, printed) = run_to_end(&args, &[]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    for (setting, fix) in [
+        (
+            "enable.ssl.certificate.verification=false",
+            "ssl.ca.location",
+        ),
+        ("ssl.endpoint.identification.algorithm=none", "remove it"),
+        (
+            "security.protocol=sasl_plaintext",
+            "security.protocol=sasl_ssl",
+        ),
+    ] {
+        let finding = printed
+            .lines()
+            .position(|l| l.starts_with("PROBLEM  kafka security") && l.contains(setting))
+            .unwrap_or_else(|| panic!("no finding for {setting}:\n{printed}"));
+        let fix_line = printed.lines().nth(finding + 1).unwrap();
+        assert!(
+            fix_line.contains("fix:") && fix_line.contains(fix),
+            "{fix_line}"
+        );
+    }
+    assert_hidden(&printed, "check");
+
+    // run warns at start, before it tries to connect.
+    let args = [&["run"][..], &NOWHERE, &weak, &[&password]].concat();
+    let mut w = Walrelay::spawn(&args, &[]);
+    w.wait_for_stderr("security.protocol=sasl_plaintext", WAIT)
+        .await;
+    w.wait_for_stderr("enable.ssl.certificate.verification=false", WAIT)
+        .await;
+    w.wait_for_stderr("ssl.endpoint.identification.algorithm=none", WAIT)
+        .await;
+    assert_hidden(&w.stderr_text(), "run");
+}
