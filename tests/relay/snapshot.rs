@@ -54,7 +54,12 @@ async fn existing_rows_then_live_ones_arrive_exactly_once() {
     // Live writes race with the snapshot being published.
     let mut client = pg.client().await;
     let mut seqs: HashMap<String, i64> = (0..500).map(|a| (format!("old-{a}"), 11)).collect();
-    committed.extend(write_mixed(&mut client, "old", 500, 1000, 0, &mut seqs).await);
+    committed.extend(
+        write_mixed(&mut client, "old", 500, 1000, 0, &mut seqs)
+            .await
+            .into_iter()
+            .map(|w| w.id),
+    );
     relay
         .wait_for_stderr("initial snapshot published", WAIT)
         .await;
