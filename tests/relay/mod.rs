@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod demo;
 mod faults;
+mod oracle;
 mod poison;
 mod recovery;
 mod snapshot;

@@ -4,15 +4,20 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
 use walrelay::pg::lsn::Lsn;
 
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
+use crate::support::oracle::{ConfirmSampler, assert_confirmed_only_what_was_on_the_topic};
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
 use crate::support::walrelay::{Walrelay, http_get, metric};
-use crate::support::workload::{check, write_mixed};
+use crate::support::workload::{Mix, Writer, check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Walsender terminations of the reconnect storm, 0.5 to 2 s apart.
+const STORM_ATTEMPTS: usize = 20;
 
 fn url(pg: &PgServer) -> String {
     pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable")
@@ -283,4 +288,63 @@ async fn the_password_file_works_and_no_secret_leaks_into_logs_or_metrics() {
         !relay.stderr_text().contains(SCRAM_PASSWORD),
         "the password is in the logs"
     );
+}
+
+#[tokio::test]
+async fn a_reconnect_storm_behind_a_slow_broker_loses_nothing_and_confirms_only_what_is_on_the_topic()
+ {
+    let pg = PgServer::start_default().await;
+    // Partitions enough for the replays (the mock keeps 5 MiB per partition).
+    let kafka = Kafka::start(1, 12);
+    // A slow broker: acknowledgements lag, so every termination leaves
+    // events in flight, and late acknowledgements of abandoned sessions.
+    kafka.set_round_trip_time(Duration::from_millis(300));
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let sampler = ConfirmSampler::start(&pg, &kafka, "events", "walrelay").await;
+
+    // Small transactions, and every 15th one of 500 events, so that
+    // terminations land inside transactions too.
+    let mix = Mix {
+        aggregates: 200,
+        big_every: 15,
+        big_events: 300,
+        pause: Duration::from_millis(10),
+        ..Mix::default()
+    };
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(Writer::new(pg.superuser_url(), "storm", mix, 3).run(stop.clone()));
+
+    // The storm: walrelay's walsender terminated every 0.5-2 s.
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut terminated = 0;
+    for _ in 0..STORM_ATTEMPTS {
+        tokio::time::sleep(Duration::from_millis(rng.u64(500..=2000))).await;
+        terminated += usize::from(pg.terminate_walsender("walrelay").await);
+        assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    }
+    stop.cancel();
+    let committed = writer.await.unwrap().committed;
+
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    let samples = sampler.finish().await;
+    kafka.set_round_trip_time(Duration::ZERO);
+    let records = kafka.read("events", committed.len(), WAIT);
+    let (checked, positions) = assert_confirmed_only_what_was_on_the_topic(&samples, &records);
+    let sessions = pg.decoding_sessions("walrelay");
+    let report = check(&committed, &records);
+    report.assert_clean_replays(&sessions, &relay.stderr_text());
+    eprintln!(
+        "{terminated} of {STORM_ATTEMPTS} terminations hit a walsender; {} sessions; {} events, \
+         {} duplicated; {} samples ({checked} checked against the topic, {positions} positions)",
+        sessions.len(),
+        committed.len(),
+        report.duplicates.len(),
+        samples.len()
+    );
+    assert!(
+        terminated >= STORM_ATTEMPTS / 4,
+        "only {terminated} of {STORM_ATTEMPTS} terminations found a walsender:\n{}",
+        relay.stderr_text()
+    );
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }

@@ -455,6 +455,17 @@ impl PgServer {
         parse_decoding_sessions(&log, slot)
     }
 
+    /// Terminates the walsender streaming from `slot` (`pg_terminate_backend`),
+    /// as an operator or a failing network would; returns whether one was.
+    pub async fn terminate_walsender(&self, slot: &str) -> bool {
+        self.psql(&format!(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots \
+             WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await
+            == "1"
+    }
+
     async fn psql_in(&self, database: &str, sql: &str) -> Result<String, String> {
         let mut child = self
             .psql_command(database)
