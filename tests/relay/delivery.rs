@@ -84,6 +84,7 @@ async fn mixed_transactions_arrive_complete_ordered_and_confirmed_then_restart_a
         transactions.len() as u64
     );
     assert_eq!(metric(metrics, "walrelay_inflight_events"), 0);
+    assert_eq!(metric(metrics, "walrelay_reconnects_total"), 0);
     assert_eq!(
         metric(metrics, "walrelay_confirmed_lsn"),
         slot_confirmed(&pg, "walrelay").await.0

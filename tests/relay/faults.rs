@@ -60,6 +60,11 @@ async fn a_broker_outage_holds_the_slot_and_delivers_everything_afterwards() {
     // Idempotent production: retries leave no duplicates either.
     report.assert_clean(false, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", end).await;
+    // The broker's outage is no reason to drop the replication connection.
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        0
+    );
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
@@ -222,7 +227,7 @@ async fn a_missing_topic_is_a_clear_error() {
 async fn a_broker_that_stops_answering_holds_the_slot_until_it_answers_again() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
     let mut client = pg.client().await;
     let mut seqs = HashMap::new();
     let mut committed = write_mixed(&mut client, "before", 10, 10, 0, &mut seqs).await;
@@ -252,5 +257,13 @@ async fn a_broker_that_stops_answering_holds_the_slot_until_it_answers_again() {
     check(&committed, &records).assert_clean(false, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", end).await;
     assert!(relay.exited().is_none());
+    // Acknowledgements held back for 12 s, then all at once, on an idle
+    // server: the replication connection must not look stalled meanwhile.
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        0,
+        "{}",
+        relay.stderr_text()
+    );
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
