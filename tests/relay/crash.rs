@@ -202,6 +202,11 @@ fn assert_clean_stops_replay_at_most_one_transaction(
             .filter(|r| r.header("lsn").parse::<Lsn>().unwrap() >= resumed)
             .collect();
         let transactions: BTreeSet<&str> = replayed.iter().map(|r| r.header("lsn")).collect();
+        eprintln!(
+            "SIGTERM {n}: {} events of {} transactions published before the exit were replayed",
+            replayed.len(),
+            transactions.len()
+        );
         assert!(
             transactions.len() <= 1,
             "the SIGTERM of interruption {n} left {} published events of {} transactions \
@@ -212,8 +217,9 @@ fn assert_clean_stops_replay_at_most_one_transaction(
     }
 }
 
-/// What each interruption cost: its replay window (events committed between
-/// the resume point and the interruption) and the duplicates in it.
+/// For the log: each interruption's replay window (commit LSNs from where the
+/// next session resumed to the WAL end right after it) and how many
+/// duplicated events lie in it, whichever interruption replayed them.
 fn print_windows(interruptions: &[Interruption], sessions: &[Lsn], report: &Report) {
     for i in interruptions {
         let Some(resumed) = sessions.get(i.sessions_before) else {
@@ -226,7 +232,7 @@ fn print_windows(interruptions: &[Interruption], sessions: &[Lsn], report: &Repo
             .filter(|lsn| resumed <= lsn && *lsn < i.wal_end)
             .count();
         eprintln!(
-            "{:?}: resumed at {resumed} (WAL end {}), {duplicated} events of that window duplicated",
+            "{:?}: resumed at {resumed}, WAL end {}: {duplicated} duplicated events in between",
             i.fault, i.wal_end
         );
     }
