@@ -554,24 +554,30 @@ impl Drop for PgServer {
         // `-w` so no server process writes into the directory while the
         // TempDir removes it. Errors are ignored: the server may be stopped
         // already, and a panic in drop would abort the test binary.
-        let mut cmd = std::process::Command::new(self.bin_dir.join("pg_ctl"));
-        as_server_user(&mut cmd, self.dir.path(), self.run_as);
-        let _ = cmd
-            .args([
-                "stop",
-                "-m",
-                "immediate",
-                "-w",
-                "-t",
-                PG_CTL_TIMEOUT_SECS,
-                "-D",
-            ])
-            .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        stop_immediately(&self.bin_dir, self.dir.path(), &self.data_dir, self.run_as);
     }
+}
+
+/// `pg_ctl stop -m immediate -w` of the cluster in `data`, as `run_as`, with
+/// `dir` as the working directory, blocking; returns whether it succeeded.
+fn stop_immediately(bin_dir: &Path, dir: &Path, data: &Path, run_as: Option<u32>) -> bool {
+    let mut cmd = std::process::Command::new(bin_dir.join("pg_ctl"));
+    as_server_user(&mut cmd, dir, run_as);
+    cmd.args([
+        "stop",
+        "-m",
+        "immediate",
+        "-w",
+        "-t",
+        PG_CTL_TIMEOUT_SECS,
+        "-D",
+    ])
+    .arg(data)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .status()
+    .is_ok_and(|s| s.success())
 }
 
 /// `$WALRELAY_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin` with an
@@ -765,25 +771,8 @@ fn clean_stale_dirs(bin_dir: &Path) {
                 use std::os::unix::fs::MetadataExt as _;
                 fs::metadata(&data).map(|m| m.uid()).ok()
             };
-            let mut cmd = std::process::Command::new(bin_dir.join("pg_ctl"));
-            as_server_user(&mut cmd, &path, owner.filter(|uid| *uid != effective_uid()));
-            let stopped = cmd
-                .args([
-                    "stop",
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "-t",
-                    PG_CTL_TIMEOUT_SECS,
-                    "-D",
-                ])
-                .arg(&data)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !stopped || postmaster_running(&data) {
+            let run_as = owner.filter(|uid| *uid != effective_uid());
+            if !stop_immediately(bin_dir, &path, &data, run_as) || postmaster_running(&data) {
                 continue;
             }
         }

@@ -61,28 +61,38 @@ impl Walrelay {
 
     /// Waits until a stderr line contains `needle`; panics with all output on timeout or exit.
     pub async fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for_stderr_line(&format!("{needle:?}"), timeout, |l| {
+            l.contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until `find` returns something for a stderr line, and returns
+    /// that; panics with all output on timeout or exit. `what` names what
+    /// is waited for in the panic message.
+    async fn wait_for_stderr_line<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        find: impl Fn(&str) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
-            if self
-                .stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains(needle))
-            {
-                return;
+            let found = self.stderr.lock().unwrap().iter().find_map(|l| find(l));
+            if let Some(found) = found {
+                return found;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Let the readers drain what it printed last.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 panic!(
-                    "walrelay exited ({status}) before printing {needle:?}:\n{}",
+                    "walrelay exited ({status}) before printing {what}:\n{}",
                     self.stderr_text()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "no {needle:?} within {timeout:?}:\n{}",
+                "no {what} within {timeout:?}:\n{}",
                 self.stderr_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -235,38 +245,25 @@ impl Walrelay {
     /// The address the metrics endpoint is bound to, from the `starting`
     /// line walrelay logs once it has bound it (`addr=127.0.0.1:40123`).
     pub async fn metrics_addr(&mut self) -> std::net::SocketAddr {
-        let addr = |line: &str| {
-            line.contains(" starting ")
-                .then(|| {
-                    line.split_whitespace()
-                        .find_map(|field| field.strip_prefix("addr="))
-                })
-                .flatten()
-                .map(str::to_owned)
-        };
         // Bounded generously: `demo` starts a PostgreSQL of its own first.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let found = self.stderr.lock().unwrap().iter().find_map(|l| addr(l));
-            if let Some(found) = found {
-                return found
-                    .parse()
-                    .unwrap_or_else(|err| panic!("addr={found}: {err}"));
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                panic!(
-                    "walrelay exited ({status}) before it bound its metrics address:\n{}",
-                    self.stderr_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no `starting ... addr=` line:\n{}",
-                self.stderr_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let found = self
+            .wait_for_stderr_line(
+                "a `starting ... addr=` line",
+                Duration::from_secs(120),
+                |line| {
+                    line.contains(" starting ")
+                        .then(|| {
+                            line.split_whitespace()
+                                .find_map(|field| field.strip_prefix("addr="))
+                        })
+                        .flatten()
+                        .map(str::to_owned)
+                },
+            )
+            .await;
+        found
+            .parse()
+            .unwrap_or_else(|err| panic!("addr={found}: {err}"))
     }
 
     /// Whether the process has exited.
