@@ -67,9 +67,10 @@ struct Interruption {
 #[tokio::test]
 async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
     let pg = PgServer::start_default().await;
-    // Partitions enough that the replays of the PostgreSQL crashes stay
-    // within what the mock cluster keeps (5 MiB per partition).
-    let kafka = Kafka::start(1, 12);
+    // Partitions enough that the replays of the PostgreSQL crashes (each can
+    // resend everything since the slot was last saved to disk) stay within
+    // what the mock cluster keeps (5 MiB per partition).
+    let kafka = Kafka::start(1, 24);
     // A slow broker keeps events in flight long enough to be caught there.
     kafka.set_round_trip_time(Duration::from_millis(100));
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
