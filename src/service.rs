@@ -44,7 +44,10 @@ pub async fn run(
                 addr: config.metrics_addr,
                 source,
             })?;
-    tracing::info!(addr = %config.metrics_addr, postgres = %config.postgres.redacted_url(),
+    // The bound address, not the configured one: with port 0 the system
+    // picks the port, and this line is where an operator (or a test) learns it.
+    let addr = listener.local_addr().unwrap_or(config.metrics_addr);
+    tracing::info!(addr = %addr, postgres = %config.postgres.redacted_url(),
         brokers = %config.kafka_brokers, topic = %config.topic, slot = %config.slot, "starting");
     // Allowed, since the user asked for them; never silent.
     for weakening in config.kafka_properties.weakenings() {

@@ -1,103 +1,240 @@
-//! SIGKILL at random points while a workload writes: after a final restart
-//! everything committed is in Kafka, first deliveries keep per-aggregate
-//! order, and the only duplicates are events that were not yet confirmed
-//! when a process died.
-use std::collections::HashMap;
+//! Crashes while events are in flight: walrelay killed (SIGKILL), PostgreSQL
+//! crashed (immediate stop) and restarted, and walrelay stopped cleanly
+//! (SIGTERM), in a random order, while a workload writes. After a final
+//! restart everything committed is in Kafka with its exact content, first
+//! deliveries keep per-aggregate order, and duplicates are bounded by the
+//! replays PostgreSQL logged.
+//!
+//! The bound on duplicates, and why it holds: every logical decoding session
+//! starts at the slot's `confirmed_flush_lsn` R and sends each transaction
+//! whose commit record starts at or after R once (PostgreSQL logs R as
+//! "Streaming transactions committing after R"). So an event is on the topic
+//! at most as many times as sessions started at or before its commit LSN.
+//! Since walrelay confirms only what the broker acknowledged, R after a
+//! crash is at most the in-flight window behind what the dead process had
+//! published: the duplicates of each crash are the events it had published
+//! but not yet confirmed. A SIGTERM adds at most the one transaction that was
+//! open when the signal came (walrelay stops reading mid-transaction, and
+//! that transaction's events published so far are not confirmable).
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use walrelay::pg::lsn::Lsn;
 
 use super::delivery::{current_lsn, wait_confirmed};
-use crate::support::kafka::Kafka;
+use crate::support::kafka::{Kafka, Record};
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, free_local_addr};
-use crate::support::workload::{check, write_mixed};
+use crate::support::walrelay::{Walrelay, wait_for_metric};
+use crate::support::workload::{Mix, Report, Writer, check};
 
-const KILLS: usize = 20;
+/// The faults, in the order a seeded shuffle gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL of walrelay.
+    Kill,
+    /// `pg_ctl stop -m immediate` (every server process dies at once, no
+    /// shutdown checkpoint), then a start: crash recovery.
+    PostgresCrash,
+    /// SIGTERM of walrelay: a clean stop.
+    Term,
+}
+
+const KILLS: usize = 12;
+const POSTGRES_CRASHES: usize = 4;
+const TERMS: usize = 4;
+
+/// `--shutdown-timeout` of the relays: a SIGTERM must end in this.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// How each interruption went, for the bound and the summary.
+#[derive(Debug)]
+struct Interruption {
+    fault: Fault,
+    /// Decoding sessions started before it: the first one after it has this index.
+    sessions_before: usize,
+    /// The WAL end right after it (after the restart for a PostgreSQL crash):
+    /// nothing committed later was published before it.
+    wal_end: Lsn,
+    /// For a SIGTERM: each partition's end right after the exit.
+    published: Option<Vec<i64>>,
+}
 
 #[tokio::test]
-async fn sigkill_at_random_points_loses_nothing() {
+async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
     let pg = PgServer::start_default().await;
-    let kafka = Kafka::start(1, 6);
+    // Partitions enough that the replays of the PostgreSQL crashes (each can
+    // resend everything since the slot was last saved to disk) stay within
+    // what the mock cluster keeps (5 MiB per partition).
+    let kafka = Kafka::start(1, 24);
+    // A slow broker keeps events in flight long enough to be caught there.
+    kafka.set_round_trip_time(Duration::from_millis(100));
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
-    let run = |metrics: String| {
-        Walrelay::spawn(
-            &[
-                "run",
-                "--postgres-url",
-                &url,
-                "--kafka-brokers",
-                &kafka.bootstrap(),
-                "--metrics-addr",
-                &metrics,
-            ],
-            &[],
-        )
-    };
+    let timeout = format!("{}s", SHUTDOWN_TIMEOUT.as_secs());
+    let args = ["--shutdown-timeout", timeout.as_str()];
 
-    // The workload: small mixed transactions until told to stop.
+    // The first start creates the slot; the writes begin once it streams, so
+    // that every event is published from the WAL (none from the snapshot).
+    let mut relay = Some(Walrelay::run(&url, &kafka.bootstrap(), &args).await);
+
+    // Small mixed transactions, every 25th one of 300 events (so that some
+    // faults land inside a transaction), every 6th rolled back.
     let stop = CancellationToken::new();
-    let writer = {
-        let stop = stop.clone();
-        let mut client = pg.client().await;
-        tokio::spawn(async move {
-            let mut seqs = HashMap::new();
-            let mut committed = Vec::new();
-            while !stop.is_cancelled() {
-                committed.extend(write_mixed(&mut client, "agg", 50, 10, 6, &mut seqs).await);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            committed
-        })
+    let mix = Mix {
+        big_every: 25,
+        big_events: 300,
+        pause: Duration::from_millis(10),
+        ..Mix::default()
     };
+    let writer = tokio::spawn(Writer::new(pg.superuser_url(), "agg", mix, 7).run(stop.clone()));
 
-    // Each kill: the slot's confirmed position after it, and the WAL end at
-    // that moment. A duplicate is legitimate only if some kill found it
-    // committed (below the WAL end) but not yet confirmed.
-    let mut kills: Vec<(Lsn, Lsn)> = Vec::new();
     let mut rng = fastrand::Rng::with_seed(7);
-    for _ in 0..KILLS {
-        let mut relay = run(free_local_addr().to_string());
-        tokio::time::sleep(Duration::from_millis(rng.u64(200..1500))).await;
-        relay.stop_with(Signal::SIGKILL).await;
-        let wal_end = current_lsn(&pg).await;
-        let confirmed = pg
-            .psql("SELECT coalesce(max(confirmed_flush_lsn), '0/0') FROM pg_replication_slots WHERE slot_name = 'walrelay'")
-            .await
-            .parse()
-            .unwrap();
-        kills.push((confirmed, wal_end));
+    let mut faults: Vec<Fault> = [Fault::Kill; KILLS]
+        .into_iter()
+        .chain([Fault::PostgresCrash; POSTGRES_CRASHES])
+        .chain([Fault::Term; TERMS])
+        .collect();
+    rng.shuffle(&mut faults);
+
+    let mut interruptions = Vec::new();
+    for fault in faults {
+        let (mut current, metrics) = match relay.take() {
+            Some(running) => running,
+            None => Walrelay::run(&url, &kafka.bootstrap(), &args).await,
+        };
+        // Some work first, then the fault, at a moment with events in flight.
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..1500))).await;
+        wait_for_metric(metrics, "walrelay_inflight_events", |n| n > 0, WAIT).await;
+        let sessions_before = pg.decoding_sessions("walrelay").len();
+        let mut published = None;
+        match fault {
+            Fault::Kill => current.kill().await,
+            Fault::Term => published = Some(stop_cleanly(&mut current, &kafka).await),
+            Fault::PostgresCrash => {
+                let streamed = current.stderr_text().matches("streaming").count();
+                pg.crash().await;
+                pg.restart().await;
+                // The same process carries on.
+                current
+                    .wait_for_stderr_count("streaming", streamed + 1, WAIT * 2)
+                    .await;
+                relay = Some((current, metrics));
+            }
+        }
+        interruptions.push(Interruption {
+            fault,
+            sessions_before,
+            wal_end: current_lsn(&pg).await,
+            published,
+        });
     }
     stop.cancel();
-    let committed = writer.await.unwrap();
+    let writer = writer.await.unwrap();
+    let committed = writer.committed;
 
-    let mut last = run(free_local_addr().to_string());
-    last.wait_for_stderr("streaming", Duration::from_secs(60))
-        .await;
+    let (mut last, _) = match relay.take() {
+        Some(running) => running,
+        None => Walrelay::run(&url, &kafka.bootstrap(), &args).await,
+    };
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
     let records = kafka.read("events", committed.len(), Duration::from_secs(120));
     let report = check(&committed, &records);
-    report.assert_clean(true, &last.stderr_text());
-    for ((aggregate, seq), count) in &report.duplicates {
-        let record = records
-            .iter()
-            .find(|r| &r.key == aggregate && r.seq_nr() == *seq)
-            .unwrap();
-        let lsn: Lsn = record.header("lsn").parse().unwrap();
-        assert!(
-            kills
-                .iter()
-                .any(|(confirmed, wal_end)| *confirmed <= lsn && lsn < *wal_end),
-            "{aggregate} seq_nr {seq} (lsn {lsn}) was published {count} times although it was confirmed before every kill: {kills:?}"
-        );
-    }
-    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    let sessions = pg.decoding_sessions("walrelay");
+    report.assert_clean_replays(&sessions, &last.stderr_text());
+
+    assert_clean_stops_replay_at_most_one_transaction(&interruptions, &sessions, &records);
+    print_windows(&interruptions, &sessions, &report);
     eprintln!(
-        "{} events committed, {} records, {} duplicated, over {KILLS} kills",
+        "{} events committed ({} transactions interrupted by crashes), {} records, {} events duplicated, {} decoding sessions",
         committed.len(),
+        writer.interrupted,
         records.len(),
-        report.duplicates.len()
+        report.duplicates.len(),
+        sessions.len()
     );
     assert_eq!(last.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+/// SIGTERM under load: exit 0 within the shutdown timeout, having drained.
+/// Returns each partition's end right after the exit.
+async fn stop_cleanly(relay: &mut Walrelay, kafka: &Kafka) -> Vec<i64> {
+    let signalled = Instant::now();
+    relay.signal(Signal::SIGTERM);
+    let status = relay.wait(SHUTDOWN_TIMEOUT + WAIT).await;
+    let took = signalled.elapsed();
+    let logs = relay.stderr_text();
+    assert_eq!(status.code(), Some(0), "SIGTERM under load:\n{logs}");
+    assert!(
+        took < SHUTDOWN_TIMEOUT,
+        "SIGTERM took {took:?}, beyond --shutdown-timeout {SHUTDOWN_TIMEOUT:?}:\n{logs}"
+    );
+    assert!(
+        !logs.contains("stopped waiting for acknowledgements"),
+        "the drain gave up with the broker up:\n{logs}"
+    );
+    kafka
+        .watermarks("events", WAIT)
+        .expect("the broker answers")
+        .into_iter()
+        .map(|(_, high)| high)
+        .collect()
+}
+
+/// A clean stop republishes at most the transaction it stopped inside: of
+/// what was on the topic when the process had exited, only events of one
+/// transaction may lie at or after where the next session resumed.
+fn assert_clean_stops_replay_at_most_one_transaction(
+    interruptions: &[Interruption],
+    sessions: &[Lsn],
+    records: &[Record],
+) {
+    for (n, stopped) in interruptions.iter().enumerate() {
+        let Some(published) = &stopped.published else {
+            continue;
+        };
+        let resumed = sessions[stopped.sessions_before];
+        let replayed: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.offset < published[usize::try_from(r.partition).unwrap()])
+            .filter(|r| r.header("lsn").parse::<Lsn>().unwrap() >= resumed)
+            .collect();
+        let transactions: BTreeSet<&str> = replayed.iter().map(|r| r.header("lsn")).collect();
+        eprintln!(
+            "SIGTERM {n}: {} events of {} transactions published before the exit were replayed",
+            replayed.len(),
+            transactions.len()
+        );
+        assert!(
+            transactions.len() <= 1,
+            "the SIGTERM of interruption {n} left {} published events of {} transactions \
+             unconfirmed (resumed at {resumed}): {transactions:?}",
+            replayed.len(),
+            transactions.len(),
+        );
+    }
+}
+
+/// For the log: each interruption's replay window (commit LSNs from where the
+/// next session resumed to the WAL end right after it) and how many
+/// duplicated events lie in it, whichever interruption replayed them.
+fn print_windows(interruptions: &[Interruption], sessions: &[Lsn], report: &Report) {
+    for i in interruptions {
+        let Some(resumed) = sessions.get(i.sessions_before) else {
+            continue;
+        };
+        let duplicated = report
+            .duplicates
+            .values()
+            .filter_map(|d| d.lsn)
+            .filter(|lsn| resumed <= lsn && *lsn < i.wal_end)
+            .count();
+        eprintln!(
+            "{:?}: resumed at {resumed}, WAL end {}: {duplicated} duplicated events in between",
+            i.fault, i.wal_end
+        );
+    }
 }

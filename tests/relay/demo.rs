@@ -3,12 +3,12 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::support::walrelay::{Walrelay, free_local_addr, http_get};
+use crate::support::walrelay::{ANY_LOCAL_PORT, Walrelay, http_get};
 
 #[tokio::test]
 async fn demo_publishes_sample_events_and_never_the_rolled_back_one() {
-    let metrics = free_local_addr();
-    let mut demo = Walrelay::spawn(&["demo", "--metrics-addr", &metrics.to_string()], &[]);
+    let mut demo = Walrelay::spawn(&["demo", "--metrics-addr", ANY_LOCAL_PORT], &[]);
+    let metrics = demo.metrics_addr().await;
     demo.wait_for_stderr("streaming", Duration::from_secs(120))
         .await;
     // Seven rounds of 0.7 s: the seventh one rolls back.

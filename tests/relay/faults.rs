@@ -60,6 +60,11 @@ async fn a_broker_outage_holds_the_slot_and_delivers_everything_afterwards() {
     // Idempotent production: retries leave no duplicates either.
     report.assert_clean(false, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", end).await;
+    // The broker's outage is no reason to drop the replication connection.
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        0
+    );
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
@@ -90,6 +95,16 @@ async fn transient_produce_errors_are_retried_not_surfaced() {
     // a loaded machine). The outage and end-to-end tests, which inject no
     // produce errors, read everything back.
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+/// Asserts the topic holds exactly `events` (key, `seq_nr`), once each.
+fn assert_only(kafka: &Kafka, events: &[(&str, i64)]) {
+    let records = kafka.read("events", events.len(), WAIT);
+    let got: Vec<(&str, i64)> = records
+        .iter()
+        .map(|r| (r.key.as_str(), r.seq_nr()))
+        .collect();
+    assert_eq!(got, events, "{records:#?}");
 }
 
 /// Writes one good event, then a transaction whose event the broker will refuse.
@@ -148,11 +163,7 @@ async fn an_event_too_large_for_the_producer_halts_without_confirming_past_it() 
     .await;
     let (good_end, poison_end) = good_then_poison(&pg, 50_000).await;
     assert_halted_at_poison(&pg, &mut relay, good_end, poison_end).await;
-    assert_eq!(
-        kafka.read("events", 1, WAIT).len(),
-        1,
-        "only the good event is published"
-    );
+    assert_only(&kafka, &[("good", 1)]);
 }
 
 #[tokio::test]
@@ -167,46 +178,42 @@ async fn an_event_the_broker_refuses_halts_without_confirming_past_it() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 50],
     );
-    let (good_end, poison_end) = good_then_poison(&pg, 10).await;
-    let _ = good_end;
+    let warm_end = current_lsn(&pg).await;
+    let (_, poison_end) = good_then_poison(&pg, 10).await;
     assert_eq!(
         relay.wait(WAIT).await.code(),
         Some(1),
         "{}",
         relay.stderr_text()
     );
+    // Both later events were refused; the failure names one of them.
     let logs = relay.stderr_text();
     assert!(
-        logs.contains("could not be published") && logs.contains("seq_nr"),
+        logs.contains("could not be published")
+            && (logs.contains("\"good\" seq_nr 1") || logs.contains("\"poison\" seq_nr 7")),
         "{logs}"
     );
     let confirmed = slot_confirmed(&pg, "walrelay").await;
     assert!(
-        confirmed < poison_end,
-        "slot confirmed past refused events: {confirmed}"
+        warm_end <= confirmed && confirmed < poison_end,
+        "slot confirmed to {confirmed}, not between {warm_end} and {poison_end}"
     );
+    assert_only(&kafka, &[("warm", 1)]);
 }
 
 #[tokio::test]
 async fn a_missing_topic_is_a_clear_error() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 1);
-    let metrics = crate::support::walrelay::free_local_addr().to_string();
-    let mut relay = Walrelay::spawn(
+    let mut relay = Walrelay::start(
+        &url(&pg),
+        &kafka.bootstrap(),
         &[
-            "run",
-            "--postgres-url",
-            &url(&pg),
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            &metrics,
             "--topic",
             "no_such_topic",
             "--kafka-property",
             "allow.auto.create.topics=false",
         ],
-        &[],
     );
     assert_eq!(relay.wait(WAIT).await.code(), Some(1));
     let logs = relay.stderr_text();
@@ -220,7 +227,7 @@ async fn a_missing_topic_is_a_clear_error() {
 async fn a_broker_that_stops_answering_holds_the_slot_until_it_answers_again() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
     let mut client = pg.client().await;
     let mut seqs = HashMap::new();
     let mut committed = write_mixed(&mut client, "before", 10, 10, 0, &mut seqs).await;
@@ -250,5 +257,13 @@ async fn a_broker_that_stops_answering_holds_the_slot_until_it_answers_again() {
     check(&committed, &records).assert_clean(false, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", end).await;
     assert!(relay.exited().is_none());
+    // Acknowledgements held back for 12 s, then all at once, on an idle
+    // server: the replication connection must not look stalled meanwhile.
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        0,
+        "{}",
+        relay.stderr_text()
+    );
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }

@@ -7,6 +7,7 @@ mod delivery;
 mod demo;
 mod endpoint;
 mod faults;
+mod oracle;
 mod poison;
 mod recovery;
 mod secrets;

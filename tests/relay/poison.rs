@@ -53,7 +53,14 @@ async fn a_row_that_is_not_json_halts_by_default_without_confirming_past_it() {
         confirmed >= good_end && confirmed < bad_end,
         "{confirmed} not between {good_end} and {bad_end}"
     );
-    assert_eq!(kafka.read("events", 1, WAIT).len(), 1);
+    let published = kafka.read("events", 1, WAIT);
+    assert_eq!(
+        published
+            .iter()
+            .map(|r| (r.key.as_str(), r.seq_nr(), r.value.as_deref()))
+            .collect::<Vec<_>>(),
+        [("a", 1, Some("{}"))]
+    );
 }
 
 #[tokio::test]
@@ -127,19 +134,27 @@ async fn an_update_that_slipped_past_the_guard_halts_or_is_skipped_but_never_pub
         "ALTER PUBLICATION walrelay_events SET (publish = 'insert, update, delete, truncate');",
     )
     .await;
-    let bypass = "INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', 1, 'Ok', '{}');
-         ALTER TABLE events DISABLE TRIGGER ALL;
+    let bypass = "ALTER TABLE events DISABLE TRIGGER ALL;
          UPDATE events SET event_type = 'Changed';
          ALTER TABLE events ENABLE TRIGGER ALL;";
 
-    // Default: halt, naming the change.
+    // Default: halt, naming the change, with the slot before it.
     let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    pg.psql("INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', 1, 'Ok', '{}');")
+        .await;
+    let good_end = current_lsn(&pg).await;
     pg.psql(bypass).await;
+    let bad_end = current_lsn(&pg).await;
     assert_eq!(relay.wait(WAIT).await.code(), Some(1));
     assert!(
         relay.stderr_text().contains("saw a UPDATE"),
         "{}",
         relay.stderr_text()
+    );
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(
+        confirmed >= good_end && confirmed < bad_end,
+        "{confirmed} not between {good_end} and {bad_end}"
     );
 
     // Skip: counted, logged, and the stream goes on.
@@ -154,9 +169,9 @@ async fn an_update_that_slipped_past_the_guard_halts_or_is_skipped_but_never_pub
     assert_eq!(
         records
             .iter()
-            .map(crate::support::kafka::Record::seq_nr)
+            .map(|r| (r.seq_nr(), r.header("event_type")))
             .collect::<Vec<_>>(),
-        [1, 2],
+        [(1, "Ok"), (2, "Ok")],
         "the update was published"
     );
     assert_eq!(metric(metrics, "walrelay_unexpected_changes_total"), 1);

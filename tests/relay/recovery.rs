@@ -9,15 +9,21 @@ use bytes::BytesMut;
 use nix::sys::signal::Signal;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use walrelay::pg::lsn::Lsn;
 use walrelay::pg::protocol::{StandbyStatus, put_standby_status_update};
 
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
+use crate::support::oracle::{ConfirmSampler, assert_confirmed_only_what_was_on_the_topic};
 use crate::support::postgres::{DATABASE, PgServer, SCRAM_PASSWORD, SCRAM_USER, TRUST_USER};
-use crate::support::walrelay::{Walrelay, free_local_addr, http_get, metric};
-use crate::support::workload::{check, write_mixed};
+use crate::support::walrelay::{Walrelay, http_get, metric};
+use crate::support::workload::{Mix, Writer, check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Walsender terminations of the reconnect storm, 0.5 to 2 s apart.
+const STORM_ATTEMPTS: usize = 20;
 
 fn url(pg: &PgServer) -> String {
     pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable")
@@ -47,28 +53,24 @@ async fn a_terminated_walsender_and_a_postgres_restart_lose_nothing() {
     committed.extend(write_mixed(&mut client, "b", 10, 30, 4, &mut seqs).await);
     relay.wait_for_stderr_count("streaming", 2, WAIT).await;
 
-    assert_eq!(metric(metrics, "walrelay_reconnects_total"), 1);
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        1
+    );
 
     // The server restarts (fast shutdown) while walrelay runs.
     pg.restart().await;
     relay.wait_for_stderr_count("streaming", 3, WAIT).await;
-    assert!(metric(metrics, "walrelay_reconnects_total") >= 2);
+    assert!(metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#) >= 2);
     assert_eq!(http_get(metrics, "/readyz").0, 200);
     let mut client = pg.client().await;
     committed.extend(write_mixed(&mut client, "c", 10, 30, 4, &mut seqs).await);
 
-    let records = kafka.read("events", committed.len(), WAIT);
-    // Reconnects may replay unconfirmed events; nothing may be missing.
-    let report = check(&committed, &records);
-    assert!(
-        report.missing.is_empty(),
-        "missing {:?}\n{}",
-        report.missing,
-        relay.stderr_text()
-    );
-    report.assert_clean(true, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
-    assert!(metric(metrics, "walrelay_reconnects_total") >= 2);
+    let records = kafka.read("events", committed.len(), WAIT);
+    // Reconnects replay what was not confirmed, and only that.
+    check(&committed, &records)
+        .assert_clean_replays(&pg.decoding_sessions("walrelay"), &relay.stderr_text());
     assert!(relay.exited().is_none(), "{}", relay.stderr_text());
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
@@ -78,20 +80,8 @@ async fn a_broker_down_at_start_is_waited_for() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
     kafka.set_all_brokers(false);
-    let metrics = free_local_addr();
-    let metrics_arg = metrics.to_string();
-    let mut relay = Walrelay::spawn(
-        &[
-            "run",
-            "--postgres-url",
-            &url(&pg),
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            &metrics_arg,
-        ],
-        &[],
-    );
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    let metrics = relay.metrics_addr().await;
     relay.wait_for_stderr("not reachable yet", WAIT).await;
     assert!(relay.exited().is_none(), "{}", relay.stderr_text());
     assert_eq!(http_get(metrics, "/readyz").0, 503);
@@ -108,20 +98,8 @@ async fn a_second_instance_stands_by_and_takes_over_when_the_first_dies() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
     let (mut first, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
-    let standby_addr = free_local_addr();
-    let standby_arg = standby_addr.to_string();
-    let mut second = Walrelay::spawn(
-        &[
-            "run",
-            "--postgres-url",
-            &url(&pg),
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            &standby_arg,
-        ],
-        &[],
-    );
+    let mut second = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    let standby_addr = second.metrics_addr().await;
     second.wait_for_stderr("standing by", WAIT).await;
     assert_eq!(metric(standby_addr, "walrelay_standby"), 1);
     assert_eq!(http_get(standby_addr, "/readyz").0, 503);
@@ -137,8 +115,10 @@ async fn a_second_instance_stands_by_and_takes_over_when_the_first_dies() {
     assert_eq!(metric(standby_addr, "walrelay_standby"), 0);
 
     committed.extend(write_mixed(&mut client, "b", 10, 20, 0, &mut seqs).await);
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
     let records = kafka.read("events", committed.len(), WAIT);
-    check(&committed, &records).assert_clean(true, &second.stderr_text());
+    check(&committed, &records)
+        .assert_clean_replays(&pg.decoding_sessions("walrelay"), &second.stderr_text());
     assert_eq!(second.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
@@ -166,10 +146,11 @@ async fn an_idle_events_table_does_not_pin_the_wal_of_a_busy_database() {
         retained.parse::<f64>().unwrap() < 16.0 * 1024.0 * 1024.0,
         "{retained} bytes behind at {confirmed}"
     );
-    eventually("the slot metrics are exported", || {
-        metric(metrics, "walrelay_slot_wal_status") == 1
+    eventually("the slot's wal_status is exported", || {
+        metric(metrics, r#"walrelay_slot_wal_status{status="reserved"}"#) == 1
     })
     .await;
+    assert_eq!(metric(metrics, "walrelay_slot_wal_status"), 1);
     assert_eq!(metric(metrics, "walrelay_events_published_total"), 0);
     let _ = slot_confirmed(&pg, "walrelay").await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
@@ -185,21 +166,10 @@ async fn slot_holder(pg: &PgServer) -> Option<i32> {
 
 /// A standby on `postgres_url` with `--take-over-stale-slot --stale-slot-grace 15s`, standing by.
 async fn stale_slot_standby(postgres_url: &str, kafka: &Kafka) -> Walrelay {
-    let metrics = free_local_addr().to_string();
-    let mut standby = Walrelay::spawn(
-        &[
-            "run",
-            "--postgres-url",
-            postgres_url,
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            &metrics,
-            "--take-over-stale-slot",
-            "--stale-slot-grace",
-            "15s",
-        ],
-        &[],
+    let mut standby = Walrelay::start(
+        postgres_url,
+        &kafka.bootstrap(),
+        &["--take-over-stale-slot", "--stale-slot-grace", "15s"],
     );
     standby.wait_for_stderr("standing by", WAIT).await;
     standby
@@ -419,9 +389,10 @@ async fn a_stalled_connection_is_detected_and_survived() {
     nix::sys::signal::kill(walsender, Signal::SIGCONT).unwrap();
     relay.wait_for_stderr_count("streaming", 2, WAIT).await;
 
-    let records = kafka.read("events", committed.len(), WAIT);
-    check(&committed, &records).assert_clean(true, &relay.stderr_text());
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records)
+        .assert_clean_replays(&pg.decoding_sessions("walrelay"), &relay.stderr_text());
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
@@ -435,15 +406,31 @@ async fn the_heartbeat_moves_the_slot_with_no_writes_at_all() {
         &["--heartbeat-interval", "1s"],
     )
     .await;
-    let start = current_lsn(&pg).await;
-    // Nothing writes; the heartbeat does, and the slot follows it.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let now = current_lsn(&pg).await;
-    assert!(
-        now > start,
-        "no heartbeat reached the WAL: {start} -> {now}"
-    );
-    wait_confirmed(&pg, "walrelay", now).await;
+    // A second slot sees what reaches the WAL: nothing writes but the heartbeat.
+    pg.psql("SELECT pg_create_logical_replication_slot('watch', 'test_decoding')")
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let beats: Vec<Lsn> = loop {
+        let beats = pg
+            .psql(
+                "SELECT lsn FROM pg_logical_slot_peek_changes('watch', NULL, NULL)
+                  WHERE data LIKE 'message: transactional: 0 prefix: walrelay.heartbeat,%'",
+            )
+            .await;
+        let beats: Vec<Lsn> = beats.lines().map(|l| l.parse().unwrap()).collect();
+        if beats.len() >= 2 {
+            break beats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} heartbeats reached the WAL within {WAIT:?}:\n{}",
+            beats.len(),
+            relay.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The slot follows them, past the second one.
+    wait_confirmed(&pg, "walrelay", Lsn(beats[1].0 + 1)).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
@@ -506,22 +493,8 @@ async fn a_metadata_query_that_never_returns_is_abandoned_and_readyz_names_it() 
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_publication IN ACCESS EXCLUSIVE MODE;")
         .await
         .unwrap();
-    let metrics = free_local_addr();
-    let metrics_arg = metrics.to_string();
-    let mut relay = Walrelay::spawn(
-        &[
-            "run",
-            "--postgres-url",
-            &url(&pg),
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            &metrics_arg,
-            "--request-timeout",
-            "4s",
-        ],
-        &[],
-    );
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &["--request-timeout", "4s"]);
+    let metrics = relay.metrics_addr().await;
     let request = "SELECT pubinsert FROM pg_publication WHERE pubname = $1";
     // Once the request has waited half the timeout, /readyz names it.
     eventually("/readyz names the stuck request", || {
@@ -568,5 +541,64 @@ async fn a_metadata_query_that_never_returns_is_abandoned_and_readyz_names_it() 
     for pid in &stopped {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGCONT).unwrap();
     }
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_reconnect_storm_behind_a_slow_broker_loses_nothing_and_confirms_only_what_is_on_the_topic()
+ {
+    let pg = PgServer::start_default().await;
+    // Partitions enough for the replays (the mock keeps 5 MiB per partition).
+    let kafka = Kafka::start(1, 12);
+    // A slow broker: acknowledgements lag, so every termination leaves
+    // events in flight, and late acknowledgements of abandoned sessions.
+    kafka.set_round_trip_time(Duration::from_millis(300));
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let sampler = ConfirmSampler::start(&pg, &kafka, "events", "walrelay").await;
+
+    // Small transactions, and every 15th one of 500 events, so that
+    // terminations land inside transactions too.
+    let mix = Mix {
+        aggregates: 200,
+        big_every: 15,
+        big_events: 300,
+        pause: Duration::from_millis(10),
+        ..Mix::default()
+    };
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(Writer::new(pg.superuser_url(), "storm", mix, 3).run(stop.clone()));
+
+    // The storm: walrelay's walsender terminated every 0.5-2 s.
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut terminated = 0;
+    for _ in 0..STORM_ATTEMPTS {
+        tokio::time::sleep(Duration::from_millis(rng.u64(500..=2000))).await;
+        terminated += usize::from(pg.terminate_walsender("walrelay").await);
+        assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    }
+    stop.cancel();
+    let committed = writer.await.unwrap().committed;
+
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    let samples = sampler.finish().await;
+    kafka.set_round_trip_time(Duration::ZERO);
+    let records = kafka.read("events", committed.len(), WAIT);
+    let (checked, positions) = assert_confirmed_only_what_was_on_the_topic(&samples, &records);
+    let sessions = pg.decoding_sessions("walrelay");
+    let report = check(&committed, &records);
+    report.assert_clean_replays(&sessions, &relay.stderr_text());
+    eprintln!(
+        "{terminated} of {STORM_ATTEMPTS} terminations hit a walsender; {} sessions; {} events, \
+         {} duplicated; {} samples ({checked} checked against the topic, {positions} positions)",
+        sessions.len(),
+        committed.len(),
+        report.duplicates.len(),
+        samples.len()
+    );
+    assert!(
+        terminated >= STORM_ATTEMPTS / 4,
+        "only {terminated} of {STORM_ATTEMPTS} terminations found a walsender:\n{}",
+        relay.stderr_text()
+    );
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }

@@ -9,7 +9,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
 use crate::support::walrelay::Walrelay;
-use crate::support::workload::{EventId, check, write_mixed};
+use crate::support::workload::{EventId, Written, check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -55,7 +55,12 @@ async fn existing_rows_then_live_ones_arrive_exactly_once() {
     // Live writes race with the snapshot being published.
     let mut client = pg.client().await;
     let mut seqs: HashMap<String, i64> = (0..500).map(|a| (format!("old-{a}"), 11)).collect();
-    committed.extend(write_mixed(&mut client, "old", 500, 1000, 0, &mut seqs).await);
+    committed.extend(
+        write_mixed(&mut client, "old", 500, 1000, 0, &mut seqs)
+            .await
+            .into_iter()
+            .map(|w| w.id),
+    );
     relay
         .wait_for_stderr("initial snapshot published", WAIT)
         .await;
@@ -220,7 +225,7 @@ async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
 async fn spawn_writer(
     pg: &PgServer,
     prefix: &'static str,
-) -> tokio::task::JoinHandle<Vec<EventId>> {
+) -> tokio::task::JoinHandle<Vec<Written>> {
     let mut client = pg.client().await;
     tokio::spawn(
         async move { write_mixed(&mut client, prefix, 100, 300, 0, &mut HashMap::new()).await },
@@ -287,8 +292,8 @@ async fn instances_started_together_wait_for_one_first_start_and_lose_nothing() 
     // And while the snapshot is published and the instances settle.
     let late_writes = spawn_writer(&pg, "late").await;
     kafka.set_all_brokers(true);
-    committed.extend(early.await.unwrap());
-    committed.extend(late_writes.await.unwrap());
+    committed.extend(early.await.unwrap().into_iter().map(|w| w.id));
+    committed.extend(late_writes.await.unwrap().into_iter().map(|w| w.id));
 
     until_logs(
         &mut relays,

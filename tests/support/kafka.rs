@@ -1,14 +1,20 @@
 //! A Kafka protocol endpoint for tests: librdkafka's mock cluster, listening
 //! on real TCP ports that the walrelay process connects to, and a consumer
 //! that reads back what was published.
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// How long the topic must stay silent, after the last record and with the
+/// reader caught up to every partition's end, before [`Kafka::read`] returns:
+/// long enough for a replay in progress (a reconnect, a restart) to show the
+/// late duplicates it sends.
+pub const QUIET: Duration = Duration::from_secs(2);
 
 /// One record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,10 +25,14 @@ pub struct Record {
     pub offset: i64,
     /// The key as text.
     pub key: String,
-    /// The value as text (`None` for a null value).
+    /// The value as text (`None` for a null value; invalid UTF-8 replaced).
     pub value: Option<String>,
-    /// Headers by name.
+    /// Headers by name (a repeated name keeps its last value; see `raw_headers`).
     pub headers: BTreeMap<String, String>,
+    /// The value's bytes exactly as the broker holds them.
+    pub raw_value: Option<Vec<u8>>,
+    /// The headers in order, repeated names and null values included.
+    pub raw_headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Record {
@@ -36,6 +46,31 @@ impl Record {
     /// The `seq_nr` header as a number.
     pub fn seq_nr(&self) -> i64 {
         self.header("seq_nr").parse().expect("numeric seq_nr")
+    }
+
+    fn from_message(message: &impl Message) -> Self {
+        let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+        let raw_headers: Vec<(String, Option<Vec<u8>>)> = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let headers = raw_headers
+            .iter()
+            .map(|(k, v)| (k.clone(), text(v.as_deref()).unwrap_or_default()))
+            .collect();
+        Record {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: text(message.key()).unwrap_or_default(),
+            value: text(message.payload()),
+            headers,
+            raw_value: message.payload().map(<[u8]>::to_vec),
+            raw_headers,
+        }
     }
 }
 
@@ -76,69 +111,123 @@ impl Kafka {
         }
     }
 
-    /// Reads `topic` from the beginning until `count` distinct events (by key
-    /// and `seq_nr`) arrived, or `timeout` passed, plus a short quiet period
-    /// to catch any extra ones. Duplicates are returned but not counted.
-    pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
-        let consumer: BaseConsumer = ClientConfig::new()
+    /// Delays every broker's answers by `rtt` (zero: back to normal).
+    pub fn set_round_trip_time(&self, rtt: Duration) {
+        for id in 1..=self.brokers {
+            self.cluster
+                .broker_round_trip_time(id, rtt)
+                .expect("broker round trip time");
+        }
+    }
+
+    /// A consumer of this cluster that commits nothing.
+    pub fn consumer(&self) -> BaseConsumer {
+        ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set("group.id", "walrelay-tests")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .create()
-            .expect("consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("topic metadata");
-        let partitions = metadata.topics()[0].partitions().len();
+            .expect("consumer")
+    }
+
+    /// Reads `topic` from the beginning, in offset order per partition, until
+    /// `count` distinct events (by key and `seq_nr`) arrived and then the
+    /// topic stayed quiet: no record for [`QUIET`] and the reader at every
+    /// partition's end. Duplicates are returned but not counted. Returns what
+    /// it has when `timeout` passes first (the caller's checks then name what
+    /// is missing); a topic that never goes quiet is read for `timeout` plus
+    /// [`QUIET`] at most.
+    pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+        let consumer = self.consumer();
+        let partitions = partitions(&consumer, topic);
         let mut list = TopicPartitionList::new();
         for p in 0..partitions {
-            list.add_partition_offset(topic, i32::try_from(p).unwrap(), Offset::Beginning)
+            list.add_partition_offset(topic, p, Offset::Beginning)
                 .unwrap();
         }
         consumer.assign(&list).expect("assign");
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         let mut records: Vec<Record> = Vec::new();
-        let mut distinct = std::collections::HashSet::new();
-        let mut quiet_until = None;
+        let mut distinct = HashSet::new();
+        let mut last_record = Instant::now();
+        // Per partition, the offset after the last record read.
+        let mut next = vec![0_i64; usize::try_from(partitions).unwrap()];
         loop {
-            let now = std::time::Instant::now();
-            if distinct.len() >= count {
-                let until = *quiet_until.get_or_insert(now + Duration::from_millis(500));
-                if now >= until {
+            let now = Instant::now();
+            if distinct.len() >= count && now >= last_record + QUIET {
+                let ends = watermarks(&consumer, topic, partitions, Duration::from_secs(5));
+                let caught_up = ends
+                    .as_ref()
+                    .is_some_and(|ends| ends.iter().zip(&next).all(|((_, high), n)| n >= high));
+                if caught_up {
                     break;
                 }
-            } else if now >= deadline {
+            }
+            // Bounded whatever the topic does: short of events, or never quiet.
+            if (distinct.len() < count && now >= deadline) || now >= deadline + QUIET {
                 break;
             }
             let Some(message) = consumer.poll(Duration::from_millis(100)) else {
                 continue;
             };
-            let message = message.expect("consume");
-            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
-            let headers = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_owned(), text(h.value).unwrap_or_default()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let key = text(message.key()).unwrap_or_default();
-            let seq = headers_seq(&headers);
-            distinct.insert((key, seq));
-            records.push(Record {
-                partition: message.partition(),
-                offset: message.offset(),
-                key: text(message.key()).unwrap_or_default(),
-                value: text(message.payload()),
-                headers,
-            });
+            let record = Record::from_message(&message.expect("consume"));
+            last_record = Instant::now();
+            next[usize::try_from(record.partition).unwrap()] = record.offset + 1;
+            distinct.insert((record.key.clone(), record.headers.get("seq_nr").cloned()));
+            records.push(record);
+        }
+        // The mock cluster keeps at most 5 MiB (and 100,000 batches) per
+        // partition and drops the oldest beyond that: a test that writes more
+        // would miss records through no fault of walrelay's.
+        if let Some(ends) = watermarks(&consumer, topic, partitions, Duration::from_secs(5)) {
+            let dropped: Vec<(i32, i64)> = (0..partitions)
+                .zip(ends)
+                .filter(|(_, (low, _))| *low > 0)
+                .map(|(p, (low, _))| (p, low))
+                .collect();
+            assert!(
+                dropped.is_empty(),
+                "the mock cluster dropped the oldest records of {topic} (partition, first offset kept): \
+                 {dropped:?}; it keeps 5 MiB per partition, so write less or use more partitions"
+            );
         }
         records
     }
+
+    /// Every partition's (low, high) watermark of `topic` now; `None` when
+    /// the cluster does not answer within `timeout` (a broker is down).
+    pub fn watermarks(&self, topic: &str, timeout: Duration) -> Option<Vec<(i64, i64)>> {
+        let consumer = self.consumer();
+        let partitions = partitions(&consumer, topic);
+        watermarks(&consumer, topic, partitions, timeout)
+    }
 }
 
-fn headers_seq(headers: &BTreeMap<String, String>) -> Option<String> {
-    headers.get("seq_nr").cloned()
+/// The number of partitions of `topic`.
+pub fn partitions(consumer: &BaseConsumer, topic: &str) -> i32 {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    i32::try_from(metadata.topics()[0].partitions().len()).unwrap()
+}
+
+/// Every partition's (low, high) watermark, asked of the partitions' leaders
+/// at once; `None` when one does not answer within `timeout`.
+pub fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Option<Vec<(i64, i64)>> {
+    // One request per partition: in parallel, so a slow broker costs one
+    // round trip, not one per partition.
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = (0..partitions)
+            .map(|p| scope.spawn(move || consumer.fetch_watermarks(topic, p, timeout).ok()))
+            .collect();
+        asks.into_iter()
+            .map(|ask| ask.join().expect("watermark thread"))
+            .collect()
+    })
 }

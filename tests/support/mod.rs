@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod oracle;
 pub mod postgres;
 pub mod walrelay;
 pub mod workload;

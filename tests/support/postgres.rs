@@ -7,6 +7,7 @@
 //!                               pg_ctl start -w   (new port and again if the port was taken)
 //!                               CREATE DATABASE walrelay_test; psql -f sql/*.sql; test roles
 //! drop:                         pg_ctl stop -m immediate; remove /dev/shm/walrelay-pg-XXXX
+//! first start in a process:     remove what killed tests left (see `clean_stale_dirs`)
 //! ```
 //!
 //! Things that are easy to get wrong here:
@@ -23,6 +24,12 @@
 //!   the same (single-threaded) runtime, and a clean shutdown waits for the
 //!   walsender's client to confirm the last WAL: a blocking `pg_ctl stop` would
 //!   keep walrelay from answering and hang until `wal_sender_timeout`.
+//! - nextest kills a test that runs past its timeout; its cluster's
+//!   directory stays behind (and its server too: `pg_ctl` starts the
+//!   postmaster in a session of its own, out of reach of the kill). Each
+//!   harness holds an exclusive `flock` on `harness.lock` in its directory for
+//!   as long as it lives, so a later start can tell a directory whose test
+//!   died (lock free) from one in use (lock held), even in another process.
 //! - `pg_hba.conf` is matched by database name for logical replication
 //!   connections (`replication=database`); the `replication` keyword only
 //!   matches physical replication. The file lists both so either kind works.
@@ -38,6 +45,7 @@ use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use nix::fcntl::{Flock, FlockArg};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -45,6 +53,7 @@ use rcgen::{
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
+use walrelay::pg::lsn::Lsn;
 
 /// The database every test cluster has, with `sql/*.sql` applied.
 pub const DATABASE: &str = "walrelay_test";
@@ -159,7 +168,22 @@ pub struct PgServer {
     port: u16,
     run_as: Option<u32>,
     version_num: u32,
+    /// Held while this harness lives: tells `clean_stale_dirs` of other
+    /// processes that the directory is in use. Dropped last, after the
+    /// server stopped and the directory was removed.
+    _lock: Flock<fs::File>,
 }
+
+/// The prefix of every cluster directory the harness makes.
+const DIR_PREFIX: &str = "walrelay-pg-";
+/// The prefix of initdb's scratch directories.
+const INITDB_PREFIX: &str = "walrelay-initdb-";
+/// The lock file in a cluster directory.
+const LOCK_FILE: &str = "harness.lock";
+/// A directory without a lock file (made by an older harness, or one being
+/// made right now) counts as abandoned only when nothing in it changed for
+/// this long and no server runs there.
+const UNLOCKED_IDLE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 impl PgServer {
     /// Starts a cluster with the default options: `wal_level=logical`, TLS on.
@@ -170,12 +194,15 @@ impl PgServer {
     /// Starts a cluster, creates [`DATABASE`] with the project's schema, and
     /// the [`TEST_ROLES`]. Panics, with the server log's tail, if it cannot.
     pub async fn start(opts: PgOptions) -> Self {
+        static CLEANED: std::sync::Once = std::sync::Once::new();
         let started = Instant::now();
         let bin_dir = bin_dir();
         let run_as = running_as_root().then_some(NOBODY);
+        CLEANED.call_once(|| clean_stale_dirs(&bin_dir));
         let (template, template_fresh) = template(&bin_dir, run_as).await;
 
-        let dir = scratch_dir("walrelay-pg-");
+        let dir = scratch_dir(DIR_PREFIX);
+        let lock = lock_dir(dir.path());
         // The server creates its socket, lock file and log here.
         set_mode(dir.path(), 0o755);
         give_to(dir.path(), run_as);
@@ -207,6 +234,7 @@ impl PgServer {
             port: 0,
             run_as,
             version_num: 0,
+            _lock: lock,
         };
         server.start_on_free_port(&opts).await;
 
@@ -417,6 +445,27 @@ impl PgServer {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Where each logical decoding session of `slot` started, in the order
+    /// they started: the server logs, for every `START_REPLICATION`, the
+    /// slot's `confirmed_flush_lsn` it resumes from ("Streaming transactions
+    /// committing after X/Y"), and sends every transaction whose commit
+    /// record starts at or after it. Replays are bounded by these.
+    pub fn decoding_sessions(&self, slot: &str) -> Vec<Lsn> {
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+        parse_decoding_sessions(&log, slot)
+    }
+
+    /// Terminates the walsender streaming from `slot` (`pg_terminate_backend`),
+    /// as an operator or a failing network would; returns whether one was.
+    pub async fn terminate_walsender(&self, slot: &str) -> bool {
+        self.psql(&format!(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots \
+             WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await
+            == "1"
+    }
+
     async fn psql_in(&self, database: &str, sql: &str) -> Result<String, String> {
         let mut child = self
             .psql_command(database)
@@ -505,24 +554,30 @@ impl Drop for PgServer {
         // `-w` so no server process writes into the directory while the
         // TempDir removes it. Errors are ignored: the server may be stopped
         // already, and a panic in drop would abort the test binary.
-        let mut cmd = std::process::Command::new(self.bin_dir.join("pg_ctl"));
-        as_server_user(&mut cmd, self.dir.path(), self.run_as);
-        let _ = cmd
-            .args([
-                "stop",
-                "-m",
-                "immediate",
-                "-w",
-                "-t",
-                PG_CTL_TIMEOUT_SECS,
-                "-D",
-            ])
-            .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        stop_immediately(&self.bin_dir, self.dir.path(), &self.data_dir, self.run_as);
     }
+}
+
+/// `pg_ctl stop -m immediate -w` of the cluster in `data`, as `run_as`, with
+/// `dir` as the working directory, blocking; returns whether it succeeded.
+fn stop_immediately(bin_dir: &Path, dir: &Path, data: &Path, run_as: Option<u32>) -> bool {
+    let mut cmd = std::process::Command::new(bin_dir.join("pg_ctl"));
+    as_server_user(&mut cmd, dir, run_as);
+    cmd.args([
+        "stop",
+        "-m",
+        "immediate",
+        "-w",
+        "-t",
+        PG_CTL_TIMEOUT_SECS,
+        "-D",
+    ])
+    .arg(data)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .status()
+    .is_ok_and(|s| s.success())
 }
 
 /// `$WALRELAY_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin` with an
@@ -600,7 +655,7 @@ async fn template(bin_dir: &Path, run_as: Option<u32>) -> (PathBuf, bool) {
     // initdb runs in a scratch dir that `nobody` can reach, then the result
     // is copied next to the template's final path, to be renamed into place:
     // rename is atomic within one file system.
-    let scratch = scratch_dir("walrelay-initdb-");
+    let scratch = scratch_dir(INITDB_PREFIX);
     set_mode(scratch.path(), 0o755);
     give_to(scratch.path(), run_as);
     let data = scratch.path().join("data");
@@ -667,6 +722,120 @@ fn scratch_dir(prefix: &str) -> TempDir {
         .tempdir_in("/dev/shm")
         .or_else(|_| builder.tempdir())
         .unwrap_or_else(|err| panic!("create a {prefix}* temp dir: {err}"))
+}
+
+/// Takes the lock that marks `dir` as in use for as long as the returned
+/// guard lives.
+fn lock_dir(dir: &Path) -> Flock<fs::File> {
+    let file = fs::File::create(dir.join(LOCK_FILE))
+        .unwrap_or_else(|err| panic!("create {}/{LOCK_FILE}: {err}", dir.display()));
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .unwrap_or_else(|(_, err)| panic!("lock {}/{LOCK_FILE}: {err}", dir.display()))
+}
+
+/// Removes the cluster directories that tests killed before their drop ran
+/// left in /dev/shm and the temp dir. Only directories named as the harness
+/// names them are looked at, and of those only the ones nobody uses:
+/// - with a lock file: its lock is free, so the process that made it is
+///   gone. Its server, if it still runs, is stopped (immediate) first: it
+///   belongs to a test that no longer exists.
+/// - without one (an older harness, or one being made this instant): no
+///   server runs there and nothing in it changed for [`UNLOCKED_IDLE`].
+fn clean_stale_dirs(bin_dir: &Path) {
+    let roots = [PathBuf::from("/dev/shm"), std::env::temp_dir()];
+    for entry in roots
+        .iter()
+        .filter_map(|r| fs::read_dir(r).ok())
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if !(name.starts_with(DIR_PREFIX) || name.starts_with(INITDB_PREFIX))
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let data = path.join("data");
+        let _guard = match fs::File::open(path.join(LOCK_FILE)) {
+            Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(guard) => Some(guard),
+                // Held: a live test's cluster.
+                Err(_) => continue,
+            },
+            Err(_) if postmaster_running(&data) || !idle_for(&path, UNLOCKED_IDLE) => continue,
+            Err(_) => None,
+        };
+        if postmaster_running(&data) {
+            let owner = {
+                use std::os::unix::fs::MetadataExt as _;
+                fs::metadata(&data).map(|m| m.uid()).ok()
+            };
+            let run_as = owner.filter(|uid| *uid != effective_uid());
+            if !stop_immediately(bin_dir, &path, &data, run_as) || postmaster_running(&data) {
+                continue;
+            }
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => eprintln!("removed {} left by a test that was killed", path.display()),
+            Err(err) => eprintln!("cannot remove {}: {err}", path.display()),
+        }
+    }
+}
+
+/// Whether the postmaster of the data directory `data` runs: its
+/// `postmaster.pid` names a live process.
+fn postmaster_running(data: &Path) -> bool {
+    let Ok(pid_file) = fs::read_to_string(data.join("postmaster.pid")) else {
+        return false;
+    };
+    let Some(pid) = pid_file
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        // Being written: count it as running.
+        return true;
+    };
+    // Signal 0 checks existence; EPERM means it exists under another user.
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+/// Whether neither `dir` nor anything directly in it, or in its `data`,
+/// changed for `idle`.
+fn idle_for(dir: &Path, idle: std::time::Duration) -> bool {
+    let newest = [dir.to_path_buf(), dir.join("data"), dir.join("server.log")]
+        .iter()
+        .filter_map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max();
+    newest.is_some_and(|t| t.elapsed().is_ok_and(|age| age > idle))
+}
+
+/// The resume positions of `parse_decoding_sessions`'s log lines for `slot`.
+fn parse_decoding_sessions(log: &str, slot: &str) -> Vec<Lsn> {
+    let start = format!("LOG:  starting logical decoding for slot \"{slot}\"");
+    let mut sessions = Vec::new();
+    let mut lines = log.lines();
+    while let Some(line) = lines.next() {
+        let Some(at) = line.find(&start) else {
+            continue;
+        };
+        // The DETAIL follows on the next line, with the same prefix
+        // (time and PID): one message, written at once.
+        let prefix = &line[..at];
+        let detail = lines.next().unwrap_or_default();
+        let lsn = detail
+            .strip_prefix(prefix)
+            .and_then(|d| d.strip_prefix("DETAIL:  Streaming transactions committing after "))
+            .and_then(|d| d.split(',').next())
+            .and_then(|lsn| lsn.parse().ok())
+            .unwrap_or_else(|| panic!("no resume position after {line:?}: {detail:?}"));
+        sessions.push(lsn);
+    }
+    sessions
 }
 
 /// `sql/*.sql` of this crate, in name order.
@@ -921,6 +1090,58 @@ mod tests {
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
         Ok(client)
+    }
+
+    #[test]
+    fn decoding_sessions_are_read_from_the_server_log() {
+        let log = "\
+2026-01-01 10:00:00.000 UTC [11] LOG:  starting logical decoding for slot \"walrelay\"
+2026-01-01 10:00:00.000 UTC [11] DETAIL:  Streaming transactions committing after 0/1A2B3C0, reading WAL from 0/1A2B000.
+2026-01-01 10:00:00.000 UTC [11] STATEMENT:  START_REPLICATION SLOT \"walrelay\" LOGICAL 0/0
+2026-01-01 10:00:01.000 UTC [12] LOG:  starting logical decoding for slot \"other\"
+2026-01-01 10:00:01.000 UTC [12] DETAIL:  Streaming transactions committing after 0/2000000, reading WAL from 0/1000000.
+2026-01-01 10:00:02.000 UTC [13] LOG:  starting logical decoding for slot \"walrelay\"
+2026-01-01 10:00:02.000 UTC [13] DETAIL:  Streaming transactions committing after 1/10, reading WAL from 1/0.
+";
+        assert_eq!(
+            parse_decoding_sessions(log, "walrelay"),
+            [Lsn(0x01A2_B3C0), Lsn(0x1_0000_0010)]
+        );
+        assert_eq!(parse_decoding_sessions(log, "other"), [Lsn(0x0200_0000)]);
+    }
+
+    #[test]
+    fn stale_cluster_dirs_go_and_live_ones_stay() {
+        let make = |lock: bool| {
+            let dir = tempfile::Builder::new()
+                .prefix(DIR_PREFIX)
+                .tempdir_in("/dev/shm")
+                .expect("/dev/shm");
+            fs::create_dir(dir.path().join("data")).unwrap();
+            // A postmaster PID no process has (PIDs stay below 2^22 on Linux).
+            fs::write(dir.path().join("data/postmaster.pid"), "4194303\n").unwrap();
+            if lock {
+                fs::File::create(dir.path().join(LOCK_FILE)).unwrap();
+            }
+            dir.keep()
+        };
+        // Its test died: the lock file is there and nobody holds it.
+        let abandoned = make(true);
+        // A live test's: the lock is held.
+        let live = make(true);
+        let _held = Flock::lock(
+            fs::File::open(live.join(LOCK_FILE)).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        // No lock file and fresh: maybe being made right now, or an older harness's.
+        let unlocked = make(false);
+
+        clean_stale_dirs(&bin_dir());
+        assert!(!abandoned.exists());
+        assert!(live.exists() && unlocked.exists());
+        fs::remove_dir_all(live).unwrap();
+        fs::remove_dir_all(unlocked).unwrap();
     }
 
     #[test]

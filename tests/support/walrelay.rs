@@ -61,28 +61,38 @@ impl Walrelay {
 
     /// Waits until a stderr line contains `needle`; panics with all output on timeout or exit.
     pub async fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for_stderr_line(&format!("{needle:?}"), timeout, |l| {
+            l.contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until `find` returns something for a stderr line, and returns
+    /// that; panics with all output on timeout or exit. `what` names what
+    /// is waited for in the panic message.
+    async fn wait_for_stderr_line<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        find: impl Fn(&str) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
-            if self
-                .stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains(needle))
-            {
-                return;
+            let found = self.stderr.lock().unwrap().iter().find_map(|l| find(l));
+            if let Some(found) = found {
+                return found;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Let the readers drain what it printed last.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 panic!(
-                    "walrelay exited ({status}) before printing {needle:?}:\n{}",
+                    "walrelay exited ({status}) before printing {what}:\n{}",
                     self.stderr_text()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "no {needle:?} within {timeout:?}:\n{}",
+                "no {what} within {timeout:?}:\n{}",
                 self.stderr_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -144,15 +154,26 @@ impl Walrelay {
 
     /// Sends `signal` without waiting (SIGSTOP, SIGCONT).
     pub fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id().expect("still running")).unwrap());
-        kill(pid, signal).expect("signal walrelay");
+        kill(self.pid(), signal).expect("signal walrelay");
     }
 
     /// Sends `signal` and waits (bounded) for the exit.
     pub async fn stop_with(&mut self, signal: Signal) -> ExitStatus {
-        let pid = Pid::from_raw(i32::try_from(self.child.id().expect("still running")).unwrap());
-        kill(pid, signal).expect("signal walrelay");
+        self.signal(signal);
         self.wait(Duration::from_secs(30)).await
+    }
+
+    /// Sends SIGKILL and asserts that the process died of it (and had not
+    /// exited on its own before).
+    pub async fn kill(&mut self) {
+        use std::os::unix::process::ExitStatusExt as _;
+        let status = self.stop_with(Signal::SIGKILL).await;
+        assert_eq!(
+            status.signal(),
+            Some(Signal::SIGKILL as i32),
+            "walrelay did not die of the SIGKILL ({status}):\n{}",
+            self.stderr_text()
+        );
     }
 
     /// Waits (bounded) for the process to exit on its own.
@@ -184,16 +205,30 @@ fn collect(stream: impl AsyncRead + Unpin + Send + 'static) -> Lines {
     lines
 }
 
+/// What `--metrics-addr` is given: the system picks a free port when
+/// walrelay binds, so no other process can take it between a probe and the
+/// bind; [`Walrelay::metrics_addr`] reads the port from walrelay's log.
+pub const ANY_LOCAL_PORT: &str = "127.0.0.1:0";
+
 impl Walrelay {
     /// Starts `walrelay run` against `postgres_url` and `brokers`, with the
-    /// metrics endpoint on a free local port, and waits until it streams.
+    /// metrics endpoint on a port of the system's choosing, and waits until
+    /// it streams. Returns the process and its metrics address.
     pub async fn run(
         postgres_url: &str,
         brokers: &str,
         extra: &[&str],
     ) -> (Self, std::net::SocketAddr) {
-        let metrics = free_local_addr();
-        let metrics_arg = metrics.to_string();
+        let mut w = Self::start(postgres_url, brokers, extra);
+        let metrics = w.metrics_addr().await;
+        w.wait_for_stderr("streaming", Duration::from_secs(60))
+            .await;
+        (w, metrics)
+    }
+
+    /// Starts `walrelay run` like [`run`](Self::run) without waiting for
+    /// anything: for an instance that is to stand by, or to fail.
+    pub fn start(postgres_url: &str, brokers: &str, extra: &[&str]) -> Self {
         let mut args = vec![
             "run",
             "--postgres-url",
@@ -201,22 +236,50 @@ impl Walrelay {
             "--kafka-brokers",
             brokers,
             "--metrics-addr",
-            &metrics_arg,
+            ANY_LOCAL_PORT,
         ];
         args.extend_from_slice(extra);
-        let mut w = Self::spawn(&args, &[]);
-        w.wait_for_stderr("streaming", Duration::from_secs(60))
+        Self::spawn(&args, &[])
+    }
+
+    /// The address the metrics endpoint is bound to, from the `starting`
+    /// line walrelay logs once it has bound it (`addr=127.0.0.1:40123`).
+    pub async fn metrics_addr(&mut self) -> std::net::SocketAddr {
+        // Bounded generously: `demo` starts a PostgreSQL of its own first.
+        let found = self
+            .wait_for_stderr_line(
+                "a `starting ... addr=` line",
+                Duration::from_secs(120),
+                |line| {
+                    line.contains(" starting ")
+                        .then(|| {
+                            line.split_whitespace()
+                                .find_map(|field| field.strip_prefix("addr="))
+                        })
+                        .flatten()
+                        .map(str::to_owned)
+                },
+            )
             .await;
-        (w, metrics)
+        found
+            .parse()
+            .unwrap_or_else(|err| panic!("addr={found}: {err}"))
     }
 
     /// Whether the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("try_wait")
     }
+
+    /// The process ID, while it runs.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id().expect("still running")).unwrap())
+    }
 }
 
-/// A local address nothing listens on right now.
+/// A local address nothing listened on when it was probed. Another process
+/// can take it before walrelay binds it: prefer [`ANY_LOCAL_PORT`] and
+/// [`Walrelay::metrics_addr`].
 pub fn free_local_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("local addr")
@@ -244,12 +307,99 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of an integer metric (summed over its labels).
+/// The value of an integer metric: `name` summed over its labelled series,
+/// or one series when `name` carries its labels as exported
+/// (`walrelay_reconnects_total{target="postgres"}`).
+///
+/// Panics when no series matches, so that a misspelled or unexported name
+/// fails the test instead of reading as 0, and when a value is not a
+/// non-negative integer.
 pub fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
     let (status, body) = http_get(addr, "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    metric_in(&body, name).unwrap_or_else(|| panic!("no metric {name} in /metrics:\n{body}"))
+}
+
+/// Polls [`metric`] every few milliseconds until `condition` holds for its
+/// value, and returns that value; panics after `timeout`.
+pub async fn wait_for_metric(
+    addr: std::net::SocketAddr,
+    name: &str,
+    condition: impl Fn(u64) -> bool,
+    timeout: Duration,
+) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = metric(addr, name);
+        if condition(value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} still {value} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// [`metric`] on an exposition already fetched; `None` when no series matches.
+pub fn metric_in(body: &str, name: &str) -> Option<u64> {
+    let mut found = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let matches = if name.contains('{') {
+            series == name
+        } else {
+            series == name
+                || series
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{'))
+        };
+        if !matches {
+            continue;
+        }
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|err| panic!("{line:?}: not a number: {err}"));
+        assert!(
+            value >= 0.0 && value.fract() == 0.0 && value < 2f64.powi(63),
+            "{line:?}: not a non-negative integer"
+        );
+        // Checked just above: a whole number in u64's range.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let value = value as u64;
+        *found.get_or_insert(0) += value;
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_in;
+
+    const BODY: &str = "# HELP walrelay_reconnects_total Connections re-established.\n\
+        # TYPE walrelay_reconnects_total counter\n\
+        walrelay_reconnects_total{target=\"kafka\"} 2\n\
+        walrelay_reconnects_total{target=\"postgres\"} 3\n\
+        walrelay_inflight_events 0\n\
+        walrelay_inflight_events_max 7\n";
+
+    #[test]
+    fn a_metric_is_summed_over_its_series_and_missing_is_none() {
+        assert_eq!(metric_in(BODY, "walrelay_reconnects_total"), Some(5));
+        assert_eq!(
+            metric_in(BODY, "walrelay_reconnects_total{target=\"postgres\"}"),
+            Some(3)
+        );
+        // Exported at 0 is 0; a name that is only a prefix of another is not it.
+        assert_eq!(metric_in(BODY, "walrelay_inflight_events"), Some(0));
+        assert_eq!(metric_in(BODY, "walrelay_inflight"), None);
+        assert_eq!(metric_in(BODY, "walrelay_reconnect_total"), None);
+        assert_eq!(
+            metric_in(BODY, "walrelay_reconnects_total{target=\"x\"}"),
+            None
+        );
+    }
 }
