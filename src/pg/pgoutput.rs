@@ -714,6 +714,19 @@ pub enum DecodeError {
         offset: usize,
     },
 
+    /// A `Message`'s flags byte is not 0 or 1 (the only flag is
+    /// "transactional"), so it would not encode back to the bytes sent.
+    #[error(
+        "pgoutput Message has unknown flags {found:#04x} at offset {offset} \
+         (expected 0, or 1 for a transactional message)"
+    )]
+    UnknownMessageFlags {
+        /// The byte found.
+        found: u8,
+        /// Where it is.
+        offset: usize,
+    },
+
     /// Bytes remain after the last field of the message.
     #[error(
         "pgoutput {message} has {count} trailing bytes at offset {offset}: \
@@ -1121,12 +1134,17 @@ impl Decode for LogicalMessage {
     const KIND: MessageKind = MessageKind::Message;
 
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
-        let flags = r.u8("flags")?;
+        let offset = r.offset();
+        let transactional = match r.u8("flags")? {
+            0 => false,
+            1 => true,
+            found => return Err(DecodeError::UnknownMessageFlags { found, offset }),
+        };
         let lsn = r.lsn("message LSN")?;
         let prefix = r.string("prefix")?;
         let len = r.length("content length")?;
         Ok(LogicalMessage {
-            transactional: flags & 1 != 0,
+            transactional,
             lsn,
             prefix,
             content: r.bytes(len, "content")?,
@@ -1873,6 +1891,20 @@ mod tests {
                 offset: at,
             })
         );
+    }
+
+    /// Found by the fuzz corpus (`edge-message-unknown-flags`): flags 2 used
+    /// to decode as "not transactional" and so encoded back as 0.
+    #[test]
+    fn unknown_logical_message_flags_are_rejected() {
+        for found in [2_u8, 3, 0x80, 0xff] {
+            let mut bytes = fixture("message_transactional").to_vec();
+            bytes[1] = found;
+            assert_eq!(
+                Message::parse(bytes.into()),
+                Err(DecodeError::UnknownMessageFlags { found, offset: 1 })
+            );
+        }
     }
 
     #[test]
