@@ -1715,6 +1715,73 @@ mod tests {
         assert_eq!(kinds.len(), MessageKind::ALL.len(), "every kind captured");
     }
 
+    // ---- the fuzz corpus and the fuzzer's past crashes, on stable ----
+
+    /// The files of `fuzz/<dir>/pgoutput`, by name, dotfiles left out. The
+    /// directory must exist, so that a renamed one cannot empty the test.
+    fn fuzz_inputs(dir: &str) -> Vec<(String, Bytes)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz")
+            .join(dir)
+            .join("pgoutput");
+        let entries = std::fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", path.display()));
+        let mut inputs: Vec<(String, Bytes)> = entries
+            .map(|entry| {
+                let path = entry.expect("directory entry").path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let bytes = std::fs::read(&path).expect("read a fuzz input");
+                (name, Bytes::from(bytes))
+            })
+            .filter(|(name, _)| !name.starts_with('.'))
+            .collect();
+        inputs.sort();
+        inputs
+    }
+
+    /// What the fuzz target checks, on every file cargo fuzz keeps: the seed
+    /// corpus (`fuzz/corpus`) and the inputs that once crashed the decoder
+    /// (`fuzz/artifacts`). Caught per file, so a failure names all of them.
+    #[test]
+    fn the_fuzz_corpus_and_every_past_crash_decode_without_panicking() {
+        let mut panicked = Vec::new();
+        for (name, bytes) in fuzz_inputs("corpus").iter().chain(&fuzz_inputs("artifacts")) {
+            match std::panic::catch_unwind(|| Message::parse(bytes.clone())) {
+                Err(_) => panicked.push(name.clone()),
+                // Whatever decodes must be exactly what the bytes say.
+                Ok(Ok(msg)) => assert_eq!(encode(&msg), bytes.to_vec(), "{name}"),
+                Ok(Err(_)) => {}
+            }
+        }
+        assert!(panicked.is_empty(), "the decoder panicked on {panicked:?}");
+    }
+
+    /// The corpus is seeded with every fixture, as `fixture-<name>`, and each
+    /// of those decodes.
+    #[test]
+    fn the_fuzz_corpus_holds_every_fixture_and_they_decode() {
+        let corpus: HashMap<String, Bytes> = fuzz_inputs("corpus").into_iter().collect();
+        let fixtures = fixtures();
+        for (name, bytes) in &fixtures {
+            let file = format!("fixture-{name}");
+            assert_eq!(
+                corpus.get(&file),
+                Some(bytes),
+                "fuzz/corpus/pgoutput/{file} is missing or differs from the fixture"
+            );
+        }
+        for (file, bytes) in &corpus {
+            let Some(name) = file.strip_prefix("fixture-") else {
+                continue;
+            };
+            assert!(
+                fixtures.iter().any(|(n, _)| *n == name),
+                "{file}: no fixture {name}"
+            );
+            Message::parse(bytes.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+
     // ---- malformed input ----
 
     #[test]
