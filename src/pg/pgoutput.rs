@@ -1745,7 +1745,10 @@ mod tests {
     #[test]
     fn the_fuzz_corpus_and_every_past_crash_decode_without_panicking() {
         let mut panicked = Vec::new();
-        for (name, bytes) in fuzz_inputs("corpus").iter().chain(&fuzz_inputs("artifacts")) {
+        for (name, bytes) in fuzz_inputs("corpus")
+            .iter()
+            .chain(&fuzz_inputs("artifacts"))
+        {
             match std::panic::catch_unwind(|| Message::parse(bytes.clone())) {
                 Err(_) => panicked.push(name.clone()),
                 // Whatever decodes must be exactly what the bytes say.
