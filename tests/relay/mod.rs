@@ -8,4 +8,5 @@ mod demo;
 mod faults;
 mod poison;
 mod recovery;
+mod replay;
 mod snapshot;
