@@ -1,9 +1,9 @@
 //! Feeds arbitrary bytes to the pgoutput decoder: it must return `Ok` or
 //! `Err`, never panic, and whatever it accepts must decode the same way twice.
 //!
-//! Run with `cargo +nightly fuzz run pgoutput` from the repository root; the
-//! hex lines of `src/pg/fixtures/pgoutput-pg15.txt`, decoded to bytes, make a
-//! good seed corpus.
+//! Run with `cargo +nightly fuzz run -s none pgoutput` from the repository
+//! root; it starts from the seed corpus in `fuzz/corpus/pgoutput`.
+//! fuzz/README.md says why `-s none` and how to add what it finds.
 #![no_main]
 
 use bytes::Bytes;

@@ -714,6 +714,19 @@ pub enum DecodeError {
         offset: usize,
     },
 
+    /// A `Message`'s flags byte is not 0 or 1 (the only flag is
+    /// "transactional"), so it would not encode back to the bytes sent.
+    #[error(
+        "pgoutput Message has unknown flags {found:#04x} at offset {offset} \
+         (expected 0, or 1 for a transactional message)"
+    )]
+    UnknownMessageFlags {
+        /// The byte found.
+        found: u8,
+        /// Where it is.
+        offset: usize,
+    },
+
     /// Bytes remain after the last field of the message.
     #[error(
         "pgoutput {message} has {count} trailing bytes at offset {offset}: \
@@ -1121,12 +1134,17 @@ impl Decode for LogicalMessage {
     const KIND: MessageKind = MessageKind::Message;
 
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
-        let flags = r.u8("flags")?;
+        let offset = r.offset();
+        let transactional = match r.u8("flags")? {
+            0 => false,
+            1 => true,
+            found => return Err(DecodeError::UnknownMessageFlags { found, offset }),
+        };
         let lsn = r.lsn("message LSN")?;
         let prefix = r.string("prefix")?;
         let len = r.length("content length")?;
         Ok(LogicalMessage {
-            transactional: flags & 1 != 0,
+            transactional,
             lsn,
             prefix,
             content: r.bytes(len, "content")?,
@@ -1697,6 +1715,76 @@ mod tests {
         assert_eq!(kinds.len(), MessageKind::ALL.len(), "every kind captured");
     }
 
+    // ---- the fuzz corpus and the fuzzer's past crashes, on stable ----
+
+    /// The files of `fuzz/<dir>/pgoutput`, by name, dotfiles left out. The
+    /// directory must exist, so that a renamed one cannot empty the test.
+    fn fuzz_inputs(dir: &str) -> Vec<(String, Bytes)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz")
+            .join(dir)
+            .join("pgoutput");
+        let entries = std::fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", path.display()));
+        let mut inputs: Vec<(String, Bytes)> = entries
+            .map(|entry| {
+                let path = entry.expect("directory entry").path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let bytes = std::fs::read(&path).expect("read a fuzz input");
+                (name, Bytes::from(bytes))
+            })
+            .filter(|(name, _)| !name.starts_with('.'))
+            .collect();
+        inputs.sort();
+        inputs
+    }
+
+    /// What the fuzz target checks, on every file cargo fuzz keeps: the seed
+    /// corpus (`fuzz/corpus`) and the inputs that once crashed the decoder
+    /// (`fuzz/artifacts`). Caught per file, so a failure names all of them.
+    #[test]
+    fn the_fuzz_corpus_and_every_past_crash_decode_without_panicking() {
+        let mut panicked = Vec::new();
+        for (name, bytes) in fuzz_inputs("corpus")
+            .iter()
+            .chain(&fuzz_inputs("artifacts"))
+        {
+            match std::panic::catch_unwind(|| Message::parse(bytes.clone())) {
+                Err(_) => panicked.push(name.clone()),
+                // Whatever decodes must be exactly what the bytes say.
+                Ok(Ok(msg)) => assert_eq!(encode(&msg), bytes.to_vec(), "{name}"),
+                Ok(Err(_)) => {}
+            }
+        }
+        assert!(panicked.is_empty(), "the decoder panicked on {panicked:?}");
+    }
+
+    /// The corpus is seeded with every fixture, as `fixture-<name>`, and each
+    /// of those decodes.
+    #[test]
+    fn the_fuzz_corpus_holds_every_fixture_and_they_decode() {
+        let corpus: HashMap<String, Bytes> = fuzz_inputs("corpus").into_iter().collect();
+        let fixtures = fixtures();
+        for (name, bytes) in &fixtures {
+            let file = format!("fixture-{name}");
+            assert_eq!(
+                corpus.get(&file),
+                Some(bytes),
+                "fuzz/corpus/pgoutput/{file} is missing or differs from the fixture"
+            );
+        }
+        for (file, bytes) in &corpus {
+            let Some(name) = file.strip_prefix("fixture-") else {
+                continue;
+            };
+            assert!(
+                fixtures.iter().any(|(n, _)| *n == name),
+                "{file}: no fixture {name}"
+            );
+            Message::parse(bytes.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+
     // ---- malformed input ----
 
     #[test]
@@ -1873,6 +1961,20 @@ mod tests {
                 offset: at,
             })
         );
+    }
+
+    /// Found by the fuzz corpus (`edge-message-unknown-flags`): flags 2 used
+    /// to decode as "not transactional" and so encoded back as 0.
+    #[test]
+    fn unknown_logical_message_flags_are_rejected() {
+        for found in [2_u8, 3, 0x80, 0xff] {
+            let mut bytes = fixture("message_transactional").to_vec();
+            bytes[1] = found;
+            assert_eq!(
+                Message::parse(bytes.into()),
+                Err(DecodeError::UnknownMessageFlags { found, offset: 1 })
+            );
+        }
     }
 
     #[test]

@@ -10,5 +10,6 @@ mod faults;
 mod oracle;
 mod poison;
 mod recovery;
+mod replay;
 mod secrets;
 mod snapshot;
