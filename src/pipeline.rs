@@ -500,8 +500,8 @@ impl Session<'_> {
             }
         };
         self.metrics.health().set_streaming(false);
-        if self.open.is_some() {
-            self.sink.abandon_open();
+        if let Some((txn, _)) = self.open.take() {
+            self.sink.abandon(txn);
         }
         // Wait for the acknowledgements of what was sent, so that the final
         // status update confirms as much as possible: all of it on shutdown;

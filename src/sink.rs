@@ -513,17 +513,14 @@ impl Sink {
     /// A keepalive outside a transaction reported the server's WAL end.
     pub fn idle(&self, wal_end: Lsn) {
         let advance = self.shared.checkpoint().idle(wal_end);
-        if let Some(lsn) = advance {
-            self.shared.apply(Advance {
-                confirmed: Some(lsn),
-                ..Advance::default()
-            });
-        }
+        self.shared.apply(advance);
     }
 
-    /// The replication session ended mid-transaction; the next one replays it.
-    pub fn abandon_open(&self) {
-        self.shared.checkpoint().abandon_open();
+    /// The replication session ended inside transaction `txn`; the next one
+    /// replays it under a new ID.
+    pub fn abandon(&self, txn: TxnId) {
+        let advance = self.shared.checkpoint().abandon(txn);
+        self.shared.apply(advance);
     }
 
     /// The confirmed position.
