@@ -676,17 +676,15 @@ impl ReplicationConnection {
 
     /// `START_REPLICATION SLOT s LOGICAL start (options)`: from here on the
     /// connection streams. Pass [`Lsn::ZERO`] to resume where the slot was
-    /// confirmed. The status updates report `feedback`'s positions; keep one
-    /// [`Feedback`] across reconnects, started at the slot's confirmed
-    /// position, so they never report less than the slot already has.
+    /// confirmed. No status update goes out until
+    /// [`StartedReplication::report`] says what to report: the slot is held
+    /// from here on, so this is the moment to read its confirmed position.
     pub async fn start_logical(
         mut self,
         slot: &str,
         start: Lsn,
         options: &[(&str, &str)],
-        feedback: Feedback,
-        status_interval: Duration,
-    ) -> Result<ReplicationStream, ConnError> {
+    ) -> Result<StartedReplication, ConnError> {
         let options = options
             .iter()
             .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
@@ -714,6 +712,26 @@ impl ReplicationConnection {
                 other => Self::unexpected(other, "starting replication")?,
             }
         }
+        Ok(StartedReplication {
+            reader: self.reader,
+            writer: self.writer,
+        })
+    }
+}
+
+/// A replication connection that streams, before its status updates start.
+#[derive(Debug)]
+pub struct StartedReplication {
+    reader: Reader<ReadHalf<Socket>>,
+    writer: WriteHalf<Socket>,
+}
+
+impl StartedReplication {
+    /// Starts the status updates, which report `feedback`'s positions every
+    /// `status_interval` at least. Keep one [`Feedback`] across reconnects,
+    /// raised to the slot's confirmed position before this call, so that no
+    /// update ever reports less than the slot already has.
+    pub fn report(self, feedback: Feedback, status_interval: Duration) -> ReplicationStream {
         let cancel = CancellationToken::new();
         let writer = tokio::spawn(status_updates(
             self.writer,
@@ -721,13 +739,13 @@ impl ReplicationConnection {
             status_interval,
             cancel.clone(),
         ));
-        Ok(ReplicationStream {
+        ReplicationStream {
             reader: self.reader,
             feedback,
             writer: Some(writer),
             cancel: cancel.drop_guard(),
             silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
-        })
+        }
     }
 }
 
@@ -869,8 +887,8 @@ impl Feedback {
 }
 
 /// Sends status updates until cancelled, then a last one and Terminate.
-async fn status_updates(
-    mut writer: WriteHalf<Socket>,
+async fn status_updates<W: AsyncWrite + Unpin>(
+    mut writer: W,
     feedback: Feedback,
     interval: Duration,
     cancel: CancellationToken,
