@@ -516,6 +516,11 @@ impl Session<'_> {
         self.metrics.health().set_streaming(false);
         let advance = state.end(&mut self.sink.ledger());
         self.sink.observe(advance);
+        if self.sink.failure().is_some() {
+            // Nothing behind a refused event may reach the broker before it:
+            // the drain below must not deliver what the producer still holds.
+            self.sink.purge().await;
+        }
         let halted = self.sink.failure();
         let _ = halted;
         // Wait for the acknowledgements of what was sent, so that the final

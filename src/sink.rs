@@ -20,14 +20,32 @@
 //!   passes it, and the pipeline stops with a [`PublishFailure`] naming the
 //!   aggregate, `seq_nr` and LSN (`--on-poison halt`), or a dead-letter
 //!   record takes its place (`--on-poison dead-letter`).
+//!
+//! Halting keeps the first deliveries of an aggregate in `seq_nr` order: what
+//! follows a refused event in its partition must not reach the broker before
+//! it. In halt mode the producer runs with `enable.gapless.guarantee=true`,
+//! which makes librdkafka raise a fatal error inside the broker thread that
+//! handles the refusal, so that no further produce request leaves (with
+//! plain idempotence it would bump the epoch and send the rest at once).
+//! On top, the first refusal purges the producer's queues (queued and in
+//! flight, `rd_kafka_purge`) from a task of its own, the session purges again
+//! before its last drain, and nothing is enqueued once halted. Purged records
+//! fail with `__PURGE_QUEUE`/`__PURGE_INFLIGHT` and never count as
+//! acknowledged. What purging cannot undo: a request already on the wire when
+//! the refusal came back. A broker that checks idempotent sequence numbers
+//! (every real Kafka) rejects the batches behind the gap; one that does not
+//! (librdkafka's mock cluster) may write them.
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::Notify;
@@ -55,6 +73,10 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.kbytes", "32768"),
     ("client.id", "walrelay"),
 ];
+
+/// librdkafka's switch that turns a refused batch into a fatal error raised
+/// in the broker thread, so that nothing behind it is sent (halt mode).
+const GAPLESS: &str = "enable.gapless.guarantee";
 
 /// Settings that would break walrelay's guarantees, with why.
 const FORBIDDEN: &[(&str, &str, &str)] = &[
@@ -174,8 +196,12 @@ pub enum SinkError {
 struct Shared {
     ledger: Mutex<Ledger>,
     metrics: Metrics,
+    /// Set on the first failure that halts: nothing is enqueued any more.
+    halted: AtomicBool,
     /// Wakes [`Sink::failed`].
     failed: Notify,
+    /// Wakes the task that purges the producer on a halt.
+    purge: Notify,
     room: Notify,
     /// `--dead-letter-topic` with `--on-poison dead-letter`.
     dead_letter_topic: Option<String>,
@@ -261,6 +287,9 @@ impl Shared {
 
     /// Stops everything after a failure the ledger recorded.
     fn halt(&self) {
+        if !self.halted.swap(true, Ordering::AcqRel) {
+            self.purge.notify_one();
+        }
         self.failed.notify_one();
         self.room.notify_waiters();
     }
@@ -300,7 +329,16 @@ impl ClientContext for SinkContext {
         if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.0.metrics.health().set_broker_up(false);
         }
-        if code == Some(RDKafkaErrorCode::Fatal) {
+        // librdkafka reports a fatal error by its cause (the gap-less
+        // guarantee, a fenced producer, ...) as well as by __FATAL.
+        if matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::GaplessGuarantee
+                    | RDKafkaErrorCode::Fenced
+            )
+        ) {
             let failure = PublishFailure {
                 aggregate: "?".into(),
                 seq_nr: "?".into(),
@@ -415,6 +453,19 @@ fn message_size(message: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
     size as u64
 }
 
+/// Purges what the producer holds, queued and in flight; the purged records'
+/// reports (`__PURGE_*`) follow on the polling thread.
+fn purge_producer(producer: &ThreadedProducer<SinkContext>) {
+    let held = producer.in_flight_count();
+    producer.purge(PurgeConfig::default().queue().inflight());
+    if held > 0 {
+        tracing::warn!(
+            records = held,
+            "halted: purged the records the producer still held, so that nothing behind the refused event is delivered before it"
+        );
+    }
+}
+
 /// The Kafka producer with its watermark.
 pub struct Sink {
     producer: Arc<ThreadedProducer<SinkContext>>,
@@ -424,7 +475,9 @@ pub struct Sink {
 impl Sink {
     /// Creates the producer; the watermark starts at `confirmed`, the slot's
     /// position. With `dead_letter_topic`, events refused for good go there
-    /// instead of stopping walrelay (`--on-poison dead-letter`).
+    /// instead of stopping walrelay (`--on-poison dead-letter`); without, the
+    /// producer runs with `enable.gapless.guarantee=true` unless told
+    /// otherwise.
     pub fn new(
         config: &ClientConfig,
         confirmed: Lsn,
@@ -440,11 +493,17 @@ impl Sink {
         let shared = Arc::new(Shared {
             ledger: Mutex::new(Ledger::new(confirmed, Feedback::new(confirmed), on_refusal)),
             metrics,
+            halted: AtomicBool::new(false),
             failed: Notify::new(),
+            purge: Notify::new(),
             room: Notify::new(),
             dead_letters: dead_letter_topic.as_ref().map(|_| queue),
             dead_letter_topic,
         });
+        let mut config = config.clone();
+        if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
+            config.set(GAPLESS, "true");
+        }
         let producer: ThreadedProducer<SinkContext> = config
             .create_with_context(SinkContext(Arc::clone(&shared)))
             .map_err(SinkError::Create)?;
@@ -452,6 +511,10 @@ impl Sink {
             producer: Arc::new(producer),
             shared,
         };
+        tokio::spawn(purge_on_halt(
+            Arc::downgrade(&sink.producer),
+            Arc::clone(&sink.shared),
+        ));
         if sink.shared.dead_letter_topic.is_some() {
             let forwarder = Sink {
                 producer: Arc::clone(&sink.producer),
@@ -520,11 +583,15 @@ impl Sink {
 
     /// Hands `record` to the producer, waiting while its queue is full (the
     /// backpressure that stops the replication stream from being read).
+    /// Once halted, nothing more is taken.
     async fn enqueue(
         &self,
         mut record: BaseRecord<'_, [u8], [u8], usize>,
     ) -> Result<(), KafkaError> {
         loop {
+            if self.shared.halted.load(Ordering::Acquire) {
+                return Err(KafkaError::Canceled);
+            }
             match self.producer.send(record) {
                 Ok(()) => {
                     self.shared.metrics.inflight_events.inc();
@@ -599,6 +666,13 @@ impl Sink {
             }
             self.shared.failed.notified().await;
         }
+    }
+
+    /// Purges what the producer still holds (after a halt, before the last
+    /// drain): nothing behind a refused event may be delivered before it.
+    pub async fn purge(&self) {
+        let producer = Arc::clone(&self.producer);
+        let _ = tokio::task::spawn_blocking(move || purge_producer(&producer)).await;
     }
 
     /// Hands `event` of transaction `txn` to the producer, waiting while its
@@ -695,5 +769,14 @@ impl Sink {
         })
         .await
         .unwrap_or(-1)
+    }
+}
+
+/// Purges the producer as soon as the run halts. Holds the producer weakly,
+/// so that it never keeps it alive (nor drops it on librdkafka's thread).
+async fn purge_on_halt(producer: Weak<ThreadedProducer<SinkContext>>, shared: Arc<Shared>) {
+    shared.purge.notified().await;
+    if let Some(producer) = producer.upgrade() {
+        let _ = tokio::task::spawn_blocking(move || purge_producer(&producer)).await;
     }
 }

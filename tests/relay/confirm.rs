@@ -1,17 +1,19 @@
-//! The confirm path end to end: the slot never moves back when an instance
-//! takes it over.
+//! The confirm path end to end: the slot never moves back when a standby
+//! takes over, and what follows a refused event is not delivered before it.
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use walrelay::pg::lsn::Lsn;
 
 use super::delivery::{current_lsn, wait_confirmed};
-use crate::support::kafka::Kafka;
+use crate::support::kafka::{Kafka, Record};
 use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
 use crate::support::walrelay::{Walrelay, free_local_addr};
-use crate::support::workload::{check, write_mixed};
+use crate::support::workload::{EventId, check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -195,4 +197,87 @@ async fn an_instance_that_takes_the_slot_back_never_reports_less_than_the_slot_h
         first.stderr_text()
     );
     assert_eq!(first.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+/// Inserts `count` events of aggregate `aggregate`, each in its own
+/// transaction, in one round trip.
+async fn one_per_transaction(pg: &PgServer, aggregate: &str, count: i64) -> Vec<EventId> {
+    let mut statements = String::new();
+    for seq in 1..=count {
+        writeln!(
+            statements,
+            "INSERT INTO events (aggregate_id, seq_nr, event_type, payload) \
+             VALUES ('{aggregate}', {seq}, 'Tested', '{{}}');"
+        )
+        .unwrap();
+    }
+    pg.psql(&statements).await;
+    (1..=count).map(|seq| (aggregate.to_owned(), seq)).collect()
+}
+
+#[tokio::test]
+async fn events_behind_a_refused_one_are_not_delivered_before_it_across_a_halt() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    // One request in flight, so that the mock broker (which does not check
+    // idempotent sequence numbers) cannot have taken later batches already,
+    // and one event per request, so that the first request holds the first
+    // event alone and the others wait behind it.
+    let args = [
+        "--kafka-property",
+        "max.in.flight.requests.per.connection=1",
+        "--kafka-property",
+        "batch.num.messages=1",
+    ];
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &args).await;
+    // The first produce request is refused for good, and answered slowly, so
+    // that the events after it wait in the producer meanwhile. Kafka answers
+    // the request behind a refused one OUT_OF_ORDER_SEQUENCE_NUMBER (the
+    // idempotent sequence has a gap); the mock broker does not check
+    // sequences, so it is told to give that answer, or it would write a
+    // request librdkafka had already built when the refusal came back.
+    kafka.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+        ],
+    );
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_millis(500))
+        .unwrap();
+    let committed = one_per_transaction(&pg, "agg", 200).await;
+    assert_eq!(
+        relay.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        relay.stderr_text()
+    );
+    let logs = relay.stderr_text();
+    assert!(
+        logs.contains("could not be published") && logs.contains("aggregate \"agg\" seq_nr 1 "),
+        "{logs}"
+    );
+    // The answer meant for a request behind the refused one is left over
+    // when librdkafka had not built one yet.
+    kafka.cluster().clear_request_errors(RDKafkaApiKey::Produce);
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    // Nothing after the refused event reached the topic before the halt.
+    let early = kafka.read("events", 1, Duration::from_secs(3));
+    assert!(
+        early.is_empty(),
+        "delivered behind the refused event: {:?}\n{logs}",
+        early.iter().map(Record::seq_nr).collect::<Vec<_>>()
+    );
+
+    // The cause is gone (the broker accepts again); the restart publishes
+    // everything, and the first deliveries are in seq_nr order.
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &args).await;
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(true, &relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
