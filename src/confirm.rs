@@ -303,6 +303,12 @@ impl SessionState {
         self.open.is_some()
     }
 
+    /// The identity of the transaction being received, once it has one
+    /// (from its first event on).
+    pub fn open_txn(&self) -> Option<TxnId> {
+        self.open.as_ref().and_then(|open| open.txn)
+    }
+
     /// A transaction began (pgoutput's Begin).
     pub fn begin(&mut self, ledger: &mut Ledger, commit_ts: i64) -> Advance {
         // A Begin inside a transaction never comes from pgoutput; should it,
