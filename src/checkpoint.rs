@@ -350,6 +350,26 @@ mod tests {
         assert_eq!(c.acked(replay).advance.confirmed, Some(Lsn(300)));
     }
 
+    #[test]
+    fn completed_means_acknowledged_with_everything_before_it() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        let b = c.begin(0);
+        assert!(!c.completed(a) && !c.completed(b));
+        c.commit(b, 1, Lsn(200));
+        c.acked(b);
+        assert!(!c.completed(b), "a transaction before it is still pending");
+        c.acked(a);
+        assert!(!c.completed(a), "acknowledged but not committed");
+        c.commit(a, 1, Lsn(100));
+        assert!(c.completed(a) && c.completed(b));
+        // An abandoned transaction never completes; one never begun neither.
+        let open = c.begin(0);
+        c.abandon(open);
+        assert!(!c.completed(open));
+        assert!(!c.completed(open + 1));
+    }
+
     /// One step of a simulated session.
     #[derive(Debug, Clone)]
     enum Op {
