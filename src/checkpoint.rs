@@ -135,16 +135,7 @@ impl Checkpoint {
     /// before it is confirmed, so is it. It takes no entry of its own.
     pub fn commit_empty(&mut self, end_lsn: Lsn) -> Advance {
         match self.pending.back_mut() {
-            None => {
-                if end_lsn > self.confirmed {
-                    self.confirmed = end_lsn;
-                    return Advance {
-                        confirmed: Some(end_lsn),
-                        ..Advance::default()
-                    };
-                }
-                Advance::default()
-            }
+            None => self.raise(end_lsn),
             Some(Pending {
                 end_lsn: Some(end), ..
             }) => {
@@ -214,19 +205,17 @@ impl Checkpoint {
     /// A keepalive outside any transaction reported the server's WAL end.
     /// With nothing in flight, everything before it is handled.
     pub fn idle(&mut self, wal_end: Lsn) -> Advance {
-        if self.pending.is_empty() && wal_end > self.confirmed {
-            self.confirmed = wal_end;
-            return Advance {
-                confirmed: Some(wal_end),
-                ..Advance::default()
-            };
+        if self.pending.is_empty() {
+            return self.raise(wal_end);
         }
         Advance::default()
     }
 
-    /// The slot is known to be confirmed to `lsn` already (another instance
-    /// moved it while this one stood by): never report less. Transactions
-    /// still pending here complete as before, without moving it back.
+    /// Everything before `lsn` is handled: with nothing pending (see
+    /// [`idle`](Self::idle) and [`commit_empty`](Self::commit_empty)), or
+    /// because the slot is confirmed there already (another instance moved
+    /// it while this one stood by), so that nothing less is ever reported.
+    /// Transactions still pending complete as before, without moving it back.
     pub fn raise(&mut self, lsn: Lsn) -> Advance {
         if lsn > self.confirmed {
             self.confirmed = lsn;

@@ -402,14 +402,20 @@ mod tests {
         }
     }
 
+    /// Streams a transaction of one event, committed at `end`.
+    fn one_event(l: &mut Ledger, s: &mut SessionState, end: u64) -> TxnId {
+        s.begin(l, 0);
+        let txn = s.event(l).unwrap();
+        s.sent();
+        s.commit(l, Lsn(end));
+        txn
+    }
+
     #[test]
     fn a_million_empty_transactions_behind_an_unacknowledged_event_take_no_memory() {
         let mut l = ledger(0, OnRefusal::Halt);
         let (mut s, _) = SessionState::start(&mut l, Lsn(0));
-        s.begin(&mut l, 0);
-        let txn = s.event(&mut l).unwrap();
-        s.sent();
-        s.commit(&mut l, Lsn(100));
+        let txn = one_event(&mut l, &mut s, 100);
         let mut end = 100;
         for _ in 0..1_000_000 {
             // PostgreSQL 14 sends every transaction of the database.
@@ -514,14 +520,8 @@ mod tests {
     fn a_refusal_halts_and_purged_records_never_count() {
         let mut l = ledger(0, OnRefusal::Halt);
         let (mut s, _) = SessionState::start(&mut l, Lsn(0));
-        s.begin(&mut l, 0);
-        let a = s.event(&mut l).unwrap();
-        s.sent();
-        s.commit(&mut l, Lsn(100));
-        s.begin(&mut l, 0);
-        let b = s.event(&mut l).unwrap();
-        s.sent();
-        s.commit(&mut l, Lsn(200));
+        let a = one_event(&mut l, &mut s, 100);
+        let b = one_event(&mut l, &mut s, 200);
         let refused = l.delivered(a, Record::Event, Report::Refused(failure("a")));
         assert_eq!(refused.action, Action::Halt);
         assert_eq!(l.failure(), Some(&failure("a")));
