@@ -474,7 +474,7 @@ impl Session<'_> {
             .map_err(|_| RunError::SlotPosition(interval))??;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
-        let mut stream = started.report(self.sink.feedback(), interval);
+        let mut stream = started.report(self.sink.feedback().clone(), interval);
         self.metrics.health().set_streaming(true);
         self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
@@ -580,9 +580,13 @@ impl Session<'_> {
                     }
                     self.known_topics.insert(event.topic.clone());
                 }
-                let txn = state
-                    .event(&mut self.sink.ledger())
-                    .ok_or(SourceError::Order("event outside a transaction"))?;
+                // The ledger is locked only for a transaction's first event.
+                let txn = match state.open_txn() {
+                    Some(txn) => txn,
+                    None => state
+                        .event(&mut self.sink.ledger())
+                        .ok_or(SourceError::Order("event outside a transaction"))?,
+                };
                 tokio::select! {
                     biased;
                     () = self.shutdown.cancelled() => return Ok(Flow::Stop),

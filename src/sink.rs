@@ -195,6 +195,8 @@ pub enum SinkError {
 /// State shared with the delivery callback.
 struct Shared {
     ledger: Mutex<Ledger>,
+    /// The ledger's feedback, to read without the lock.
+    feedback: Feedback,
     metrics: Metrics,
     /// Set on the first failure that halts: nothing is enqueued any more.
     halted: AtomicBool,
@@ -490,8 +492,10 @@ impl Sink {
         } else {
             OnRefusal::Halt
         };
+        let feedback = Feedback::new(confirmed);
         let shared = Arc::new(Shared {
-            ledger: Mutex::new(Ledger::new(confirmed, Feedback::new(confirmed), on_refusal)),
+            ledger: Mutex::new(Ledger::new(confirmed, feedback.clone(), on_refusal)),
+            feedback,
             metrics,
             halted: AtomicBool::new(false),
             failed: Notify::new(),
@@ -644,12 +648,12 @@ impl Sink {
 
     /// The confirmed position.
     pub fn confirmed(&self) -> Lsn {
-        self.shared.ledger().confirmed()
+        self.shared.feedback.confirmed()
     }
 
     /// The positions reported to PostgreSQL.
-    pub fn feedback(&self) -> Feedback {
-        self.shared.ledger().feedback().clone()
+    pub fn feedback(&self) -> &Feedback {
+        &self.shared.feedback
     }
 
     /// The failure that halts the run, if any.
