@@ -33,8 +33,9 @@
 //! must have reached the broker, and the slot the end of the WAL.
 //!
 //! `WALRELAY_SIM_SCHEDULES=n` runs n schedules instead of the default batch
-//! (`WALRELAY_SIM_SCHEDULES=10000000` for a long run), `WALRELAY_SIM_SEED=s`
-//! runs schedule s alone. A failure prints the seed, the model's WAL and the
+//! (`WALRELAY_SIM_SCHEDULES=10000000 cargo test --test main simulation` for a
+//! long run: nextest ends tests after 5 minutes), `WALRELAY_SIM_SEED=s` runs
+//! schedule s alone. A failure prints the seed, the model's WAL and the
 //! steps taken; seeds that ever failed are kept in `regressions.txt` and run
 //! first.
 use std::collections::VecDeque;
