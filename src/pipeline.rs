@@ -516,11 +516,9 @@ impl Session<'_> {
         self.metrics.health().set_streaming(false);
         let advance = state.end(&mut self.sink.ledger());
         self.sink.observe(advance);
-        if self.sink.failure().is_some() {
-            // Nothing behind a refused event may reach the broker before it:
-            // the drain below must not deliver what the producer still holds.
-            self.sink.purge().await;
-        }
+        // Nothing behind an event the broker refused may reach it before
+        // that event: the drain below must not deliver what is still held.
+        self.sink.purge().await;
         let halted = self.sink.failure();
         let _ = halted;
         // Wait for the acknowledgements of what was sent, so that the final

@@ -27,9 +27,11 @@
 //! which makes librdkafka raise a fatal error inside the broker thread that
 //! handles the refusal, so that no further produce request leaves (with
 //! plain idempotence it would bump the epoch and send the rest at once).
-//! On top, the first refusal purges the producer's queues (queued and in
-//! flight, `rd_kafka_purge`) from a task of its own, the session purges again
-//! before its last drain, and nothing is enqueued once halted. Purged records
+//! On top, the first refusal the broker reports purges the producer's queues
+//! (queued and in flight, `rd_kafka_purge`) from a task of its own, the
+//! session purges again before its last drain, and nothing is enqueued once
+//! halted. (An event the producer refuses when it is handed over has nothing
+//! behind it: what was queued before it is delivered and confirmed.) Purged records
 //! fail with `__PURGE_QUEUE`/`__PURGE_INFLIGHT` and never count as
 //! acknowledged. What purging cannot undo: a request already on the wire when
 //! the refusal came back. A broker that checks idempotent sequence numbers
@@ -200,6 +202,9 @@ struct Shared {
     metrics: Metrics,
     /// Set on the first failure that halts: nothing is enqueued any more.
     halted: AtomicBool,
+    /// Set when a refusal came from the broker (or the producer failed):
+    /// what the producer still holds may be behind it, and is purged.
+    purge_wanted: AtomicBool,
     /// Wakes [`Sink::failed`].
     failed: Notify,
     /// Wakes the task that purges the producer on a halt.
@@ -283,13 +288,18 @@ impl Shared {
                     let _ = queue.send((txn, failure));
                 }
             }
-            Action::Halt => self.halt(),
+            Action::Halt => self.halt(true),
         }
     }
 
-    /// Stops everything after a failure the ledger recorded.
-    fn halt(&self) {
-        if !self.halted.swap(true, Ordering::AcqRel) {
+    /// Stops everything after a failure the ledger recorded. With `purge`
+    /// (a refusal the broker reported, a failed producer), what the
+    /// producer still holds may be queued behind the refused event and is
+    /// purged; a refusal at hand-over has nothing behind it, and what is
+    /// queued before it is still delivered and confirmed.
+    fn halt(&self, purge: bool) {
+        self.halted.store(true, Ordering::Release);
+        if purge && !self.purge_wanted.swap(true, Ordering::AcqRel) {
             self.purge.notify_one();
         }
         self.failed.notify_one();
@@ -303,7 +313,7 @@ impl Shared {
         let action = self.ledger().refused(txn, record, failure.clone());
         log_refusal(failure, &action);
         if action == Action::Halt {
-            self.halt();
+            self.halt(false);
         }
         action
     }
@@ -498,6 +508,7 @@ impl Sink {
             feedback,
             metrics,
             halted: AtomicBool::new(false),
+            purge_wanted: AtomicBool::new(false),
             failed: Notify::new(),
             purge: Notify::new(),
             room: Notify::new(),
@@ -672,9 +683,13 @@ impl Sink {
         }
     }
 
-    /// Purges what the producer still holds (after a halt, before the last
-    /// drain): nothing behind a refused event may be delivered before it.
+    /// After a refusal the broker reported, purges what the producer still
+    /// holds (before the last drain): nothing behind a refused event may be
+    /// delivered before it.
     pub async fn purge(&self) {
+        if !self.shared.purge_wanted.load(Ordering::Acquire) {
+            return;
+        }
         let producer = Arc::clone(&self.producer);
         let _ = tokio::task::spawn_blocking(move || purge_producer(&producer)).await;
     }

@@ -170,6 +170,8 @@ struct Process {
     session: Option<Session>,
     frozen: bool,
     halted: bool,
+    /// Halted by a refusal the broker reported: what is held gets purged.
+    purge: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,6 +368,7 @@ impl World {
             session: None,
             frozen: false,
             halted: false,
+            purge: false,
         });
     }
 
@@ -579,7 +582,8 @@ impl World {
                 Action::DeadLetter(_) => Some((DEAD_LETTER_QUEUE, Record::DeadLetter)),
                 Action::Nothing => None,
                 Action::Halt => {
-                    self.halt(p);
+                    // Refused at hand-over: nothing is behind it, nothing purged.
+                    self.halt(p, false);
                     self.end(p, End::Halt)?;
                     return Ok(false);
                 }
@@ -658,16 +662,20 @@ impl World {
                 record: Record::DeadLetter,
                 ..msg
             }),
-            Action::Halt => self.halt(p),
+            Action::Halt => self.halt(p, true),
         }
     }
 
-    /// The sink halts: the producer is purged, nothing more is enqueued.
-    fn halt(&mut self, p: usize) {
+    /// The sink halts: nothing more is enqueued, and after a refusal the
+    /// broker reported, what the producer holds is purged.
+    fn halt(&mut self, p: usize, purge: bool) {
         self.coverage.halts += u64::from(!self.procs[p].halted);
         let proc = &mut self.procs[p];
         proc.halted = true;
-        proc.producer.purge();
+        proc.purge |= purge;
+        if proc.purge {
+            proc.producer.purge();
+        }
     }
 
     /// Lets librdkafka work for process `p`: a write or a report.
@@ -716,7 +724,7 @@ impl World {
             self.coverage.abandoned += 1;
         }
         session.state.end(&mut proc.ledger);
-        if proc.halted {
+        if proc.purge {
             proc.producer.purge();
         }
         // The drain times out after some of the work, often little of it.
