@@ -7,11 +7,9 @@ use std::fmt;
 use std::io::{self, Write};
 use std::time::Duration;
 
-use crate::checkpoint::Checkpoint;
 use crate::config::RunConfig;
 use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, VALUE_COLUMN};
 use crate::metrics::Metrics;
-use crate::pg::conn::Feedback;
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, PublicationState, Restriction};
 use crate::sink::{Sink, SinkError, producer_config};
@@ -363,13 +361,7 @@ async fn kafka_finding(config: &RunConfig) -> Finding {
         Ok(c) => c,
         Err(e) => return Finding::problem("kafka", e.to_string(), "fix --kafka-property"),
     };
-    let sink = match Sink::new(
-        &producer,
-        Checkpoint::new(Lsn::ZERO),
-        Feedback::new(Lsn::ZERO),
-        Metrics::new(),
-        None,
-    ) {
+    let sink = match Sink::new(&producer, Lsn::ZERO, Metrics::new(), None) {
         Ok(sink) => sink,
         Err(e) => return Finding::problem("kafka", e.to_string(), "fix --kafka-property"),
     };

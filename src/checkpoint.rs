@@ -14,18 +14,36 @@
 //! Each transaction is counted, not listed: its events add up in a signed
 //! counter, so an acknowledgement may arrive before the commit has been seen
 //! (the counter then dips below zero) without any per-event bookkeeping.
-use std::collections::VecDeque;
+//!
+//! Identities are never reused (DESIGN.md, invariant 9). A session that ends
+//! inside a transaction abandons it, and the next session replays it under a
+//! new [`TxnId`]; the first copy's events may still be acknowledged (or
+//! refused) long after, and those reports must not count toward the replay,
+//! or the watermark would pass replayed events nobody acknowledged. So IDs
+//! come from a counter that only grows, each pending entry carries its own,
+//! and a report for an ID that is not pending is ignored for good.
+//!
+//! Only transactions with events take an entry. A transaction without any
+//! (on PostgreSQL 14 every transaction of the database arrives as an empty
+//! Begin/Commit) only moves the position that may be confirmed: it raises the
+//! end of the last pending entry, or is confirmed at once when nothing is
+//! pending. Memory is therefore bounded by the events in flight, not by the
+//! database's traffic.
+use std::collections::{BTreeSet, VecDeque};
 
 use crate::pg::lsn::Lsn;
 
 /// Names a transaction in the watermark; carried with each produced event.
+/// Never reused within a process.
 pub type TxnId = u64;
 
 #[derive(Debug, Clone)]
 struct Pending {
+    /// Its identity, unique for the life of the process.
+    id: TxnId,
     /// Events sent minus events acknowledged (sent is added at commit).
     outstanding: i64,
-    /// Set at commit.
+    /// Set at commit; raised by empty transactions that commit after it.
     end_lsn: Option<Lsn>,
     /// Commit time, microseconds since 2000-01-01 UTC.
     commit_ts: i64,
@@ -38,7 +56,7 @@ struct Pending {
 pub struct Advance {
     /// The new confirmed position, when it moved.
     pub confirmed: Option<Lsn>,
-    /// Transactions completed by this step.
+    /// Transactions with events completed by this step.
     pub completed: u64,
     /// The commit time of the newest of them (PostgreSQL microseconds).
     pub last_commit_ts: Option<i64>,
@@ -49,16 +67,21 @@ pub struct Advance {
 pub struct Ack {
     /// The watermark's movement.
     pub advance: Advance,
-    /// The acknowledged event's commit time (PostgreSQL microseconds), when known.
+    /// The acknowledged event's commit time (PostgreSQL microseconds), when
+    /// it belongs to a pending transaction.
     pub commit_ts: Option<i64>,
 }
 
 /// The in-flight transactions and the confirmed position.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// Pending transactions in commit order; their IDs increase front to back.
     pending: VecDeque<Pending>,
-    /// The ID of `pending[0]`.
-    first_id: TxnId,
+    /// The ID the next transaction gets.
+    next_id: TxnId,
+    /// Transactions abandoned by a session that ended inside them (one per
+    /// such reconnect, so this stays tiny).
+    abandoned: BTreeSet<TxnId>,
     confirmed: Lsn,
 }
 
@@ -67,7 +90,8 @@ impl Checkpoint {
     pub fn new(confirmed: Lsn) -> Self {
         Checkpoint {
             pending: VecDeque::new(),
-            first_id: 0,
+            next_id: 0,
+            abandoned: BTreeSet::new(),
             confirmed,
         }
     }
@@ -77,31 +101,27 @@ impl Checkpoint {
         self.confirmed
     }
 
-    /// Transactions begun and not yet confirmed.
+    /// Transactions with events begun and not yet confirmed.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
 
-    /// Whether transaction `id` and every one before it are fully
-    /// acknowledged: committed, every event (dead-letter records in place of
-    /// refused ones included) acknowledged, no longer pending.
-    pub fn completed(&self, id: TxnId) -> bool {
-        id < self.first_id
-    }
-
-    /// A transaction began; its events carry the returned ID.
+    /// A transaction with events began; its events carry the returned ID.
     pub fn begin(&mut self, commit_ts: i64) -> TxnId {
+        let id = self.next_id;
+        self.next_id += 1;
         self.pending.push_back(Pending {
+            id,
             outstanding: 0,
             end_lsn: None,
             commit_ts,
             poisoned: false,
         });
-        self.first_id + self.pending.len() as u64 - 1
+        id
     }
 
     /// Transaction `id` committed at `end_lsn` after `sent` events were handed
-    /// to the producer. Returns the new confirmed position if it moved.
+    /// to the producer.
     pub fn commit(&mut self, id: TxnId, sent: u64, end_lsn: Lsn) -> Advance {
         let Some(pending) = self.get(id) else {
             return Advance::default();
@@ -111,10 +131,30 @@ impl Checkpoint {
         self.advance()
     }
 
-    /// One event of transaction `id` was acknowledged by the broker.
+    /// A transaction without events committed at `end_lsn`: once everything
+    /// before it is confirmed, so is it. It takes no entry of its own.
+    pub fn commit_empty(&mut self, end_lsn: Lsn) -> Advance {
+        match self.pending.back_mut() {
+            None => self.raise(end_lsn),
+            Some(Pending {
+                end_lsn: Some(end), ..
+            }) => {
+                *end = (*end).max(end_lsn);
+                Advance::default()
+            }
+            // The last one is still open (never the case for a replication
+            // stream, which sends transactions whole): queue a done entry.
+            Some(Pending { end_lsn: None, .. }) => {
+                let id = self.begin(0);
+                self.commit(id, 0, end_lsn)
+            }
+        }
+    }
+
+    /// One event of transaction `id` was acknowledged by the broker. The
+    /// acknowledgement of an abandoned (or unknown) transaction is ignored.
     pub fn acked(&mut self, id: TxnId) -> Ack {
         let Some(pending) = self.get(id) else {
-            // A transaction abandoned by a reconnect: it is being replayed.
             return Ack {
                 advance: Advance::default(),
                 commit_ts: None,
@@ -136,27 +176,63 @@ impl Checkpoint {
         }
     }
 
-    /// The replication session ended inside a transaction: forget it (the
-    /// next session replays it whole). Acknowledgements of its events that
-    /// arrive later are ignored.
-    pub fn abandon_open(&mut self) {
-        if self.pending.back().is_some_and(|p| p.end_lsn.is_none()) {
-            self.pending.pop_back();
-        }
+    /// Whether transaction `id` is pending: begun, neither completed nor abandoned.
+    pub fn is_pending(&self, id: TxnId) -> bool {
+        self.index(id).is_some()
+    }
+
+    /// Whether transaction `id`, and every transaction before it, is no
+    /// longer pending, and `id` completed (was not abandoned): every one of
+    /// its events was acknowledged and its end may be confirmed.
+    pub fn completed(&self, id: TxnId) -> bool {
+        id < self.next_id
+            && !self.abandoned.contains(&id)
+            && self.pending.front().is_none_or(|p| p.id > id)
+    }
+
+    /// The replication session ended inside transaction `id`: forget it (the
+    /// next session replays it whole, under a new ID). Acknowledgements and
+    /// refusals of its events that arrive later are ignored.
+    pub fn abandon(&mut self, id: TxnId) -> Advance {
+        let Some(index) = self.index(id) else {
+            return Advance::default();
+        };
+        self.pending.remove(index);
+        self.abandoned.insert(id);
+        self.advance()
     }
 
     /// A keepalive outside any transaction reported the server's WAL end.
     /// With nothing in flight, everything before it is handled.
-    pub fn idle(&mut self, wal_end: Lsn) -> Option<Lsn> {
-        if self.pending.is_empty() && wal_end > self.confirmed {
-            self.confirmed = wal_end;
-            return Some(wal_end);
+    pub fn idle(&mut self, wal_end: Lsn) -> Advance {
+        if self.pending.is_empty() {
+            return self.raise(wal_end);
         }
-        None
+        Advance::default()
+    }
+
+    /// Everything before `lsn` is handled: with nothing pending (see
+    /// [`idle`](Self::idle) and [`commit_empty`](Self::commit_empty)), or
+    /// because the slot is confirmed there already (another instance moved
+    /// it while this one stood by), so that nothing less is ever reported.
+    /// Transactions still pending complete as before, without moving it back.
+    pub fn raise(&mut self, lsn: Lsn) -> Advance {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            return Advance {
+                confirmed: Some(lsn),
+                ..Advance::default()
+            };
+        }
+        Advance::default()
+    }
+
+    fn index(&self, id: TxnId) -> Option<usize> {
+        self.pending.binary_search_by_key(&id, |p| p.id).ok()
     }
 
     fn get(&mut self, id: TxnId) -> Option<&mut Pending> {
-        let index = usize::try_from(id.checked_sub(self.first_id)?).ok()?;
+        let index = self.index(id)?;
         self.pending.get_mut(index)
     }
 
@@ -170,7 +246,6 @@ impl Checkpoint {
                     advance.completed += 1;
                     advance.last_commit_ts = Some(front.commit_ts);
                     self.pending.pop_front();
-                    self.first_id += 1;
                 }
                 _ => break,
             }
@@ -238,10 +313,10 @@ mod tests {
         let mut c = Checkpoint::new(Lsn(0));
         let a = c.begin(0);
         c.commit(a, 1, Lsn(100));
-        assert_eq!(c.idle(Lsn(500)), None);
+        assert_eq!(c.idle(Lsn(500)).confirmed, None);
         assert_eq!(c.acked(a).advance.confirmed, Some(Lsn(100)));
-        assert_eq!(c.idle(Lsn(500)), Some(Lsn(500)));
-        assert_eq!(c.idle(Lsn(400)), None, "never backwards");
+        assert_eq!(c.idle(Lsn(500)).confirmed, Some(Lsn(500)));
+        assert_eq!(c.idle(Lsn(400)).confirmed, None, "never backwards");
         assert_eq!(c.confirmed(), Lsn(500));
     }
 
@@ -255,7 +330,7 @@ mod tests {
         let b = c.begin(0);
         let _ = c.commit(b, 0, Lsn(200));
         assert_eq!(c.confirmed(), Lsn(0));
-        assert_eq!(c.idle(Lsn(300)), None);
+        assert_eq!(c.idle(Lsn(300)).confirmed, None);
     }
 
     #[test]
@@ -263,14 +338,49 @@ mod tests {
         let mut c = Checkpoint::new(Lsn(0));
         let a = c.begin(0);
         c.commit(a, 1, Lsn(100));
+        // A session sends two events of a transaction, then ends before its
+        // commit: the transaction is abandoned, the next session replays it.
         let open = c.begin(0);
-        c.abandon_open();
-        // The replay of `open` in the next session gets a new ID.
+        c.abandon(open);
         let replay = c.begin(0);
-        assert_ne!(replay, open - 1);
+        assert_ne!(
+            replay, open,
+            "a replay must not reuse the abandoned copy's ID"
+        );
         assert_eq!(c.acked(a).advance.confirmed, Some(Lsn(100)));
-        assert_eq!(c.commit(replay, 1, Lsn(300)).confirmed, None);
+        assert_eq!(c.commit(replay, 2, Lsn(300)).confirmed, None);
+        // The first copy's acknowledgements arrive late: they must not count
+        // toward the replay, whose own events are still unacknowledged.
+        for _ in 0..2 {
+            assert_eq!(
+                c.acked(open).advance.confirmed,
+                None,
+                "a late ack of the abandoned copy counted"
+            );
+        }
+        assert_eq!(c.confirmed(), Lsn(100));
+        assert_eq!(c.acked(replay).advance.confirmed, None);
         assert_eq!(c.acked(replay).advance.confirmed, Some(Lsn(300)));
+    }
+
+    #[test]
+    fn completed_means_acknowledged_with_everything_before_it() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let a = c.begin(0);
+        let b = c.begin(0);
+        assert!(!c.completed(a) && !c.completed(b));
+        c.commit(b, 1, Lsn(200));
+        c.acked(b);
+        assert!(!c.completed(b), "a transaction before it is still pending");
+        c.acked(a);
+        assert!(!c.completed(a), "acknowledged but not committed");
+        c.commit(a, 1, Lsn(100));
+        assert!(c.completed(a) && c.completed(b));
+        // An abandoned transaction never completes; one never begun neither.
+        let open = c.begin(0);
+        c.abandon(open);
+        assert!(!c.completed(open));
+        assert!(!c.completed(open + 1));
     }
 
     /// One step of a simulated session.

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod confirm;
 pub mod demo;
 pub mod event;
 pub mod kafka_properties;

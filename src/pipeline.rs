@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Checkpoint, TxnId};
 use crate::config::{OnUnexpectedChange, RunConfig, SnapshotMode};
+use crate::confirm::SessionState;
 use crate::metrics::Metrics;
-use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
+use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
@@ -100,6 +100,12 @@ pub enum RunError {
     /// The initial snapshot could not be published.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The slot's position could not be read in time after streaming began.
+    #[error(
+        "reading the replication slot's confirmed position on the metadata connection took longer \
+         than {0:?} after the stream started; reconnecting"
+    )]
+    SlotPosition(Duration),
     /// An UPDATE, DELETE or TRUNCATE of the events table.
     #[error(
         "the append-only events table saw a {} in the transaction committed at {}; walrelay does not \
@@ -123,7 +129,8 @@ impl RunError {
             }
             RunError::Metadata(MetadataError::Timeout(_))
             | RunError::Setup(SetupError::Metadata(MetadataError::Timeout(_)))
-            | RunError::Sink(SinkError::Unreachable(_)) => true,
+            | RunError::Sink(SinkError::Unreachable(_))
+            | RunError::SlotPosition(_) => true,
             _ => false,
         }
     }
@@ -210,8 +217,7 @@ pub async fn run(
     Metrics::set_lsn(&metrics.confirmed_lsn, confirmed);
     let sink = Sink::new(
         &producer_config,
-        Checkpoint::new(confirmed),
-        Feedback::new(confirmed),
+        confirmed,
         metrics.clone(),
         config.dead_letter_topic.clone(),
     )?;
@@ -282,7 +288,6 @@ async fn stream(
             metrics,
             shutdown,
             known_topics: &mut known_topics,
-            open: None,
         };
         let started = tokio::time::Instant::now();
         let result = session.run().await;
@@ -433,8 +438,6 @@ struct Session<'a> {
     metrics: &'a Metrics,
     shutdown: &'a CancellationToken,
     known_topics: &'a mut HashSet<String>,
-    /// The transaction being received, with the events sent of it so far.
-    open: Option<(TxnId, u64)>,
 }
 
 /// What the session loop does after a step.
@@ -451,15 +454,24 @@ impl Session<'_> {
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
         let publications = conn::quote_ident(&self.config.publication);
-        let mut stream = repl
+        let started = repl
             .start_logical(
                 &self.config.slot,
                 Lsn::ZERO,
                 &[("proto_version", "1"), ("publication_names", &publications)],
-                self.sink.feedback().clone(),
-                interval,
             )
             .await?;
+        // The slot is held now, so nobody else moves it: where it stands is
+        // where the server resumes, and the least any status update may say
+        // (a standby that takes over would otherwise report the position it
+        // read when it started, moving the slot back). Bounded, so that the
+        // first status update still goes out before wal_sender_timeout.
+        let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed())
+            .await
+            .map_err(|_| RunError::SlotPosition(interval))??;
+        let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
+        self.sink.observe(advance);
+        let mut stream = started.report(self.sink.feedback().clone(), interval);
         self.metrics.health().set_streaming(true);
         self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
@@ -482,23 +494,28 @@ impl Session<'_> {
                     seq_nr,
                     commit_lsn,
                     reason,
-                })) => match self.poison_row(aggregate, seq_nr, commit_lsn, reason).await {
+                })) => match self
+                    .poison_row(&mut state, aggregate, seq_nr, commit_lsn, reason)
+                    .await
+                {
                     Ok(()) => continue,
                     Err(e) => break Err(e),
                 },
                 Ok(Err(e)) => break Err(e.into()),
                 Err(e) => break Err(e.into()),
             };
-            match self.handle(step).await {
+            match self.handle(&mut state, step).await {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stop) => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
         self.metrics.health().set_streaming(false);
-        if self.open.is_some() {
-            self.sink.abandon_open();
-        }
+        let advance = state.end(&mut self.sink.ledger());
+        self.sink.observe(advance);
+        // Nothing behind an event the broker refused may reach it before
+        // that event: the drain below must not deliver what is still held.
+        self.sink.purge().await;
         // Wait for the acknowledgements of what was sent, so that the final
         // status update confirms as much as possible: all of it on shutdown;
         // up to a refused event (which the watermark never passes) on error.
@@ -520,42 +537,65 @@ impl Session<'_> {
             .await
             .unwrap_or(Ok(()));
         tracing::info!(confirmed = %confirmed, "replication connection closed");
-        result?;
+        match (result, self.sink.failure()) {
+            // The refusal that names an event, if one came by now.
+            (Err(RunError::Publish(_) | RunError::Sink(SinkError::Publish(_))), Some(failure)) => {
+                return Err(RunError::Publish(Box::new(failure)));
+            }
+            (result, _) => result?,
+        }
         closed.map_err(RunError::from)
     }
 
+    /// The slot's confirmed position, read on the metadata connection.
+    async fn slot_confirmed(&self) -> Result<Lsn, RunError> {
+        let client = metadata::connect(&self.config.postgres).await?;
+        let state = slot::inspect(&client, &self.config.slot).await?;
+        Ok(state
+            .and_then(|s| s.confirmed_flush_lsn)
+            .unwrap_or(Lsn::ZERO))
+    }
+
     /// Acts on one step of the source.
-    async fn handle(&mut self, step: Step) -> Result<Flow, RunError> {
+    async fn handle(&mut self, state: &mut SessionState, step: Step) -> Result<Flow, RunError> {
         match step {
-            Step::Begin { commit_ts, .. } => self.open = Some((self.sink.begin(commit_ts), 0)),
+            Step::Begin { commit_ts, .. } => {
+                let advance = state.begin(&mut self.sink.ledger(), commit_ts);
+                self.sink.observe(advance);
+            }
             Step::Event(event) => {
-                let Some((txn, _)) = self.open else {
+                if !state.in_transaction() {
                     return Err(SourceError::Order("event outside a transaction").into());
-                };
+                }
                 if !self.known_topics.contains(&event.topic) {
                     if !ensure_topic(self.sink, &event.topic, self.metrics, self.shutdown).await? {
                         return Ok(Flow::Stop);
                     }
                     self.known_topics.insert(event.topic.clone());
                 }
+                // The ledger is locked only for a transaction's first event.
+                let txn = match state.open_txn() {
+                    Some(txn) => txn,
+                    None => state
+                        .event(&mut self.sink.ledger())
+                        .ok_or(SourceError::Order("event outside a transaction"))?,
+                };
                 tokio::select! {
                     biased;
                     () = self.shutdown.cancelled() => return Ok(Flow::Stop),
                     // Waits while the producer queue is full: backpressure.
                     sent = self.sink.send(txn, &event) => sent?,
                 }
-                if let Some((_, sent)) = self.open.as_mut() {
-                    *sent += 1;
-                }
+                state.sent();
             }
             Step::Commit { end_lsn, .. } => {
-                if let Some((txn, sent)) = self.open.take() {
-                    self.sink.commit(txn, sent, end_lsn);
-                }
+                let advance = state.commit(&mut self.sink.ledger(), end_lsn);
+                self.sink.observe(advance);
                 self.received(end_lsn);
             }
             Step::Idle { wal_end } => {
-                self.sink.idle(wal_end);
+                let advance = state.keepalive(&mut self.sink.ledger(), wal_end);
+                self.sink.observe(advance);
                 self.received(wal_end);
                 let lag = wal_end.bytes_since(self.sink.confirmed());
                 self.metrics
@@ -583,6 +623,7 @@ impl Session<'_> {
     /// the run or a record on the dead-letter topic in its place.
     async fn poison_row(
         &mut self,
+        state: &mut SessionState,
         aggregate: Option<String>,
         seq_nr: String,
         commit_lsn: Lsn,
@@ -592,8 +633,11 @@ impl Session<'_> {
             .publish_errors
             .with_label_values(&["invalid_row"])
             .inc();
-        let (Some(_), Some((txn, sent))) = (&self.config.dead_letter_topic, self.open.as_mut())
-        else {
+        let txn = match &self.config.dead_letter_topic {
+            Some(_) => state.event(&mut self.sink.ledger()),
+            None => None,
+        };
+        let Some(txn) = txn else {
             let row = SourceError::Row {
                 aggregate,
                 seq_nr,
@@ -612,9 +656,8 @@ impl Session<'_> {
         );
         tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
             reason = %failure.reason, "row cannot be published; sending it to the dead-letter topic");
-        let txn = *txn;
-        *sent += 1;
         self.sink.dead_letter(txn, &failure).await?;
+        state.sent();
         Ok(())
     }
 

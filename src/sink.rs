@@ -2,10 +2,12 @@
 //! watermark they move.
 //!
 //! Events are produced with the transaction's [`TxnId`] as the delivery
-//! opaque. The delivery callback, on librdkafka's polling thread, counts the
-//! acknowledgement in the [`Checkpoint`] and, when the watermark moves, hands
-//! the new position to the replication connection's [`Feedback`], whose own
-//! task reports it to PostgreSQL.
+//! opaque. The delivery callback, on librdkafka's polling thread, turns each
+//! report into a [`Report`] for the [`Ledger`] (the confirm path's logic,
+//! shared with the replication session and free of librdkafka), which moves
+//! the watermark and hands the new position to the replication connection's
+//! [`Feedback`]; its own task reports it to PostgreSQL. The sink carries out
+//! what the ledger decides: metrics, a dead-letter record, or a halt.
 //!
 //! Errors are sorted on purpose:
 //! - a full producer queue is backpressure: [`Sink::send`] waits for room, and
@@ -16,19 +18,41 @@
 //! - an event the broker refuses for good (too large, not authorised, ...)
 //!   or a fatal producer error poisons its transaction: the watermark never
 //!   passes it, and the pipeline stops with a [`PublishFailure`] naming the
-//!   aggregate, `seq_nr` and LSN.
-use std::sync::{Arc, Mutex, PoisonError};
+//!   aggregate, `seq_nr` and LSN (`--on-poison halt`), or a dead-letter
+//!   record takes its place (`--on-poison dead-letter`).
+//!
+//! Halting keeps the first deliveries of an aggregate in `seq_nr` order: what
+//! follows a refused event in its partition must not reach the broker before
+//! it. In halt mode the producer runs with `enable.gapless.guarantee=true`,
+//! which makes librdkafka raise a fatal error inside the broker thread that
+//! handles the refusal, so that no further produce request leaves (with
+//! plain idempotence it would bump the epoch and send the rest at once).
+//! On top, the first refusal the broker reports purges the producer's queues
+//! (queued and in flight, `rd_kafka_purge`) from a task of its own, the
+//! session purges again before its last drain, and nothing is enqueued once
+//! halted. (An event the producer refuses when it is handed over has nothing
+//! behind it: what was queued before it is delivered and confirmed.) Purged records
+//! fail with `__PURGE_QUEUE`/`__PURGE_INFLIGHT` and never count as
+//! acknowledged. What purging cannot undo: a request already on the wire when
+//! the refusal came back. A broker that checks idempotent sequence numbers
+//! (every real Kafka) rejects the batches behind the gap; one that does not
+//! (librdkafka's mock cluster) may write them.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::Notify;
 
-use crate::checkpoint::{Advance, Checkpoint, TxnId};
+use crate::checkpoint::TxnId;
+use crate::confirm::{Action, Advance, Ledger, OnRefusal, Record, Report};
 use crate::event::{Event, LSN_HEADER, SEQ_NR_COLUMN};
 use crate::kafka_properties::KafkaProperties;
 use crate::metrics::Metrics;
@@ -51,6 +75,10 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.kbytes", "32768"),
     ("client.id", "walrelay"),
 ];
+
+/// librdkafka's switch that turns a refused batch into a fatal error raised
+/// in the broker thread, so that nothing behind it is sent (halt mode).
+const GAPLESS: &str = "enable.gapless.guarantee";
 
 /// The producer cannot be configured as asked.
 #[derive(Debug, thiserror::Error)]
@@ -83,53 +111,7 @@ pub fn producer_config(
     Ok(config)
 }
 
-/// Why an event was not published.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishFailure {
-    /// The aggregate (the key's text).
-    pub aggregate: String,
-    /// The `seq_nr` header, or `?`.
-    pub seq_nr: String,
-    /// The commit LSN (the `lsn` header), or `?`.
-    pub lsn: String,
-    /// The topic.
-    pub topic: String,
-    /// The metric label: `refused`, `timed_out` or `fatal`.
-    pub kind: &'static str,
-    /// The broker's or producer's error.
-    pub reason: String,
-}
-
-impl PublishFailure {
-    /// A row of `topic` (the template) that cannot become an event, in the
-    /// transaction committed at `commit_lsn`.
-    pub fn invalid_row(
-        aggregate: Option<String>,
-        seq_nr: String,
-        commit_lsn: Lsn,
-        topic: String,
-        reason: &crate::event::RowError,
-    ) -> Self {
-        PublishFailure {
-            aggregate: aggregate.unwrap_or_else(|| "?".to_owned()),
-            seq_nr,
-            lsn: commit_lsn.to_string(),
-            topic,
-            kind: "invalid_row",
-            reason: reason.to_string(),
-        }
-    }
-}
-
-impl std::fmt::Display for PublishFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the event of aggregate {:?} seq_nr {} (transaction {}) could not be published to topic {:?}: {}",
-            self.aggregate, self.seq_nr, self.lsn, self.topic, self.reason
-        )
-    }
-}
+pub use crate::confirm::PublishFailure;
 
 /// The producer failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,11 +142,19 @@ pub enum SinkError {
 
 /// State shared with the delivery callback.
 struct Shared {
-    checkpoint: Mutex<Checkpoint>,
+    ledger: Mutex<Ledger>,
+    /// The ledger's feedback, to read without the lock.
     feedback: Feedback,
     metrics: Metrics,
-    failure: Mutex<Option<PublishFailure>>,
+    /// Set on the first failure that halts: nothing is enqueued any more.
+    halted: AtomicBool,
+    /// Set when a refusal came from the broker (or the producer failed):
+    /// what the producer still holds may be behind it, and is purged.
+    purge_wanted: AtomicBool,
+    /// Wakes [`Sink::failed`].
     failed: Notify,
+    /// Wakes the task that purges the producer on a halt.
+    purge: Notify,
     room: Notify,
     /// `--dead-letter-topic` with `--on-poison dead-letter`.
     dead_letter_topic: Option<String>,
@@ -173,17 +163,16 @@ struct Shared {
 }
 
 impl Shared {
-    fn checkpoint(&self) -> std::sync::MutexGuard<'_, Checkpoint> {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         // A panic while holding the lock cannot leave the counters half-updated
         // in a way that confirms too much: every update is one field at a time.
-        self.checkpoint
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn apply(&self, advance: Advance) {
+    /// The metrics of a watermark movement (the ledger already reported it
+    /// to the feedback).
+    fn observe(&self, advance: Advance) {
         if let Some(lsn) = advance.confirmed {
-            self.feedback.confirm(lsn);
             Metrics::set_lsn(&self.metrics.confirmed_lsn, lsn);
         }
         if advance.completed > 0 {
@@ -197,19 +186,82 @@ impl Shared {
         }
     }
 
-    fn fail(&self, failure: PublishFailure) {
-        tracing::error!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
-            topic = %failure.topic, reason = %failure.reason, "event refused; the slot is not confirmed past it");
+    /// A delivery report of a record of size `size` for transaction `txn`.
+    fn delivered(&self, txn: TxnId, record: Record, report: Report, size: u64) {
+        match (&report, record) {
+            (Report::Acked, Record::Event) => {
+                self.metrics.events_published.inc();
+                self.metrics.bytes_published.inc_by(size);
+            }
+            (Report::Acked, Record::DeadLetter) => self.metrics.dead_lettered.inc(),
+            (Report::Refused(failure), _) => self.count(failure),
+            (Report::Purged, _) => {}
+        }
+        let refusal = match &report {
+            Report::Refused(failure) => Some(failure.clone()),
+            _ => None,
+        };
+        let delivered = self.ledger().delivered(txn, record, report);
+        if let Some(failure) = refusal {
+            log_refusal(&failure, &delivered.action);
+        }
+        self.observe(delivered.advance);
+        if let Some(ts) = delivered.commit_ts {
+            let committed = crate::pg::pgoutput::pg_timestamp_to_system_time(ts);
+            let latency = SystemTime::now()
+                .duration_since(committed)
+                .unwrap_or_default();
+            self.metrics.commit_to_ack.observe(latency.as_secs_f64());
+        }
+        self.act(txn, delivered.action);
+    }
+
+    fn count(&self, failure: &PublishFailure) {
         self.metrics
             .publish_errors
             .with_label_values(&[failure.kind])
             .inc();
-        let mut slot = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some(failure);
+    }
+
+    /// Carries out what the ledger decided about a refused record of `txn`.
+    fn act(&self, txn: TxnId, action: Action) {
+        match action {
+            Action::Nothing => {}
+            Action::DeadLetter(failure) => {
+                if let Some(queue) = &self.dead_letters {
+                    // The dead-letter record takes the event's place in its
+                    // transaction: its acknowledgement completes it.
+                    let _ = queue.send((txn, failure));
+                }
+            }
+            Action::Halt => self.halt(true),
         }
-        drop(slot);
+    }
+
+    /// Stops everything after a failure the ledger recorded. With `purge`
+    /// (a refusal the broker reported, a failed producer), what the
+    /// producer still holds may be queued behind the refused event and is
+    /// purged; a refusal at hand-over has nothing behind it, and what is
+    /// queued before it is still delivered and confirmed.
+    fn halt(&self, purge: bool) {
+        self.halted.store(true, Ordering::Release);
+        if purge && !self.purge_wanted.swap(true, Ordering::AcqRel) {
+            self.purge.notify_one();
+        }
         self.failed.notify_one();
+        self.room.notify_waiters();
+    }
+
+    /// A failure of walrelay's own (a record the producer would not take, a
+    /// dead-letter record that failed): the ledger decides, the sink acts.
+    fn refused(&self, txn: TxnId, record: Record, failure: &PublishFailure) -> Action {
+        self.count(failure);
+        let action = self.ledger().refused(txn, record, failure.clone());
+        log_refusal(failure, &action);
+        if action == Action::Halt {
+            self.halt(false);
+        }
+        action
     }
 }
 
@@ -235,15 +287,28 @@ impl ClientContext for SinkContext {
         if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.0.metrics.health().set_broker_up(false);
         }
-        if code == Some(RDKafkaErrorCode::Fatal) {
-            self.0.fail(PublishFailure {
+        // librdkafka reports a fatal error by its cause (the gap-less
+        // guarantee, a fenced producer, ...) as well as by __FATAL.
+        if matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::GaplessGuarantee
+                    | RDKafkaErrorCode::Fenced
+            )
+        ) {
+            let failure = PublishFailure {
                 aggregate: "?".into(),
                 seq_nr: "?".into(),
                 lsn: "?".into(),
                 topic: "?".into(),
                 kind: "fatal",
                 reason: format!("fatal producer error: {reason}"),
-            });
+            };
+            tracing::error!(reason = %failure.reason, "the Kafka producer failed");
+            self.0.count(&failure);
+            let action = self.0.ledger().fatal(failure);
+            self.0.act(0, action);
         } else {
             tracing::warn!(error = %error, "kafka: {reason}");
         }
@@ -258,73 +323,80 @@ impl ProducerContext for SinkContext {
         shared.metrics.inflight_events.dec();
         shared.room.notify_one();
         let txn = txn as TxnId;
-        match result {
-            Ok(message) => {
+        let message = match result {
+            Ok(message) | Err((_, message)) => message,
+        };
+        let record = if shared.dead_letter_topic.as_deref() == Some(message.topic()) {
+            Record::DeadLetter
+        } else {
+            Record::Event
+        };
+        let report = match result {
+            Ok(_) => {
                 shared.metrics.health().set_broker_up(true);
-                let ack = shared.checkpoint().acked(txn);
-                if shared.dead_letter_topic.as_deref() == Some(message.topic()) {
-                    shared.metrics.dead_lettered.inc();
-                } else {
-                    shared.metrics.events_published.inc();
-                    shared.metrics.bytes_published.inc_by(message_size(message));
-                }
-                if let Some(ts) = ack.commit_ts {
-                    let committed = crate::pg::pgoutput::pg_timestamp_to_system_time(ts);
-                    let latency = SystemTime::now()
-                        .duration_since(committed)
-                        .unwrap_or_default();
-                    shared.metrics.commit_to_ack.observe(latency.as_secs_f64());
-                }
-                shared.apply(ack.advance);
+                Report::Acked
             }
-            Err((error, message)) => {
-                let header = |name: &str| {
-                    message
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == name))
-                        .and_then(|h| h.value)
-                        .map_or_else(
-                            || "?".to_owned(),
-                            |v| String::from_utf8_lossy(v).into_owned(),
-                        )
-                };
-                let kind = match error.rdkafka_error_code() {
-                    Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
-                    Some(RDKafkaErrorCode::Fatal) => "fatal",
-                    _ => "refused",
-                };
-                let failure = PublishFailure {
-                    aggregate: message.key().map_or_else(
-                        || "?".to_owned(),
-                        |k| String::from_utf8_lossy(k).into_owned(),
-                    ),
-                    seq_nr: header(SEQ_NR_COLUMN),
-                    lsn: header(LSN_HEADER),
-                    topic: message.topic().to_owned(),
-                    kind,
-                    reason: error.to_string(),
-                };
-                let to_dead_letter = shared
-                    .dead_letter_topic
-                    .as_deref()
-                    .is_some_and(|t| t != message.topic());
-                if let Some(queue) = shared.dead_letters.as_ref().filter(|_| to_dead_letter) {
-                    // The dead-letter record takes the event's place in its
-                    // transaction: its acknowledgement completes it.
-                    shared
-                        .metrics
-                        .publish_errors
-                        .with_label_values(&[failure.kind])
-                        .inc();
-                    tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
-                        reason = %failure.reason, "event refused; sending it to the dead-letter topic");
-                    let _ = queue.send((txn, failure));
-                } else {
-                    shared.checkpoint().poison(txn);
-                    shared.fail(failure);
+            Err((error, _)) => match error.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
+                    Report::Purged
                 }
-            }
-        }
+                code => Report::Refused(refusal(error, code, message)),
+            },
+        };
+        shared.delivered(txn, record, report, message_size(message));
+    }
+}
+
+/// Logs a refusal with what walrelay does about it.
+fn log_refusal(failure: &PublishFailure, action: &Action) {
+    let PublishFailure {
+        aggregate,
+        seq_nr,
+        lsn,
+        topic,
+        reason,
+        ..
+    } = failure;
+    match action {
+        Action::Halt => tracing::error!(%aggregate, %seq_nr, %lsn, %topic, %reason,
+            "event refused; halting, the slot is not confirmed past it"),
+        Action::DeadLetter(_) => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
+            "event refused; sending it to the dead-letter topic"),
+        Action::Nothing => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
+            "event of a transaction abandoned by a reconnect refused; its replay is handled like any event"),
+    }
+}
+
+/// Describes the refused `message` by the headers walrelay gave it.
+fn refusal(
+    error: &KafkaError,
+    code: Option<RDKafkaErrorCode>,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> PublishFailure {
+    let header = |name: &str| {
+        message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == name))
+            .and_then(|h| h.value)
+            .map_or_else(
+                || "?".to_owned(),
+                |v| String::from_utf8_lossy(v).into_owned(),
+            )
+    };
+    PublishFailure {
+        aggregate: message.key().map_or_else(
+            || "?".to_owned(),
+            |k| String::from_utf8_lossy(k).into_owned(),
+        ),
+        seq_nr: header(SEQ_NR_COLUMN),
+        lsn: header(LSN_HEADER),
+        topic: message.topic().to_owned(),
+        kind: match code {
+            Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
+            Some(RDKafkaErrorCode::Fatal) => "fatal",
+            _ => "refused",
+        },
+        reason: error.to_string(),
     }
 }
 
@@ -339,41 +411,74 @@ fn message_size(message: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
     size as u64
 }
 
+/// Purges what the producer holds, queued and in flight; the purged records'
+/// reports (`__PURGE_*`) follow on the polling thread.
+fn purge_producer(producer: &ThreadedProducer<SinkContext>) {
+    let held = producer.in_flight_count();
+    producer.purge(PurgeConfig::default().queue().inflight());
+    if held > 0 {
+        tracing::warn!(
+            records = held,
+            "halted: purged the records the producer still held, so that nothing behind the refused event is delivered before it"
+        );
+    }
+}
+
 /// The Kafka producer with its watermark.
 pub struct Sink {
-    producer: ThreadedProducer<SinkContext>,
+    producer: Arc<ThreadedProducer<SinkContext>>,
     shared: Arc<Shared>,
 }
 
 impl Sink {
-    /// Creates the producer. `checkpoint` starts at the slot's confirmed position.
-    /// With `dead_letter_topic`, events refused for good go there instead of
-    /// stopping walrelay (`--on-poison dead-letter`).
+    /// Creates the producer; the watermark starts at `confirmed`, the slot's
+    /// position. With `dead_letter_topic`, events refused for good go there
+    /// instead of stopping walrelay (`--on-poison dead-letter`); without, the
+    /// producer runs with `enable.gapless.guarantee=true` unless told
+    /// otherwise.
     pub fn new(
         config: &ClientConfig,
-        checkpoint: Checkpoint,
-        feedback: Feedback,
+        confirmed: Lsn,
         metrics: Metrics,
         dead_letter_topic: Option<String>,
     ) -> Result<Self, SinkError> {
         let (queue, refused) = tokio::sync::mpsc::unbounded_channel();
+        let on_refusal = if dead_letter_topic.is_some() {
+            OnRefusal::DeadLetter
+        } else {
+            OnRefusal::Halt
+        };
+        let feedback = Feedback::new(confirmed);
         let shared = Arc::new(Shared {
-            checkpoint: Mutex::new(checkpoint),
+            ledger: Mutex::new(Ledger::new(confirmed, feedback.clone(), on_refusal)),
             feedback,
             metrics,
-            failure: Mutex::new(None),
+            halted: AtomicBool::new(false),
+            purge_wanted: AtomicBool::new(false),
             failed: Notify::new(),
+            purge: Notify::new(),
             room: Notify::new(),
             dead_letters: dead_letter_topic.as_ref().map(|_| queue),
             dead_letter_topic,
         });
+        let mut config = config.clone();
+        if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
+            config.set(GAPLESS, "true");
+        }
         let producer: ThreadedProducer<SinkContext> = config
             .create_with_context(SinkContext(Arc::clone(&shared)))
             .map_err(SinkError::Create)?;
-        let sink = Sink { producer, shared };
+        let sink = Sink {
+            producer: Arc::new(producer),
+            shared,
+        };
+        tokio::spawn(purge_on_halt(
+            Arc::downgrade(&sink.producer),
+            Arc::clone(&sink.shared),
+        ));
         if sink.shared.dead_letter_topic.is_some() {
             let forwarder = Sink {
-                producer: sink.producer.clone(),
+                producer: Arc::clone(&sink.producer),
                 shared: Arc::clone(&sink.shared),
             };
             tokio::spawn(forwarder.forward_dead_letters(refused));
@@ -398,8 +503,7 @@ impl Sink {
     /// stops walrelay instead.
     pub async fn dead_letter(&self, txn: TxnId, failure: &PublishFailure) -> Result<(), SinkError> {
         let Some(topic) = self.shared.dead_letter_topic.clone() else {
-            self.shared.checkpoint().poison(txn);
-            self.shared.fail(failure.clone());
+            self.shared.refused(txn, Record::DeadLetter, failure);
             return Err(SinkError::Publish(Box::new(failure.clone())));
         };
         let value = serde_json::json!({
@@ -433,19 +537,22 @@ impl Sink {
                 ),
                 ..failure.clone()
             };
-            self.shared.checkpoint().poison(txn);
-            self.shared.fail(lost.clone());
+            self.shared.refused(txn, Record::DeadLetter, &lost);
             SinkError::Publish(Box::new(lost))
         })
     }
 
     /// Hands `record` to the producer, waiting while its queue is full (the
     /// backpressure that stops the replication stream from being read).
+    /// Once halted, nothing more is taken.
     async fn enqueue(
         &self,
         mut record: BaseRecord<'_, [u8], [u8], usize>,
     ) -> Result<(), KafkaError> {
         loop {
+            if self.shared.halted.load(Ordering::Acquire) {
+                return Err(KafkaError::Canceled);
+            }
             match self.producer.send(record) {
                 Ok(()) => {
                     self.shared.metrics.inflight_events.inc();
@@ -466,42 +573,39 @@ impl Sink {
         }
     }
 
-    /// A transaction began.
+    /// The confirm path's state, locked: for the replication session's
+    /// [`SessionState`](crate::confirm::SessionState) steps. Pass what a step
+    /// returns to [`observe`](Self::observe).
+    pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.shared.ledger()
+    }
+
+    /// Records the metrics of a watermark movement.
+    pub fn observe(&self, advance: Advance) {
+        self.shared.observe(advance);
+    }
+
+    /// A transaction with events began outside a replication session (the
+    /// initial snapshot); its records carry the returned ID.
     pub fn begin(&self, commit_ts: i64) -> TxnId {
-        self.shared.checkpoint().begin(commit_ts)
+        self.shared.ledger().begin(commit_ts)
     }
 
     /// Transaction `txn` committed at `end_lsn` with `sent` events produced.
     pub fn commit(&self, txn: TxnId, sent: u64, end_lsn: Lsn) {
-        let advance = self.shared.checkpoint().commit(txn, sent, end_lsn);
-        self.shared.apply(advance);
+        let advance = self.shared.ledger().commit(txn, sent, end_lsn);
+        self.shared.observe(advance);
     }
 
-    /// A keepalive outside a transaction reported the server's WAL end.
-    pub fn idle(&self, wal_end: Lsn) {
-        let advance = self.shared.checkpoint().idle(wal_end);
-        if let Some(lsn) = advance {
-            self.shared.apply(Advance {
-                confirmed: Some(lsn),
-                ..Advance::default()
-            });
-        }
-    }
-
-    /// The replication session ended mid-transaction; the next one replays it.
-    pub fn abandon_open(&self) {
-        self.shared.checkpoint().abandon_open();
-    }
-
-    /// Whether transaction `txn` and every one before it are fully
-    /// acknowledged (see [`Checkpoint::completed`]).
+    /// Whether transaction `txn` and every one before it is fully
+    /// acknowledged (dead-letter records included) and confirmed.
     pub fn completed(&self, txn: TxnId) -> bool {
-        self.shared.checkpoint().completed(txn)
+        self.shared.ledger().completed(txn)
     }
 
     /// The confirmed position.
     pub fn confirmed(&self) -> Lsn {
-        self.shared.checkpoint().confirmed()
+        self.shared.feedback.confirmed()
     }
 
     /// The positions reported to PostgreSQL.
@@ -509,16 +613,13 @@ impl Sink {
         &self.shared.feedback
     }
 
-    /// The first event refused for good, if any.
+    /// The failure that halts the run, if any.
     pub fn failure(&self) -> Option<PublishFailure> {
-        self.shared
-            .failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.ledger().failure().cloned()
     }
 
-    /// Completes once an event has been refused for good.
+    /// Completes once the run must halt (an event refused for good, a fatal
+    /// producer error).
     pub async fn failed(&self) -> PublishFailure {
         loop {
             if let Some(failure) = self.failure() {
@@ -526,6 +627,17 @@ impl Sink {
             }
             self.shared.failed.notified().await;
         }
+    }
+
+    /// After a refusal the broker reported, purges what the producer still
+    /// holds (before the last drain): nothing behind a refused event may be
+    /// delivered before it.
+    pub async fn purge(&self) {
+        if !self.shared.purge_wanted.load(Ordering::Acquire) {
+            return;
+        }
+        let producer = Arc::clone(&self.producer);
+        let _ = tokio::task::spawn_blocking(move || purge_producer(&producer)).await;
     }
 
     /// Hands `event` of transaction `txn` to the producer, waiting while its
@@ -546,31 +658,28 @@ impl Sink {
         if let Some(value) = &event.value {
             record = record.payload(&value[..]);
         }
-        match self.enqueue(record).await {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                let failure = PublishFailure {
-                    aggregate: String::from_utf8_lossy(&event.key).into_owned(),
-                    seq_nr: event.header(SEQ_NR_COLUMN).map_or_else(
-                        || "?".to_owned(),
-                        |v| String::from_utf8_lossy(v).into_owned(),
-                    ),
-                    lsn: event.commit_lsn.to_string(),
-                    topic: event.topic.clone(),
-                    kind: "refused",
-                    reason: error.to_string(),
-                };
-                if self.shared.dead_letter_topic.is_some() {
-                    self.shared
-                        .metrics
-                        .publish_errors
-                        .with_label_values(&[failure.kind])
-                        .inc();
-                    tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
-                            reason = %failure.reason, "event refused; sending it to the dead-letter topic");
-                }
-                self.dead_letter(txn, &failure).await
-            }
+        let Err(error) = self.enqueue(record).await else {
+            return Ok(());
+        };
+        if let Some(failure) = self.failure() {
+            // Halted meanwhile: the event was not taken.
+            return Err(SinkError::Publish(Box::new(failure)));
+        }
+        let failure = PublishFailure {
+            aggregate: String::from_utf8_lossy(&event.key).into_owned(),
+            seq_nr: event.header(SEQ_NR_COLUMN).map_or_else(
+                || "?".to_owned(),
+                |v| String::from_utf8_lossy(v).into_owned(),
+            ),
+            lsn: event.commit_lsn.to_string(),
+            topic: event.topic.clone(),
+            kind: "refused",
+            reason: error.to_string(),
+        };
+        match self.shared.refused(txn, Record::Event, &failure) {
+            Action::DeadLetter(failure) => self.dead_letter(txn, &failure).await,
+            Action::Nothing => Ok(()),
+            Action::Halt => Err(SinkError::Publish(Box::new(failure))),
         }
     }
 
@@ -625,5 +734,14 @@ impl Sink {
         })
         .await
         .unwrap_or(-1)
+    }
+}
+
+/// Purges the producer as soon as the run halts. Holds the producer weakly,
+/// so that it never keeps it alive (nor drops it on librdkafka's thread).
+async fn purge_on_halt(producer: Weak<ThreadedProducer<SinkContext>>, shared: Arc<Shared>) {
+    shared.purge.notified().await;
+    if let Some(producer) = producer.upgrade() {
+        let _ = tokio::task::spawn_blocking(move || purge_producer(&producer)).await;
     }
 }

@@ -74,10 +74,10 @@ pub async fn run<W: Write>(
             &slot.name,
             Lsn::ZERO,
             &[("proto_version", "1"), ("publication_names", &publications)],
-            Feedback::new(slot.consistent_point),
-            interval,
         )
-        .await?;
+        .await?
+        // A temporary slot of its own: nobody else moved it since its creation.
+        .report(Feedback::new(slot.consistent_point), interval);
     tracing::info!(slot = %slot.name, start = %slot.consistent_point, table = %options.table, "tailing");
 
     let mut source = Source::new(options.table.clone(), options.topic.clone(), anchor);

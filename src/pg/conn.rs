@@ -762,17 +762,15 @@ impl ReplicationConnection {
 
     /// `START_REPLICATION SLOT s LOGICAL start (options)`: from here on the
     /// connection streams. Pass [`Lsn::ZERO`] to resume where the slot was
-    /// confirmed. The status updates report `feedback`'s positions; keep one
-    /// [`Feedback`] across reconnects, started at the slot's confirmed
-    /// position, so they never report less than the slot already has.
+    /// confirmed. No status update goes out until
+    /// [`StartedReplication::report`] says what to report: the slot is held
+    /// from here on, so this is the moment to read its confirmed position.
     pub async fn start_logical(
         mut self,
         slot: &str,
         start: Lsn,
         options: &[(&str, &str)],
-        feedback: Feedback,
-        status_interval: Duration,
-    ) -> Result<ReplicationStream, ConnError> {
+    ) -> Result<StartedReplication, ConnError> {
         let options = options
             .iter()
             .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
@@ -787,19 +785,9 @@ impl ReplicationConnection {
         }
         let limit = self.requests.clone();
         limit.run(&query, self.start_streaming(&query)).await??;
-        let cancel = CancellationToken::new();
-        let writer = tokio::spawn(status_updates(
-            self.writer,
-            feedback.clone(),
-            status_interval,
-            cancel.clone(),
-        ));
-        Ok(ReplicationStream {
+        Ok(StartedReplication {
             reader: self.reader,
-            feedback,
-            writer: Some(writer),
-            cancel: cancel.drop_guard(),
-            silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
+            writer: self.writer,
         })
     }
 
@@ -822,6 +810,39 @@ impl ReplicationConnection {
                 }
                 other => Self::unexpected(other, "starting replication")?,
             }
+        }
+    }
+}
+
+/// A replication connection that streams, before its status updates start.
+#[derive(Debug)]
+pub struct StartedReplication {
+    reader: Reader<ReadHalf<Socket>>,
+    writer: WriteHalf<Socket>,
+}
+
+impl StartedReplication {
+    /// Starts the status updates, which report `feedback`'s positions every
+    /// `status_interval` at least. Keep one [`Feedback`] across reconnects,
+    /// raised to the slot's confirmed position before this call, so that no
+    /// update ever reports less than the slot already has.
+    pub fn report(self, feedback: Feedback, status_interval: Duration) -> ReplicationStream {
+        let cancel = CancellationToken::new();
+        let heard = Arc::new(Heard::new());
+        let writer = tokio::spawn(status_updates(
+            self.writer,
+            feedback.clone(),
+            Arc::clone(&heard),
+            status_interval,
+            cancel.clone(),
+        ));
+        ReplicationStream {
+            reader: self.reader,
+            feedback,
+            heard,
+            writer: Some(writer),
+            cancel: cancel.drop_guard(),
+            silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
         }
     }
 }
@@ -1041,10 +1062,45 @@ impl Feedback {
     }
 }
 
+/// When the server was last heard from on a streaming connection: the reader
+/// marks every message, the status-update task reads it.
+#[derive(Debug)]
+struct Heard {
+    origin: tokio::time::Instant,
+    /// Milliseconds from `origin` to the last message.
+    at_ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard {
+            origin: tokio::time::Instant::now(),
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    fn silence(&self) -> Duration {
+        let at = self.origin + Duration::from_millis(self.at_ms.load(Ordering::Acquire));
+        tokio::time::Instant::now().saturating_duration_since(at)
+    }
+}
+
 /// Sends status updates until cancelled, then a last one and Terminate.
-async fn status_updates(
-    mut writer: WriteHalf<Socket>,
+///
+/// Any update asks the server for a reply (a keepalive) when nothing was
+/// heard from it for an `interval`, whatever sent it: progress updates every
+/// 200 ms reset the timer, so a rule tied to the timer alone would leave an
+/// idle server silent while acknowledgements trickle in, and the reader would
+/// take the silence for a stall.
+async fn status_updates<W: AsyncWrite + Unpin>(
+    mut writer: W,
     feedback: Feedback,
+    heard: Arc<Heard>,
     interval: Duration,
     cancel: CancellationToken,
 ) -> Result<(), ConnError> {
@@ -1057,20 +1113,22 @@ async fn status_updates(
             feedback.0.progress.notified().await;
             tokio::time::sleep_until(last_sent + PROGRESS_REPORT_GAP).await;
         };
-        let ping = tokio::select! {
+        let timed = tokio::select! {
             biased;
             // Shutdown: report the final position, then leave cleanly.
             () = cancel.cancelled() => break,
             // A keepalive asked for a reply, or the caller wants one out now.
             () = feedback.0.wake.notified() => false,
-            // The regular update that keeps wal_sender_timeout from firing. It
-            // asks the server for a keepalive back, so that the reader hears
-            // from a live server at least this often even when nothing is
-            // written, and can tell a stalled network from a quiet database.
+            // The regular update that keeps wal_sender_timeout from firing.
             _ = ticker.tick() => true,
             // The confirmed position moved: let the slot follow, throttled.
             () = progress_reported => false,
         };
+        // The timed update always asks for a keepalive back, any other when
+        // the server has been silent for an interval: the reader then hears
+        // from a live server at least every other interval even when nothing
+        // is written, and can tell a stalled network from a quiet database.
+        let ping = timed || heard.silence() >= interval;
         put_standby_status_update(feedback.status(), SystemTime::now(), ping, &mut buf);
         writer.write_all(&buf).await?;
         writer.flush().await?;
@@ -1092,6 +1150,7 @@ async fn status_updates(
 pub struct ReplicationStream {
     reader: Reader<ReadHalf<Socket>>,
     feedback: Feedback,
+    heard: Arc<Heard>,
     writer: Option<JoinHandle<Result<(), ConnError>>>,
     cancel: tokio_util::sync::DropGuard,
     /// How long a read may wait for the server before the connection counts as stalled.
@@ -1108,6 +1167,7 @@ impl ReplicationStream {
             let message = tokio::time::timeout(self.silence_limit, self.reader.next())
                 .await
                 .map_err(|_| ConnError::Stalled(self.silence_limit))??;
+            self.heard.mark();
             let body = match message {
                 BackendMessage::CopyData(body) => body,
                 // The walsender ends the stream this way when the server shuts
@@ -1236,6 +1296,66 @@ mod tests {
         fb.received(Lsn(400));
         assert_eq!(fb.status().write, Lsn(400));
         assert_eq!(fb.status().flush, Lsn(300));
+    }
+
+    /// Runs the status-update task against an in-memory socket while the
+    /// confirmed position moves every 300 ms and the server says nothing;
+    /// returns when each update went out (from the start) and whether it
+    /// asked for a reply.
+    async fn updates_while_acks_trickle_in(interval: Duration, acks: u64) -> Vec<(Duration, bool)> {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let feedback = Feedback::new(Lsn(100));
+        let heard = Arc::new(Heard::new());
+        let cancel = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let writer = tokio::spawn(status_updates(
+            client,
+            feedback.clone(),
+            heard,
+            interval,
+            cancel.clone(),
+        ));
+        let reader = tokio::spawn(async move {
+            let mut updates = Vec::new();
+            // CopyData('r' ...): tag, length, then 34 bytes whose last says
+            // whether a reply is requested.
+            let mut frame = [0u8; 39];
+            while server.read_exact(&mut frame).await.is_ok() && frame[0] == b'd' {
+                updates.push((start.elapsed(), frame[38] == 1));
+            }
+            updates
+        });
+        for i in 1..=acks {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            feedback.confirm(Lsn(100 + i));
+        }
+        cancel.cancel();
+        writer.await.unwrap().unwrap();
+        reader.await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_is_asked_for_a_keepalive_while_progress_updates_flow() {
+        let interval = Duration::from_secs(1);
+        let updates = updates_while_acks_trickle_in(interval, 30).await;
+        // Progress updates every 300 ms reset the timer, so the timed update
+        // never comes; the updates themselves must ask for a reply, or the
+        // reader hears nothing from an idle server and declares a stall
+        // after SILENCE_LIMIT_INTERVALS.
+        let pings: Vec<Duration> = updates
+            .iter()
+            .filter(|(_, ping)| *ping)
+            .map(|(at, _)| *at)
+            .collect();
+        assert!(updates.len() > 25, "{updates:?}");
+        let mut last = Duration::ZERO;
+        for at in pings.iter().copied().chain([updates.last().unwrap().0]) {
+            assert!(
+                at.saturating_sub(last) <= interval * 2,
+                "no reply requested between {last:?} and {at:?}: {updates:?}"
+            );
+            last = at;
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! over TCP, the built binary in its own process.
 mod check;
 mod config;
+mod confirm;
 mod crash;
 mod delivery;
 mod demo;

@@ -379,7 +379,6 @@ async fn silent_server() -> u16 {
 #[tokio::test]
 async fn replication_commands_that_get_no_answer_time_out_naming_the_command() {
     use std::time::Duration;
-    use walrelay::pg::conn::Feedback;
     use walrelay::pg::lsn::Lsn;
     use walrelay::pg::request::TimedOut;
 
@@ -409,13 +408,7 @@ async fn replication_commands_that_get_no_answer_time_out_naming_the_command() {
     );
 
     let conn = ReplicationConnection::connect(&p).await.unwrap();
-    let start = conn.start_logical(
-        "walrelay",
-        Lsn::ZERO,
-        &[("proto_version", "1")],
-        Feedback::new(Lsn::ZERO),
-        Duration::from_secs(10),
-    );
+    let start = conn.start_logical("walrelay", Lsn::ZERO, &[("proto_version", "1")]);
     let err = tokio::time::timeout(Duration::from_secs(30), start)
         .await
         .expect("START_REPLICATION hung")
