@@ -195,6 +195,30 @@ impl Kafka {
         records
     }
 
+    /// The first record polled from `topic`, read from the beginning of
+    /// every partition: one record, without waiting for the topic to go
+    /// quiet as [`Kafka::read`] does.
+    pub fn first_record(&self, topic: &str, timeout: Duration) -> Record {
+        let consumer = self.consumer();
+        let partitions = partitions(&consumer, topic);
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&list).expect("assign");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                return Record::from_message(&message.expect("consume"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no record on {topic} within {timeout:?}"
+            );
+        }
+    }
+
     /// Every partition's (low, high) watermark of `topic` now; `None` when
     /// the cluster does not answer within `timeout` (a broker is down).
     pub fn watermarks(&self, topic: &str, timeout: Duration) -> Option<Vec<(i64, i64)>> {
