@@ -10,6 +10,7 @@ mod endpoint;
 mod faults;
 mod oracle;
 mod poison;
+mod progress;
 mod recovery;
 mod replay;
 mod secrets;
