@@ -31,6 +31,8 @@ pub struct Plan {
     pub commands: Option<u64>,
     /// How long to run at most.
     pub duration: Duration,
+    /// A client's pause after each command.
+    pub pause: Duration,
     /// Seed of the random choices.
     pub seed: u64,
     /// Attempts per command.
@@ -131,6 +133,9 @@ async fn client(
                 }
             },
         };
+        if !plan.pause.is_zero() && summary.commands > 0 {
+            tokio::time::sleep(plan.pause).await;
+        }
         let account = format!("{}-{}", plan.prefix, rng.usize(..plan.accounts.max(1)));
         let command = match rng.u8(..20) {
             0..2 => Command::Open,

@@ -190,6 +190,9 @@ struct LoadArgs {
     /// How long to run at most.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// A client's pause after each command (default: none).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pause: Duration,
     /// Seed of the random commands.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -377,6 +380,7 @@ async fn load(url: &str, args: &LoadArgs) -> Result<(), Failure> {
         prefix: args.prefix.clone(),
         commands: args.commands,
         duration: args.duration,
+        pause: args.pause,
         seed: args.seed,
         max_attempts: args.max_attempts,
         read_your_writes: args.read_your_writes.then_some(args.read_timeout),
