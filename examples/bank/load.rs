@@ -53,6 +53,8 @@ pub struct Summary {
     /// Commands the account's state refused (withdrawals past the balance,
     /// opening an open account, ...).
     pub refused: u64,
+    /// Of those, withdrawals refused because the balance would go negative.
+    pub overdrafts_refused: u64,
     /// Transactions that lost the race for a `seq_nr` and were retried.
     pub conflicts: u64,
     /// Commands that gave up after `--max-attempts` races lost.
@@ -74,6 +76,7 @@ impl Summary {
         self.commands += other.commands;
         self.appended += other.appended;
         self.refused += other.refused;
+        self.overdrafts_refused += other.overdrafts_refused;
         self.conflicts += other.conflicts;
         self.gave_up += other.gave_up;
         self.errors += other.errors;
@@ -146,9 +149,14 @@ async fn client(
         let appended = match command::execute(client, &account, command, plan.max_attempts).await {
             Ok(appended) => appended,
             Err(CommandError::Refused(
-                Refusal::AlreadyOpen(_) | Refusal::NotOpen(_) | Refusal::InsufficientFunds { .. },
+                refusal @ (Refusal::AlreadyOpen(_)
+                | Refusal::NotOpen(_)
+                | Refusal::InsufficientFunds { .. }),
             )) => {
                 summary.refused += 1;
+                if let Refusal::InsufficientFunds { .. } = refusal {
+                    summary.overdrafts_refused += 1;
+                }
                 continue;
             }
             Err(CommandError::Contention { attempts, .. }) => {

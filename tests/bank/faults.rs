@@ -166,17 +166,25 @@ async fn balances_match_the_events_and_each_event_is_applied_once_through_sigkil
     assert_eq!(verified["events"], events);
 
     // The clients that waited published and read every write of theirs.
+    assert!(careful["appended"].as_u64().unwrap() > 0, "{careful}");
     assert_eq!(careful["reads_failed"], 0, "{careful}");
     assert_eq!(careful["publish_failed"], 0, "{careful}");
     assert_eq!(careful["reads_checked"], careful["appended"], "{careful}");
     assert_eq!(careful["published"], careful["appended"], "{careful}");
 
-    // The premises: the clients raced, and walrelay's kills replayed events
-    // that the consumer then had to skip.
+    // The premises: the clients raced, some withdrawals were refused for
+    // the balance, and walrelay's kills replayed events that the consumer
+    // then had to skip.
     let conflicts = fast["conflicts"].as_u64().unwrap() + careful["conflicts"].as_u64().unwrap();
     assert!(
         conflicts > 0,
         "no client lost a race for a seq_nr: {fast} {careful}"
+    );
+    let overdrafts = fast["overdrafts_refused"].as_u64().unwrap()
+        + careful["overdrafts_refused"].as_u64().unwrap();
+    assert!(
+        overdrafts > 0,
+        "no withdrawal was refused for the balance: {fast} {careful}"
     );
     let mut reader = kafka.reader("events");
     reader.catch_up(WAIT);
@@ -194,8 +202,8 @@ async fn balances_match_the_events_and_each_event_is_applied_once_through_sigkil
     let replayed = copies.values().filter(|n| **n > 1).count();
     assert!(replayed > 0, "walrelay's kills replayed nothing");
     eprintln!(
-        "{events} events, {} records ({replayed} events replayed), {conflicts} races lost; \
-         clients: {fast} {careful}",
+        "{events} events, {} records ({replayed} events replayed), {conflicts} races lost, \
+         {overdrafts} overdrafts refused; clients: {fast} {careful}",
         reader.records.len()
     );
 }
