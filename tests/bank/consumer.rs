@@ -221,3 +221,90 @@ async fn a_gap_stops_its_partition_until_the_missing_event_arrives_and_a_replay_
     assert_eq!(pg.psql("SELECT count(*) FROM balances_stuck").await, "0");
     retried.wait_for_stderr("the partition goes on", WAIT).await;
 }
+
+/// Polls until the group's committed offset of partition 0 is `expected`.
+async fn wait_for_committed(kafka: &Kafka, expected: i64, consumer: &Walrelay) {
+    let deadline = Instant::now() + WAIT;
+    while committed(kafka, 0) != Some(expected) {
+        assert!(
+            Instant::now() < deadline,
+            "committed offset {:?}, not {expected}\n{}",
+            committed(kafka, 0),
+            consumer.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_offset_is_committed_after_the_database_transaction_and_a_crash_between_replays_the_record()
+ {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()
+        .unwrap();
+    let bank = BankEnv {
+        postgres_url: pg.superuser_url(),
+        kafka_brokers: kafka.bootstrap(),
+        ..BankEnv::default()
+    };
+    bank.ok(&["setup"]).await;
+    let position = "SELECT coalesce((SELECT last_seq_nr FROM balances_position \
+                    WHERE aggregate_id = 'a'), 0)";
+
+    produce(&producer, 0, "a", 1, "AccountOpened", "{}").await;
+    let mut consumer = bank.spawn(&["consume"]);
+    wait_for(&pg, position, "1", &consumer).await;
+    wait_for_committed(&kafka, 1, &consumer).await;
+
+    // The test holds a's position row: the consumer's transaction for a's
+    // next event (offset 1) waits on it, inside the transaction.
+    let holder = pg.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT FROM balances_position WHERE aggregate_id = 'a' FOR UPDATE")
+        .await
+        .unwrap();
+    produce(&producer, 0, "a", 2, "MoneyDeposited", "{\"amount\": 20}").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let waiting = pg
+            .psql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'bank' AND wait_event_type = 'Lock'",
+            )
+            .await;
+        if waiting == "1" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer never waited on a's row:\n{}",
+            consumer.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its transaction has not committed: neither has the offset.
+    assert_eq!(committed(&kafka, 0), Some(1));
+
+    // It dies there; its transaction goes with its connection.
+    consumer.kill().await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(pg.psql(position).await, "1");
+
+    // The next consumer reads the record again and applies it, once.
+    let consumer = bank.spawn(&["consume"]);
+    wait_for(&pg, position, "2", &consumer).await;
+    wait_for_committed(&kafka, 2, &consumer).await;
+    assert_eq!(
+        pg.psql("SELECT balance FROM balances WHERE account_id = 'a'")
+            .await,
+        "20"
+    );
+    assert_eq!(
+        pg.psql("SELECT seq_nr || ' ' || kafka_offset FROM balances_applied ORDER BY 1")
+            .await,
+        "1 0\n2 1"
+    );
+}
