@@ -104,6 +104,24 @@ async fn produce(
         .expect("produced");
 }
 
+/// PostgreSQL with the read model, a topic `events` of `partitions`
+/// partitions, a producer to stand for walrelay, and the bank's environment.
+async fn without_walrelay(partitions: i32) -> (PgServer, Kafka, FutureProducer, BankEnv) {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, partitions);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()
+        .unwrap();
+    let bank = BankEnv {
+        postgres_url: pg.superuser_url(),
+        kafka_brokers: kafka.bootstrap(),
+        ..BankEnv::default()
+    };
+    bank.ok(&["setup"]).await;
+    (pg, kafka, producer, bank)
+}
+
 /// Polls `sql` (one value) until it reads `expected`.
 async fn wait_for(pg: &PgServer, sql: &str, expected: &str, consumer: &Walrelay) {
     let deadline = Instant::now() + WAIT;
@@ -145,18 +163,7 @@ fn committed(kafka: &Kafka, partition: i32) -> Option<i64> {
 
 #[tokio::test]
 async fn a_gap_stops_its_partition_until_the_missing_event_arrives_and_a_replay_is_skipped() {
-    let pg = PgServer::start_default().await;
-    let kafka = Kafka::start(1, 2);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .create()
-        .unwrap();
-    let bank = BankEnv {
-        postgres_url: pg.superuser_url(),
-        kafka_brokers: kafka.bootstrap(),
-        ..BankEnv::default()
-    };
-    bank.ok(&["setup"]).await;
+    let (pg, kafka, producer, bank) = without_walrelay(2).await;
     let deposit = |amount: i64| format!("{{\"amount\": {amount}}}");
 
     // Partition 0: a's event 2 is missing before its 3, and b's first
@@ -239,18 +246,7 @@ async fn wait_for_committed(kafka: &Kafka, expected: i64, consumer: &Walrelay) {
 #[tokio::test]
 async fn the_offset_is_committed_after_the_database_transaction_and_a_crash_between_replays_the_record()
  {
-    let pg = PgServer::start_default().await;
-    let kafka = Kafka::start(1, 1);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .create()
-        .unwrap();
-    let bank = BankEnv {
-        postgres_url: pg.superuser_url(),
-        kafka_brokers: kafka.bootstrap(),
-        ..BankEnv::default()
-    };
-    bank.ok(&["setup"]).await;
+    let (pg, kafka, producer, bank) = without_walrelay(1).await;
     let position = "SELECT coalesce((SELECT last_seq_nr FROM balances_position \
                     WHERE aggregate_id = 'a'), 0)";
 

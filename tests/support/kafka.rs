@@ -131,14 +131,9 @@ impl Kafka {
             .expect("consumer")
     }
 
-    /// Reads `topic` from the beginning, in offset order per partition, until
-    /// `count` distinct events (by key and `seq_nr`) arrived and then the
-    /// topic stayed quiet: no record for [`QUIET`] and the reader at every
-    /// partition's end. Duplicates are returned but not counted. Returns what
-    /// it has when `timeout` passes first (the caller's checks then name what
-    /// is missing); a topic that never goes quiet is read for `timeout` plus
-    /// [`QUIET`] at most.
-    pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+    /// A [`consumer`](Self::consumer) assigned every partition of `topic`,
+    /// from its beginning, and the number of partitions.
+    fn from_beginning(&self, topic: &str) -> (BaseConsumer, i32) {
         let consumer = self.consumer();
         let partitions = partitions(&consumer, topic);
         let mut list = TopicPartitionList::new();
@@ -147,6 +142,18 @@ impl Kafka {
                 .unwrap();
         }
         consumer.assign(&list).expect("assign");
+        (consumer, partitions)
+    }
+
+    /// Reads `topic` from the beginning, in offset order per partition, until
+    /// `count` distinct events (by key and `seq_nr`) arrived and then the
+    /// topic stayed quiet: no record for [`QUIET`] and the reader at every
+    /// partition's end. Duplicates are returned but not counted. Returns what
+    /// it has when `timeout` passes first (the caller's checks then name what
+    /// is missing); a topic that never goes quiet is read for `timeout` plus
+    /// [`QUIET`] at most.
+    pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+        let (consumer, partitions) = self.from_beginning(topic);
         let deadline = Instant::now() + timeout;
         let mut records: Vec<Record> = Vec::new();
         let mut distinct = HashSet::new();
@@ -199,14 +206,7 @@ impl Kafka {
     /// every partition: one record, without waiting for the topic to go
     /// quiet as [`Kafka::read`] does.
     pub fn first_record(&self, topic: &str, timeout: Duration) -> Record {
-        let consumer = self.consumer();
-        let partitions = partitions(&consumer, topic);
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&list).expect("assign");
+        let (consumer, _) = self.from_beginning(topic);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
@@ -222,14 +222,7 @@ impl Kafka {
     /// A reader of `topic` from the beginning of every partition, that
     /// reads up to where the partitions end at the moment it is asked.
     pub fn reader(&self, topic: &str) -> Reader {
-        let consumer = self.consumer();
-        let partitions = partitions(&consumer, topic);
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&list).expect("assign");
+        let (consumer, partitions) = self.from_beginning(topic);
         Reader {
             consumer,
             topic: topic.to_owned(),
