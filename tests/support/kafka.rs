@@ -133,7 +133,7 @@ impl Kafka {
 
     /// A [`consumer`](Self::consumer) assigned every partition of `topic`,
     /// from its beginning, and the number of partitions.
-    fn from_beginning(&self, topic: &str) -> (BaseConsumer, i32) {
+    fn assigned_from_start(&self, topic: &str) -> (BaseConsumer, i32) {
         let consumer = self.consumer();
         let partitions = partitions(&consumer, topic);
         let mut list = TopicPartitionList::new();
@@ -153,7 +153,7 @@ impl Kafka {
     /// is missing); a topic that never goes quiet is read for `timeout` plus
     /// [`QUIET`] at most.
     pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
-        let (consumer, partitions) = self.from_beginning(topic);
+        let (consumer, partitions) = self.assigned_from_start(topic);
         let deadline = Instant::now() + timeout;
         let mut records: Vec<Record> = Vec::new();
         let mut distinct = HashSet::new();
@@ -206,7 +206,7 @@ impl Kafka {
     /// every partition: one record, without waiting for the topic to go
     /// quiet as [`Kafka::read`] does.
     pub fn first_record(&self, topic: &str, timeout: Duration) -> Record {
-        let (consumer, _) = self.from_beginning(topic);
+        let (consumer, _) = self.assigned_from_start(topic);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
@@ -222,7 +222,7 @@ impl Kafka {
     /// A reader of `topic` from the beginning of every partition, that
     /// reads up to where the partitions end at the moment it is asked.
     pub fn reader(&self, topic: &str) -> Reader {
-        let (consumer, partitions) = self.from_beginning(topic);
+        let (consumer, partitions) = self.assigned_from_start(topic);
         Reader {
             consumer,
             topic: topic.to_owned(),
