@@ -29,7 +29,7 @@
 //! `--stuck-retry`. The other partitions go on. A gap heals when the missing
 //! event arrives by another partition (a topic whose partitions were added
 //! while events were in flight); otherwise it needs a person: republish the
-//! missing events (see the README).
+//! missing events (see the README, "When a partition stops").
 use std::collections::HashMap;
 use std::time::Duration;
 
