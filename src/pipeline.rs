@@ -453,13 +453,9 @@ impl Session<'_> {
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
-        let publications = conn::quote_ident(&self.config.publication);
+        let options = source::pgoutput_options(repl.server_version(), &self.config.publication);
         let started = repl
-            .start_logical(
-                &self.config.slot,
-                Lsn::ZERO,
-                &[("proto_version", "1"), ("publication_names", &publications)],
-            )
+            .start_logical(&self.config.slot, Lsn::ZERO, &options)
             .await?;
         // The slot is held now, so nobody else moves it: where it stands is
         // where the server resumes, and the least any status update may say

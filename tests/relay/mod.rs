@@ -14,3 +14,4 @@ mod recovery;
 mod replay;
 mod secrets;
 mod snapshot;
+mod versions;

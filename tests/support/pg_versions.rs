@@ -109,6 +109,19 @@ pub fn run_major() -> u32 {
     bin_major(&server_bin_dir(None))
 }
 
+/// The major a test of a feature that PostgreSQL `min` introduced runs on:
+/// the run's own when it has the feature (`None`: the default), else `min`,
+/// said on stderr, so that the feature is tested in a run on any version.
+pub fn at_least(min: u32, feature: &str) -> Option<u32> {
+    let run = run_major();
+    (run < min).then(|| {
+        eprintln!(
+            "{feature} needs PostgreSQL {min}+: this test runs on {min}, not the run's {run}"
+        );
+        min
+    })
+}
+
 /// The major of the server binaries in `bin` (`initdb --version`).
 pub fn bin_major(bin: &Path) -> u32 {
     let version = initdb_version(bin);
