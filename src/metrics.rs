@@ -51,6 +51,8 @@ pub struct Metrics {
     pub publish_errors: IntCounterVec,
     /// Events handed to the producer and not yet acknowledged.
     pub inflight_events: IntGauge,
+    /// Transactions with events not yet confirmable: the watermark's entries.
+    pub inflight_transactions: IntGauge,
     /// The highest WAL position received from the server.
     pub received_lsn: IntGauge,
     /// The position confirmed to the server (the slot's flush position).
@@ -240,6 +242,10 @@ impl Metrics {
             inflight_events: gauge(
                 "walrelay_inflight_events",
                 "Events handed to the producer and not yet acknowledged.",
+            ),
+            inflight_transactions: gauge(
+                "walrelay_inflight_transactions",
+                "Transactions with events received and not yet fully acknowledged.",
             ),
             received_lsn: gauge(
                 "walrelay_received_lsn",
@@ -549,6 +555,7 @@ mod tests {
             "walrelay_transactions_total",
             "walrelay_publish_errors_total",
             "walrelay_inflight_events",
+            "walrelay_inflight_transactions",
             "walrelay_received_lsn",
             "walrelay_confirmed_lsn",
             "walrelay_source_lag_bytes",

@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::pg_versions;
 use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::Walrelay;
+use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
 use crate::support::workload::{check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Transactions of another table committed while the broker is away.
+const OTHER_TRANSACTIONS: u32 = 20_000;
 
 /// Transactions written through a replication origin.
 const REPLICATED: i64 = 5;
@@ -88,5 +92,61 @@ async fn events_written_through_a_replication_origin_are_published() {
         "{}",
         relay.stderr_text()
     );
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+/// PostgreSQL 14's pgoutput sends a Begin and a Commit for every transaction
+/// of the database, with or without a change of the publication (15 and
+/// later send nothing for those). While the broker is away and an event
+/// waits for its acknowledgement, such empty transactions must not pile up
+/// behind it: they take no entry of the watermark, only move the position
+/// that is confirmed once the event is acknowledged, so memory is bounded
+/// by the events in flight, not by the database's traffic.
+#[tokio::test]
+async fn on_postgresql_14_other_tables_transactions_take_no_memory_while_the_broker_is_down() {
+    let pg = PgServer::start(PgOptions {
+        version: Some(14),
+        tls: false,
+        ..PgOptions::default()
+    })
+    .await;
+    assert_eq!(pg.major(), 14);
+    pg.psql("CREATE TABLE other (n int)").await;
+    let kafka = Kafka::start(1, 3);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "before", 3, 5, 0, &mut seqs).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+
+    kafka.set_all_brokers(false);
+    let held = write_mixed(&mut client, "held", 2, 1, 0, &mut seqs).await;
+    // Its commit record starts after this position.
+    let held_from = held[0].txn.lsn_from;
+    committed.extend(held);
+    pg.psql(&format!(
+        "DO $$ BEGIN FOR i IN 1..{OTHER_TRANSACTIONS} LOOP \
+             INSERT INTO other VALUES (i); COMMIT; \
+         END LOOP; END $$"
+    ))
+    .await;
+    let end = current_lsn(&pg).await;
+    // walrelay has read every one of them (each Commit raises it)...
+    wait_for_metric(metrics, "walrelay_received_lsn", |lsn| lsn >= end.0, WAIT).await;
+    // ... and holds one transaction, the one with events, not 20,001.
+    assert_eq!(metric(metrics, "walrelay_inflight_transactions"), 1);
+    assert!(metric(metrics, "walrelay_inflight_events") >= 1);
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(
+        confirmed <= held_from,
+        "slot confirmed to {confirmed}, past the start {held_from} of an unacknowledged transaction"
+    );
+
+    kafka.set_all_brokers(true);
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    // Confirmed past the empty transactions too: the slot holds no WAL for them.
+    wait_confirmed(&pg, "walrelay", end).await;
+    wait_for_metric(metrics, "walrelay_inflight_transactions", |n| n == 0, WAIT).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
