@@ -150,3 +150,101 @@ async fn on_postgresql_14_other_tables_transactions_take_no_memory_while_the_bro
     wait_for_metric(metrics, "walrelay_inflight_transactions", |n| n == 0, WAIT).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+/// Writes WAL (rows of another table, a segment switch, a checkpoint) until
+/// PostgreSQL has invalidated `slot` for holding more than
+/// `max_slot_wal_keep_size`.
+async fn invalidate_for_wal(pg: &PgServer, slot: &str) {
+    pg.psql("CREATE TABLE IF NOT EXISTS ballast (n int)").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = pg
+            .psql(&format!(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .await;
+        if status == "lost" {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot {slot} still {status:?}"
+        );
+        pg.psql(
+            "INSERT INTO ballast SELECT generate_series(1, 100000);
+             SELECT pg_switch_wal();
+             CHECKPOINT;",
+        )
+        .await;
+    }
+}
+
+/// `walrelay check` with `extra` flags: its exit code and output.
+async fn check_setup(pg: &PgServer, kafka: &Kafka, extra: &[&str]) -> (Option<i32>, String) {
+    let url = url(pg);
+    let brokers = kafka.bootstrap();
+    let mut args = vec!["check", "--postgres-url", &url, "--kafka-brokers", &brokers];
+    args.extend_from_slice(extra);
+    let mut check = Walrelay::spawn(&args, &[]);
+    let status = check.wait(WAIT).await;
+    (
+        status.code(),
+        format!(
+            "{}\n{}",
+            check.stdout_lines().join("\n"),
+            check.stderr_text()
+        ),
+    )
+}
+
+/// On every version: a slot PostgreSQL invalidates while walrelay streams
+/// from it (it held more WAL than `max_slot_wal_keep_size` while the broker
+/// was away) stops walrelay with the cause and the way out, never a new
+/// slot; `check` says the same.
+#[tokio::test]
+async fn a_slot_invalidated_for_its_wal_stops_walrelay_with_the_cause_and_the_way_out() {
+    let pg = PgServer::start(PgOptions {
+        tls: false,
+        extra_conf: vec!["max_slot_wal_keep_size = '1MB'".to_owned()],
+        ..PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 3);
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    write_mixed(&mut client, "before", 2, 3, 0, &mut seqs).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+
+    // An event the broker cannot take holds the slot back.
+    kafka.set_all_brokers(false);
+    write_mixed(&mut client, "held", 2, 1, 0, &mut seqs).await;
+    invalidate_for_wal(&pg, "walrelay").await;
+
+    // PostgreSQL ends the walsender; the next START_REPLICATION is refused.
+    let status = relay.wait(WAIT).await;
+    let stderr = relay.stderr_text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("replication slot \"walrelay\" is invalidated (wal_status = lost")
+            && stderr.contains("max_slot_wal_keep_size")
+            && stderr.contains("pg_drop_replication_slot('walrelay')"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walrelay'")
+            .await,
+        "1",
+        "the invalidated slot was replaced"
+    );
+
+    kafka.set_all_brokers(true);
+    let (code, output) = check_setup(&pg, &kafka, &[]).await;
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains(
+            "PROBLEM  slot: replication slot \"walrelay\" is invalidated (wal_status = lost"
+        ),
+        "{output}"
+    );
+}
