@@ -77,6 +77,11 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`.
     pub slot_retained_wal: IntGauge,
+    /// When the slot became inactive, whole Unix seconds (PostgreSQL 17+); 0
+    /// while a process streams from it.
+    pub slot_inactive_since: IntGauge,
+    /// `idle_replication_slot_timeout` in seconds (PostgreSQL 18+); 0: off.
+    pub slot_idle_timeout: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
     health: Arc<Health>,
@@ -292,6 +297,14 @@ impl Metrics {
             slot_retained_wal: gauge(
                 "walrelay_slot_retained_wal_bytes",
                 "WAL the slot keeps: the server's WAL position minus the slot's restart_lsn.",
+            ),
+            slot_inactive_since: gauge(
+                "walrelay_slot_inactive_since_seconds",
+                "When the slot became inactive, Unix seconds (0 while a process streams from it, or before PostgreSQL 17).",
+            ),
+            slot_idle_timeout: gauge(
+                "walrelay_slot_idle_timeout_seconds",
+                "idle_replication_slot_timeout: a slot unused this long is invalidated (0: never; PostgreSQL 18+).",
             ),
             http_connections_rejected: counter(
                 "walrelay_http_connections_rejected_total",
@@ -567,6 +580,8 @@ mod tests {
             "walrelay_standby",
             "walrelay_slot_wal_status",
             "walrelay_slot_retained_wal_bytes",
+            "walrelay_slot_inactive_since_seconds",
+            "walrelay_slot_idle_timeout_seconds",
             "walrelay_http_connections_rejected_total",
         ] {
             assert!(

@@ -98,6 +98,28 @@ pub async fn inspect(
     }))
 }
 
+/// The server's `idle_replication_slot_timeout` (PostgreSQL 18+): how long
+/// a slot may stay unused before the next checkpoint invalidates it. `None`
+/// when it is off (0) or the server has no such setting.
+pub async fn idle_timeout(
+    client: &crate::pg::metadata::Client,
+) -> Result<Option<Duration>, MetadataError> {
+    // `setting` is in the parameter's base unit (seconds in 18).
+    let row = client
+        .query_opt(
+            "SELECT (setting::numeric * CASE unit WHEN 'min' THEN 60 WHEN 'h' THEN 3600
+                                                  WHEN 'd' THEN 86400 ELSE 1 END)::bigint
+               FROM pg_settings WHERE name = 'idle_replication_slot_timeout'",
+            &[],
+        )
+        .await?;
+    Ok(row
+        .and_then(|row| row.get::<_, Option<i64>>(0))
+        .and_then(|secs| u64::try_from(secs).ok())
+        .filter(|&secs| secs > 0)
+        .map(Duration::from_secs))
+}
+
 /// What is wrong with an existing slot, for walrelay's purposes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlotProblem {

@@ -248,3 +248,54 @@ async fn a_slot_invalidated_for_its_wal_stops_walrelay_with_the_cause_and_the_wa
         "{output}"
     );
 }
+
+/// PostgreSQL 17 records since when a slot is unused (`inactive_since`).
+/// A walrelay that is up but cannot stream (here: every WAL sender is
+/// taken) exports it, so an alert sees the slot idle before anything
+/// invalidates it; once walrelay streams again it is 0.
+#[tokio::test]
+async fn a_walrelay_that_cannot_stream_shows_since_when_the_slot_is_unused() {
+    let pg = PgServer::start(PgOptions {
+        version: pg_versions::at_least(17, "pg_replication_slots.inactive_since"),
+        tls: false,
+        extra_conf: vec!["max_wal_senders = 2".to_owned()],
+        ..PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 3);
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    let since: u64 = pg
+        .psql(
+            "SELECT floor(extract(epoch FROM inactive_since))::bigint \
+               FROM pg_replication_slots WHERE slot_name = 'walrelay'",
+        )
+        .await
+        .parse()
+        .expect("inactive_since is set");
+
+    let held = [pg.hold_wal_sender().await, pg.hold_wal_sender().await];
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    let metrics = relay.metrics_addr().await;
+    relay
+        .wait_for_stderr("number of requested standby connections exceeds", WAIT)
+        .await;
+    wait_for_metric(
+        metrics,
+        "walrelay_slot_inactive_since_seconds",
+        |s| s == since,
+        WAIT,
+    )
+    .await;
+
+    drop(held);
+    relay.wait_for_stderr("streaming", WAIT).await;
+    wait_for_metric(
+        metrics,
+        "walrelay_slot_inactive_since_seconds",
+        |s| s == 0,
+        WAIT,
+    )
+    .await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}

@@ -489,6 +489,39 @@ impl PgServer {
             == "1"
     }
 
+    /// Opens a replication connection (`replication=database`) as the
+    /// superuser and keeps it open and idle until the returned process is
+    /// dropped: it takes one of `max_wal_senders`.
+    pub async fn hold_wal_sender(&self) -> tokio::process::Child {
+        let count = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'";
+        let before: u32 = self.psql(count).await.parse().expect("a count");
+        let mut cmd = Command::new(&self.psql);
+        clear_pg_env(cmd.as_std_mut());
+        let child = cmd
+            .args(["-X", "-q"])
+            .arg(format!(
+                "host={} port={} user={SUPERUSER} dbname={DATABASE} replication=database",
+                self.dir.path().display(),
+                self.port
+            ))
+            // psql reads its commands from here, and none come.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run psql");
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while self.psql(count).await.parse::<u32>().expect("a count") <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the replication connection did not show up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        child
+    }
+
     async fn psql_in(&self, database: &str, sql: &str) -> Result<String, String> {
         let mut child = self
             .psql_command(database)
