@@ -299,3 +299,109 @@ async fn a_walrelay_that_cannot_stream_shows_since_when_the_slot_is_unused() {
     .await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
+
+/// PostgreSQL 18 invalidates a slot that no process has streamed from for
+/// `idle_replication_slot_timeout`, at the next checkpoint: while every
+/// walrelay is down, say. walrelay exports the timeout, `check` holds it
+/// against `--expected-max-downtime`, and a slot it invalidated stops
+/// walrelay with the reason and the way out (never a new slot); `check`
+/// says the same.
+#[tokio::test]
+async fn a_slot_left_unused_past_the_idle_timeout_is_reported_before_and_explained_after() {
+    let pg = PgServer::start(PgOptions {
+        version: pg_versions::at_least(18, "idle_replication_slot_timeout"),
+        tls: false,
+        extra_conf: vec!["idle_replication_slot_timeout = '1h'".to_owned()],
+        ..PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 3);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    wait_for_metric(
+        metrics,
+        "walrelay_slot_idle_timeout_seconds",
+        |s| s == 3600,
+        WAIT,
+    )
+    .await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let committed = write_mixed(&mut client, "before", 2, 3, 0, &mut seqs).await;
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+
+    // Every walrelay is down now: check compares the timeout with how long
+    // that may last.
+    let (code, output) = check_setup(&pg, &kafka, &["--expected-max-downtime", "2h"]).await;
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains(
+            "PROBLEM  slot idle timeout: idle_replication_slot_timeout = 1h is shorter than \
+             --expected-max-downtime 2h"
+        ) && output.contains("idle_replication_slot_timeout = '7200s'")
+            && output.contains("the slot has been unused for"),
+        "{output}"
+    );
+    let (code, output) = check_setup(&pg, &kafka, &["--expected-max-downtime", "30m"]).await;
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains(
+            "ok       slot idle timeout: idle_replication_slot_timeout = 1h covers \
+             --expected-max-downtime 30m"
+        ),
+        "{output}"
+    );
+
+    // The outage outlasts a timeout of a second: a checkpoint invalidates it.
+    pg.psql(
+        "ALTER SYSTEM SET idle_replication_slot_timeout = '1s';
+         SELECT pg_reload_conf();",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        pg.psql("CHECKPOINT").await;
+        let reason = pg
+            .psql(
+                "SELECT coalesce(invalidation_reason, '') FROM pg_replication_slots
+                  WHERE slot_name = 'walrelay'",
+            )
+            .await;
+        if reason == "idle_timeout" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot not invalidated: {reason:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    let status = relay.wait(WAIT).await;
+    let stderr = relay.stderr_text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "replication slot \"walrelay\" is invalidated (invalidation_reason = idle_timeout"
+        ) && stderr.contains("raise idle_replication_slot_timeout")
+            && stderr.contains("pg_drop_replication_slot('walrelay')"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walrelay'")
+            .await,
+        "1",
+        "the invalidated slot was replaced"
+    );
+    let (code, output) = check_setup(&pg, &kafka, &["--expected-max-downtime", "1s"]).await;
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains(
+            "PROBLEM  slot: replication slot \"walrelay\" is invalidated (invalidation_reason = idle_timeout"
+        ),
+        "{output}"
+    );
+}
