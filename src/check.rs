@@ -515,6 +515,7 @@ mod tests {
             active: false,
             active_pid: None,
             confirmed_flush_lsn: Some(Lsn(0x100)),
+            restart_lsn: Some(Lsn(0x80)),
             wal_status: Some("reserved".into()),
             safe_wal_size: None,
             temporary: false,

@@ -47,6 +47,9 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
     /// Where the next session resumes.
     pub confirmed_flush_lsn: Option<Lsn>,
+    /// The oldest WAL the slot needs; NULL once PostgreSQL removed that WAL
+    /// (16+ clear it for that cause only).
+    pub restart_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost` (NULL before PostgreSQL 13).
     pub wal_status: Option<String>,
     /// Bytes of WAL that can still be written before the slot is lost (NULL: unlimited).
@@ -73,6 +76,7 @@ pub async fn inspect(
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid,
                     confirmed_flush_lsn::text, wal_status, safe_wal_size, temporary,
+                    restart_lsn::text,
                     to_jsonb(s) ->> 'invalidation_reason',
                     (to_jsonb(s) ->> 'conflicting')::boolean,
                     (to_jsonb(s) ->> 'inactive_since')::timestamptz::text,
@@ -91,10 +95,11 @@ pub async fn inspect(
         wal_status: row.get(6),
         safe_wal_size: row.get(7),
         temporary: row.get(8),
-        invalidation_reason: row.get(9),
-        conflicting: row.get(10),
-        inactive_since: row.get(11),
-        inactive_seconds: row.get(12),
+        restart_lsn: row.get::<_, Option<String>>(9).and_then(|t| t.parse().ok()),
+        invalidation_reason: row.get(10),
+        conflicting: row.get(11),
+        inactive_since: row.get(12),
+        inactive_seconds: row.get(13),
     }))
 }
 
@@ -177,8 +182,11 @@ pub enum Invalidation {
 }
 
 impl Invalidation {
-    /// The cause from `invalidation_reason` (17+), else `conflicting` (16),
-    /// else WAL removal.
+    /// The cause from `invalidation_reason` (17+), else WAL removal. On
+    /// PostgreSQL 16, `conflicting` is true for an invalidated logical slot
+    /// whatever the cause (17 narrowed it to the conflicts), so there a
+    /// conflict is told from WAL removal by `restart_lsn`, which only WAL
+    /// removal clears.
     fn of(state: &SlotState) -> Self {
         match (state.invalidation_reason.as_deref(), state.conflicting) {
             (Some("wal_removed"), _) => Invalidation::WalRemoved,
@@ -186,7 +194,7 @@ impl Invalidation {
             (Some("rows_removed"), _) => Invalidation::RowsRemoved,
             (Some("wal_level_insufficient"), _) => Invalidation::WalLevelInsufficient,
             (Some(other), _) => Invalidation::Other(other.to_owned()),
-            (None, Some(true)) => Invalidation::Conflict,
+            (None, Some(true)) if state.restart_lsn.is_some() => Invalidation::Conflict,
             (None, _) => Invalidation::WalRemoved,
         }
     }
@@ -439,6 +447,7 @@ mod tests {
             active: false,
             active_pid: None,
             confirmed_flush_lsn: Some(Lsn(0x100)),
+            restart_lsn: Some(Lsn(0x80)),
             wal_status: Some("reserved".into()),
             safe_wal_size: None,
             temporary: false,
@@ -487,21 +496,26 @@ mod tests {
 
     #[test]
     fn each_cause_of_an_invalidation_is_explained_with_its_own_fix() {
-        let explain = |reason: Option<&str>, conflicting: Option<bool>| {
+        let explain_at = |reason: Option<&str>, conflicting: Option<bool>, restart_lsn| {
             SlotState {
                 wal_status: Some("lost".into()),
                 invalidation_reason: reason.map(str::to_owned),
                 conflicting,
+                restart_lsn,
                 ..slot()
             }
             .problem("walrelay", "app")
             .unwrap()
             .to_string()
         };
-        // PostgreSQL 14 and 15: WAL removal is the only cause.
-        assert!(explain(None, None).contains("max_slot_wal_keep_size"));
-        // 16: a conflict with recovery, or WAL removal.
+        let explain = |reason, conflicting| explain_at(reason, conflicting, Some(Lsn(0x80)));
+        // PostgreSQL 14 and 15: WAL removal is the only cause, which clears
+        // restart_lsn.
+        assert!(explain_at(None, None, None).contains("max_slot_wal_keep_size"));
+        // 16: conflicting is true for every cause; WAL removal clears
+        // restart_lsn, a conflict with recovery keeps it.
         assert!(explain(None, Some(true)).contains("hot_standby_feedback"));
+        assert!(explain_at(None, Some(true), None).contains("max_slot_wal_keep_size"));
         assert!(explain(None, Some(false)).contains("max_slot_wal_keep_size"));
         // 17 and 18 name it.
         for (reason, fix) in [
