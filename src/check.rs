@@ -509,20 +509,9 @@ mod tests {
 
     fn unused_for(secs: i64) -> slot::SlotState {
         slot::SlotState {
-            plugin: Some("pgoutput".into()),
-            slot_type: "logical".into(),
-            database: Some("app".into()),
-            active: false,
-            active_pid: None,
-            confirmed_flush_lsn: Some(Lsn(0x100)),
-            restart_lsn: Some(Lsn(0x80)),
-            wal_status: Some("reserved".into()),
-            safe_wal_size: None,
-            temporary: false,
-            invalidation_reason: None,
-            conflicting: None,
             inactive_since: Some("2026-01-01 00:00:00+00".into()),
             inactive_seconds: Some(secs),
+            ..slot::SlotState::example()
         }
     }
 

@@ -284,6 +284,29 @@ impl SlotState {
     }
 }
 
+#[cfg(test)]
+impl SlotState {
+    /// A valid pgoutput slot of database `app` that nobody streams from.
+    pub(crate) fn example() -> Self {
+        SlotState {
+            plugin: Some("pgoutput".into()),
+            slot_type: "logical".into(),
+            database: Some("app".into()),
+            active: false,
+            active_pid: None,
+            confirmed_flush_lsn: Some(Lsn(0x100)),
+            restart_lsn: Some(Lsn(0x80)),
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            temporary: false,
+            invalidation_reason: None,
+            conflicting: None,
+            inactive_since: None,
+            inactive_seconds: None,
+        }
+    }
+}
+
 /// What `pg_stat_replication` shows of the holder's last status update.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Replies {
@@ -440,22 +463,7 @@ mod tests {
     use super::*;
 
     fn slot() -> SlotState {
-        SlotState {
-            plugin: Some("pgoutput".into()),
-            slot_type: "logical".into(),
-            database: Some("app".into()),
-            active: false,
-            active_pid: None,
-            confirmed_flush_lsn: Some(Lsn(0x100)),
-            restart_lsn: Some(Lsn(0x80)),
-            wal_status: Some("reserved".into()),
-            safe_wal_size: None,
-            temporary: false,
-            invalidation_reason: None,
-            conflicting: None,
-            inactive_since: None,
-            inactive_seconds: None,
-        }
+        SlotState::example()
     }
 
     #[test]
