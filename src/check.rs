@@ -193,6 +193,12 @@ async fn postgres_findings(
 
     out.push(table_finding(client, config).await?);
     out.extend(role_findings(client, config).await?);
+    out.push(idle_timeout_finding(
+        crate::source::server_major(&version),
+        slot::idle_timeout(client).await?,
+        config.expected_max_downtime,
+        slot_state.as_ref(),
+    ));
     out.push(slot_finding(config, slot_state));
     Ok(())
 }
@@ -319,6 +325,100 @@ async fn role_findings(
     ])
 }
 
+/// PostgreSQL 18's `idle_replication_slot_timeout` against the longest time
+/// every walrelay may be down (`--expected-max-downtime`): an outage longer
+/// than the timeout gets the slot invalidated at the next checkpoint.
+/// Without the flag a timeout is a problem, since check cannot tell whether
+/// it is long enough.
+fn idle_timeout_finding(
+    major: Option<u32>,
+    timeout: Option<Duration>,
+    expected: Option<Duration>,
+    state: Option<&slot::SlotState>,
+) -> Finding {
+    const SUBJECT: &str = "slot idle timeout";
+    let Some(timeout) = timeout else {
+        return Finding::ok(
+            SUBJECT,
+            match major {
+                Some(major) if major < 18 => {
+                    format!("PostgreSQL {major} never invalidates a slot for being unused")
+                }
+                _ => "idle_replication_slot_timeout = 0: a slot is never invalidated for being unused"
+                    .to_owned(),
+            },
+        );
+    };
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    let disable = "ALTER SYSTEM SET idle_replication_slot_timeout = 0; SELECT pg_reload_conf();";
+    // How long the slot has been unused already (17+ record it), unless it
+    // is invalidated (the slot finding reports that) or streamed from.
+    let unused = state
+        .filter(|s| !s.active && s.invalidation_reason.is_none())
+        .and_then(|s| Some((s.inactive_seconds?, s.inactive_since.clone()?)))
+        .map(|(secs, since)| (Duration::from_secs(u64::try_from(secs).unwrap_or(0)), since));
+    if let Some((idle, since)) = &unused
+        && *idle >= timeout
+    {
+        return Finding::problem(
+            SUBJECT,
+            format!(
+                "the slot has been unused for {} (since {since}), longer than \
+                 idle_replication_slot_timeout = {}: the next checkpoint invalidates it",
+                shown(*idle),
+                shown(timeout)
+            ),
+            format!("start walrelay now, or {disable}"),
+        );
+    }
+    let left = unused
+        .map(|(idle, since)| {
+            format!(
+                "; the slot has been unused for {} (since {since}), invalidated in {} unless \
+                 walrelay streams from it before",
+                shown(idle),
+                shown(timeout.saturating_sub(idle))
+            )
+        })
+        .unwrap_or_default();
+    match expected {
+        None => Finding::problem(
+            SUBJECT,
+            format!(
+                "idle_replication_slot_timeout = {}: once every walrelay has been down that long, \
+                 the next checkpoint invalidates the slot{left}",
+                shown(timeout)
+            ),
+            format!(
+                "give --expected-max-downtime (the longest time every walrelay may be down) to \
+                 check the timeout against, or {disable}"
+            ),
+        ),
+        Some(expected) if timeout < expected => Finding::problem(
+            SUBJECT,
+            format!(
+                "idle_replication_slot_timeout = {} is shorter than --expected-max-downtime {}: \
+                 an outage that long gets the slot invalidated{left}",
+                shown(timeout),
+                shown(expected)
+            ),
+            format!(
+                "ALTER SYSTEM SET idle_replication_slot_timeout = '{}s'; SELECT pg_reload_conf(); \
+                 (0 turns it off)",
+                expected.as_secs()
+            ),
+        ),
+        Some(expected) => Finding::ok(
+            SUBJECT,
+            format!(
+                "idle_replication_slot_timeout = {} covers --expected-max-downtime {}{left}",
+                shown(timeout),
+                shown(expected)
+            ),
+        ),
+    }
+}
+
 fn slot_finding(config: &RunConfig, state: Option<slot::SlotState>) -> Finding {
     let name = &config.slot;
     let Some(state) = state else {
@@ -401,4 +501,70 @@ fn unreachable_finding(config: &RunConfig, error: &str) -> Finding {
         ),
         "check --kafka-brokers, the network and --kafka-property security settings",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unused_for(secs: i64) -> slot::SlotState {
+        slot::SlotState {
+            inactive_since: Some("2026-01-01 00:00:00+00".into()),
+            inactive_seconds: Some(secs),
+            ..slot::SlotState::example()
+        }
+    }
+
+    #[test]
+    fn the_idle_timeout_is_held_against_the_expected_downtime() {
+        let hour = Duration::from_secs(3600);
+        let day = 24 * hour;
+        let finding =
+            |timeout, expected, state| idle_timeout_finding(Some(18), timeout, expected, state);
+        // Off, or a server without it: nothing can invalidate an unused slot.
+        assert!(!finding(None, Some(day), None).is_problem());
+        let older = idle_timeout_finding(Some(17), None, None, None);
+        assert!(
+            !older.is_problem() && older.found.contains("PostgreSQL 17"),
+            "{older}"
+        );
+        // A timeout nobody compared with an outage.
+        let unknown = finding(Some(day), None, None);
+        assert!(
+            unknown.is_problem()
+                && unknown.to_string().contains("--expected-max-downtime")
+                && unknown
+                    .to_string()
+                    .contains("idle_replication_slot_timeout = 0"),
+            "{unknown}"
+        );
+        // Shorter than the outage: the fix raises it to the outage.
+        let short = finding(Some(hour), Some(day), None);
+        assert!(
+            short.is_problem()
+                && short
+                    .found
+                    .contains("1h is shorter than --expected-max-downtime 1day")
+                && short
+                    .to_string()
+                    .contains("idle_replication_slot_timeout = '86400s'"),
+            "{short}"
+        );
+        let covered = finding(Some(day), Some(day), None);
+        assert!(!covered.is_problem(), "{covered}");
+        // An unused slot: how long is left, or that the next checkpoint
+        // invalidates it whatever the flag says.
+        let state = unused_for(600);
+        let counting = finding(Some(day), Some(hour), Some(&state));
+        assert!(
+            !counting.is_problem() && counting.found.contains("unused for 10m"),
+            "{counting}"
+        );
+        let state = unused_for(90_000);
+        let overdue = finding(Some(day), Some(hour), Some(&state));
+        assert!(
+            overdue.is_problem() && overdue.found.contains("the next checkpoint invalidates it"),
+            "{overdue}"
+        );
+    }
 }

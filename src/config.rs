@@ -299,6 +299,11 @@ pub struct RunArgs {
     /// stale (and, with --take-over-stale-slot, terminated) [default: 60s].
     #[arg(long, env = "WALRELAY_STALE_SLOT_GRACE")]
     pub stale_slot_grace: Option<String>,
+    /// For `check`: the longest time every walrelay may be down at once.
+    /// PostgreSQL 18's idle_replication_slot_timeout must be at least this
+    /// long, or such an outage invalidates the slot.
+    #[arg(long, env = "WALRELAY_EXPECTED_MAX_DOWNTIME")]
+    pub expected_max_downtime: Option<String>,
 }
 
 /// Whether to publish the rows that exist when the slot is created.
@@ -356,6 +361,7 @@ struct FileConfig {
     on_unexpected_change: Option<OnUnexpectedChange>,
     take_over_stale_slot: Option<bool>,
     stale_slot_grace: Option<String>,
+    expected_max_downtime: Option<String>,
 }
 
 impl FileConfig {
@@ -546,6 +552,9 @@ pub struct RunConfig {
     pub take_over_stale_slot: bool,
     /// How long a slot holder may be silent before it counts as stale.
     pub stale_slot_grace: Duration,
+    /// The longest outage of every walrelay `check` compares
+    /// `idle_replication_slot_timeout` with; `None`: not given.
+    pub expected_max_downtime: Option<Duration>,
 }
 
 impl RunArgs {
@@ -648,7 +657,13 @@ impl RunArgs {
             Some(text) => parse_duration("stale-slot-grace", &text, Duration::from_secs(15))?,
             None => DEFAULT_STALE_SLOT_GRACE,
         };
+        let expected_max_downtime = self
+            .expected_max_downtime
+            .or(file.expected_max_downtime)
+            .map(|text| parse_duration("expected-max-downtime", &text, Duration::from_secs(1)))
+            .transpose()?;
         Ok(RunConfig {
+            expected_max_downtime,
             take_over_stale_slot: self
                 .take_over_stale_slot
                 .or(file.take_over_stale_slot)
@@ -1007,6 +1022,10 @@ shutdown_timeout = "45s"
             (
                 [&MINIMAL[..], &["--kafka-property", "nonsense"]].concat(),
                 "key=value",
+            ),
+            (
+                [&MINIMAL[..], &["--expected-max-downtime", "soon"]].concat(),
+                "expected-max-downtime",
             ),
             (
                 [

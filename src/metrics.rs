@@ -52,6 +52,8 @@ pub struct Metrics {
     pub publish_errors: IntCounterVec,
     /// Events handed to the producer and not yet acknowledged.
     pub inflight_events: IntGauge,
+    /// Transactions with events not yet confirmable: the watermark's entries.
+    pub inflight_transactions: IntGauge,
     /// The highest WAL position received from the server.
     pub received_lsn: IntGauge,
     /// The position confirmed to the server (the slot's flush position).
@@ -76,6 +78,11 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`.
     pub slot_retained_wal: IntGauge,
+    /// When the slot became inactive, whole Unix seconds (PostgreSQL 17+); 0
+    /// while a process streams from it.
+    pub slot_inactive_since: IntGauge,
+    /// `idle_replication_slot_timeout` in seconds (PostgreSQL 18+); 0: off.
+    pub slot_idle_timeout: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
     health: Arc<Health>,
@@ -332,6 +339,10 @@ impl Metrics {
                 "walrelay_inflight_events",
                 "Events handed to the producer and not yet acknowledged.",
             ),
+            inflight_transactions: gauge(
+                "walrelay_inflight_transactions",
+                "Transactions with events received and not yet fully acknowledged.",
+            ),
             received_lsn: gauge(
                 "walrelay_received_lsn",
                 "Highest WAL position received from PostgreSQL, as a number.",
@@ -377,6 +388,14 @@ impl Metrics {
             slot_retained_wal: gauge(
                 "walrelay_slot_retained_wal_bytes",
                 "WAL the slot keeps: the server's WAL position minus the slot's restart_lsn.",
+            ),
+            slot_inactive_since: gauge(
+                "walrelay_slot_inactive_since_seconds",
+                "When the slot became inactive, Unix seconds (0 while a process streams from it, or before PostgreSQL 17).",
+            ),
+            slot_idle_timeout: gauge(
+                "walrelay_slot_idle_timeout_seconds",
+                "idle_replication_slot_timeout: a slot unused this long is invalidated (0: never; PostgreSQL 18+).",
             ),
             http_connections_rejected: counter(
                 "walrelay_http_connections_rejected_total",
@@ -662,6 +681,7 @@ mod tests {
             "walrelay_transactions_total",
             "walrelay_publish_errors_total",
             "walrelay_inflight_events",
+            "walrelay_inflight_transactions",
             "walrelay_received_lsn",
             "walrelay_confirmed_lsn",
             "walrelay_source_lag_bytes",
@@ -673,6 +693,8 @@ mod tests {
             "walrelay_standby",
             "walrelay_slot_wal_status",
             "walrelay_slot_retained_wal_bytes",
+            "walrelay_slot_inactive_since_seconds",
+            "walrelay_slot_idle_timeout_seconds",
             "walrelay_http_connections_rejected_total",
         ] {
             assert!(

@@ -3,7 +3,9 @@
 //! Every few seconds the metadata connection reads the slot's row of
 //! `pg_replication_slots` with the server's current WAL position: how much WAL
 //! the slot keeps, how far the confirmed position trails, and how close the
-//! slot is to being invalidated (`wal_status`, `safe_wal_size`).
+//! slot is to being invalidated (`wal_status`, `safe_wal_size`), and since
+//! when nobody streams from it (`inactive_since`, PostgreSQL 17+) against
+//! `idle_replication_slot_timeout` (18+).
 //!
 //! The heartbeat (`--heartbeat-interval`) writes a tiny non-transactional
 //! logical message (`pg_logical_emit_message`) into the WAL of walrelay's
@@ -66,7 +68,10 @@ pub async fn run(
         let result = if heartbeat_now {
             beat_once(c).await
         } else {
-            poll_slot(c, &slot, &metrics).await
+            match poll_slot(c, &slot, &metrics).await {
+                Ok(()) => poll_inactivity(c, &slot, &metrics).await,
+                Err(e) => Err(e),
+            }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "slot monitor query failed");
@@ -132,5 +137,33 @@ async fn poll_slot(
             let _ = metrics.slot_safe_wal_size.remove_label_values(&[slot]);
         }
     }
+    Ok(())
+}
+
+/// Since when the slot is unused (PostgreSQL 17+) and after how long unused
+/// PostgreSQL invalidates it (`idle_replication_slot_timeout`, 18+). Read
+/// through `to_jsonb` and `pg_settings`, so older servers give NULL: 0.
+async fn poll_inactivity(
+    client: &crate::pg::metadata::Client,
+    slot: &str,
+    metrics: &Metrics,
+) -> Result<(), MetadataError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT floor(extract(epoch FROM (to_jsonb(s) ->> 'inactive_since')::timestamptz))::bigint
+               FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+    else {
+        return Ok(());
+    };
+    metrics
+        .slot_inactive_since
+        .set(row.get::<_, Option<i64>>(0).unwrap_or(0));
+    let timeout = crate::slot::idle_timeout(client).await?;
+    metrics
+        .slot_idle_timeout
+        .set(timeout.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)));
     Ok(())
 }

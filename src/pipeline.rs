@@ -37,6 +37,9 @@ use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 const SLOT_MISSING: &str = "42704";
 /// SQLSTATE object_in_use: START_REPLICATION on a slot another PID holds.
 const SLOT_IN_USE: &str = "55006";
+/// SQLSTATE object_not_in_prerequisite_state: START_REPLICATION on a slot
+/// PostgreSQL invalidated (among other things).
+const SLOT_UNUSABLE: &str = "55000";
 /// How often a standby tries to take the slot over.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
@@ -312,6 +315,9 @@ async fn stream(
                     confirmed: sink.confirmed(),
                 });
             }
+            Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_UNUSABLE) => {
+                return Err(explain_unusable(config, RunError::Conn(e)).await);
+            }
             Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_IN_USE) => {
                 // Another process streams from the slot: stand by and take
                 // over as soon as it lets go.
@@ -336,6 +342,21 @@ async fn stream(
         if sleep_or_shutdown(delay, shutdown).await {
             return Ok(());
         }
+    }
+}
+
+/// Why the server refused to stream from the slot: its invalidation with
+/// the cause and the way out (read on a metadata connection), or `error`
+/// as the server gave it when the slot shows no problem or cannot be read.
+async fn explain_unusable(config: &RunConfig, error: RunError) -> RunError {
+    let Ok(client) = metadata::connect(&config.postgres).await else {
+        return error;
+    };
+    match slot::inspect(&client, &config.slot).await {
+        Ok(Some(state)) => state
+            .problem(&config.slot, &config.postgres.dbname)
+            .map_or(error, RunError::from),
+        _ => error,
     }
 }
 
@@ -464,13 +485,9 @@ impl Session<'_> {
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
-        let publications = conn::quote_ident(&self.config.publication);
+        let options = source::pgoutput_options(repl.server_version(), &self.config.publication);
         let started = repl
-            .start_logical(
-                &self.config.slot,
-                Lsn::ZERO,
-                &[("proto_version", "1"), ("publication_names", &publications)],
-            )
+            .start_logical(&self.config.slot, Lsn::ZERO, &options)
             .await?;
         // The slot is held now, so nobody else moves it: where it stands is
         // where the server resumes, and the least any status update may say

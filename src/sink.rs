@@ -169,6 +169,12 @@ impl Shared {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Sets `walrelay_inflight_transactions` from the (locked) ledger.
+    fn count_in_flight(&self, ledger: &Ledger) {
+        let in_flight = i64::try_from(ledger.in_flight()).unwrap_or(i64::MAX);
+        self.metrics.inflight_transactions.set(in_flight);
+    }
+
     /// The metrics of a watermark movement (the ledger already reported it
     /// to the feedback).
     fn observe(&self, advance: Advance) {
@@ -203,7 +209,12 @@ impl Shared {
             Report::Refused(failure) => Some(failure.clone()),
             _ => None,
         };
-        let delivered = self.ledger().delivered(txn, record, report);
+        let delivered = {
+            let mut ledger = self.ledger();
+            let delivered = ledger.delivered(txn, record, report);
+            self.count_in_flight(&ledger);
+            delivered
+        };
         if let Some(failure) = refusal {
             log_refusal(&failure, &delivered.action);
         }
@@ -582,9 +593,11 @@ impl Sink {
         self.shared.ledger()
     }
 
-    /// Records the metrics of a watermark movement.
+    /// Records the metrics of a step of the confirm path: the watermark's
+    /// movement and the transactions in flight.
     pub fn observe(&self, advance: Advance) {
         self.shared.observe(advance);
+        self.shared.count_in_flight(&self.shared.ledger());
     }
 
     /// A transaction with events began outside a replication session (the
@@ -596,7 +609,7 @@ impl Sink {
     /// Transaction `txn` committed at `end_lsn` with `sent` events produced.
     pub fn commit(&self, txn: TxnId, sent: u64, end_lsn: Lsn) {
         let advance = self.shared.ledger().commit(txn, sent, end_lsn);
-        self.shared.observe(advance);
+        self.observe(advance);
     }
 
     /// Whether transaction `txn` and every one before it is fully

@@ -7,6 +7,16 @@
 //! confirmation and now may never reach Kafka; walrelay then refuses to start
 //! rather than silently begin again from "now".
 //!
+//! What invalidated a slot depends on the version: before PostgreSQL 16
+//! only WAL removal (`max_slot_wal_keep_size`) could, shown as `wal_status =
+//! lost`; 16 added conflicts with recovery on a standby (`conflicting`); 17
+//! names the cause (`invalidation_reason`: `wal_removed`, `rows_removed`,
+//! `wal_level_insufficient`) and records `inactive_since`; 18 adds
+//! `idle_timeout` (`idle_replication_slot_timeout`: a slot no process used
+//! for that long, invalidated at a checkpoint). The columns are read through
+//! `to_jsonb` of the row, so one query serves every version (a missing
+//! column reads NULL), and each cause is explained with its own fix.
+//!
 //! A standby also watches the process that holds the slot ([`HolderWatch`]).
 //! A live holder sends a standby status update at least every 10 seconds,
 //! even while a broker outage holds its confirmations back, and each carries
@@ -37,12 +47,24 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
     /// Where the next session resumes.
     pub confirmed_flush_lsn: Option<Lsn>,
+    /// The oldest WAL the slot needs; NULL once PostgreSQL removed that WAL
+    /// (16+ clear it for that cause only).
+    pub restart_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost` (NULL before PostgreSQL 13).
     pub wal_status: Option<String>,
     /// Bytes of WAL that can still be written before the slot is lost (NULL: unlimited).
     pub safe_wal_size: Option<i64>,
     /// Whether it is a temporary slot.
     pub temporary: bool,
+    /// Why it was invalidated (PostgreSQL 17+; NULL while it is valid).
+    pub invalidation_reason: Option<String>,
+    /// Whether it was invalidated by a conflict with recovery (PostgreSQL 16+).
+    pub conflicting: Option<bool>,
+    /// When it became inactive, as PostgreSQL prints it (PostgreSQL 17+;
+    /// NULL while a process streams from it).
+    pub inactive_since: Option<String>,
+    /// Whole seconds since `inactive_since`, by the server's clock.
+    pub inactive_seconds: Option<i64>,
 }
 
 /// Reads the state of slot `name`, or `None` when it does not exist.
@@ -53,8 +75,13 @@ pub async fn inspect(
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid,
-                    confirmed_flush_lsn::text, wal_status, safe_wal_size, temporary
-               FROM pg_replication_slots WHERE slot_name = $1",
+                    confirmed_flush_lsn::text, wal_status, safe_wal_size, temporary,
+                    restart_lsn::text,
+                    to_jsonb(s) ->> 'invalidation_reason',
+                    (to_jsonb(s) ->> 'conflicting')::boolean,
+                    (to_jsonb(s) ->> 'inactive_since')::timestamptz::text,
+                    extract(epoch FROM now() - (to_jsonb(s) ->> 'inactive_since')::timestamptz)::bigint
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&name],
         )
         .await?;
@@ -68,7 +95,34 @@ pub async fn inspect(
         wal_status: row.get(6),
         safe_wal_size: row.get(7),
         temporary: row.get(8),
+        restart_lsn: row.get::<_, Option<String>>(9).and_then(|t| t.parse().ok()),
+        invalidation_reason: row.get(10),
+        conflicting: row.get(11),
+        inactive_since: row.get(12),
+        inactive_seconds: row.get(13),
     }))
+}
+
+/// The server's `idle_replication_slot_timeout` (PostgreSQL 18+): how long
+/// a slot may stay unused before the next checkpoint invalidates it. `None`
+/// when it is off (0) or the server has no such setting.
+pub async fn idle_timeout(
+    client: &crate::pg::metadata::Client,
+) -> Result<Option<Duration>, MetadataError> {
+    // `setting` is in the parameter's base unit (seconds in 18).
+    let row = client
+        .query_opt(
+            "SELECT (setting::numeric * CASE unit WHEN 'min' THEN 60 WHEN 'h' THEN 3600
+                                                  WHEN 'd' THEN 86400 ELSE 1 END)::bigint
+               FROM pg_settings WHERE name = 'idle_replication_slot_timeout'",
+            &[],
+        )
+        .await?;
+    Ok(row
+        .and_then(|row| row.get::<_, Option<i64>>(0))
+        .and_then(|secs| u64::try_from(secs).ok())
+        .filter(|&secs| secs > 0)
+        .map(Duration::from_secs))
 }
 
 /// What is wrong with an existing slot, for walrelay's purposes.
@@ -89,20 +143,114 @@ pub enum SlotProblem {
         /// Its database.
         database: Option<String>,
     },
-    /// Invalidated: it lost WAL.
+    /// Invalidated: it can no longer be streamed from.
     #[error(
-        "replication slot {name:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, \
-         so the events committed after {confirmed} may never have been published. walrelay will not recreate it \
-         silently. Recover: publish the missing events from the table (SELECT ... FROM events WHERE recorded_at > \
-         the time of that LSN), then drop the slot (SELECT pg_drop_replication_slot('{name}')) and start walrelay \
-         again; raise max_slot_wal_keep_size to prevent a repeat"
+        "replication slot {name:?} is invalidated ({cause}), so the events committed after {confirmed} may \
+         never have been published. walrelay will not recreate it silently. Recover: publish the missing \
+         events from the table (SELECT ... FROM events WHERE recorded_at > the time of that LSN), then drop \
+         the slot (SELECT pg_drop_replication_slot('{name}')) and start walrelay again; {prevent}",
+        cause = reason.cause(),
+        prevent = reason.prevention()
     )]
     Lost {
         /// The slot.
         name: String,
         /// Its last confirmed position.
         confirmed: String,
+        /// Why PostgreSQL invalidated it.
+        reason: Invalidation,
     },
+}
+
+/// Why PostgreSQL invalidated a slot, as far as its version tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// It needed WAL past `max_slot_wal_keep_size` (`wal_removed`; the only
+    /// cause before PostgreSQL 16, shown as `wal_status = lost`).
+    WalRemoved,
+    /// No process used it for `idle_replication_slot_timeout` (PostgreSQL 18).
+    IdleTimeout,
+    /// A slot on a standby lost catalog rows it needed (`rows_removed`).
+    RowsRemoved,
+    /// `wal_level` on the primary fell below `logical`.
+    WalLevelInsufficient,
+    /// A conflict with recovery on a standby (PostgreSQL 16, which does not
+    /// say which one).
+    Conflict,
+    /// A cause this version of walrelay does not know.
+    Other(String),
+}
+
+impl Invalidation {
+    /// The cause from `invalidation_reason` (17+), else WAL removal. On
+    /// PostgreSQL 16, `conflicting` is true for an invalidated logical slot
+    /// whatever the cause (17 narrowed it to the conflicts), so there a
+    /// conflict is told from WAL removal by `restart_lsn`, which only WAL
+    /// removal clears.
+    fn of(state: &SlotState) -> Self {
+        match (state.invalidation_reason.as_deref(), state.conflicting) {
+            (Some("wal_removed"), _) => Invalidation::WalRemoved,
+            (Some("idle_timeout"), _) => Invalidation::IdleTimeout,
+            (Some("rows_removed"), _) => Invalidation::RowsRemoved,
+            (Some("wal_level_insufficient"), _) => Invalidation::WalLevelInsufficient,
+            (Some(other), _) => Invalidation::Other(other.to_owned()),
+            (None, Some(true)) if state.restart_lsn.is_some() => Invalidation::Conflict,
+            (None, _) => Invalidation::WalRemoved,
+        }
+    }
+
+    fn cause(&self) -> String {
+        match self {
+            Invalidation::WalRemoved => {
+                "wal_status = lost: PostgreSQL removed WAL it still needed, \
+                 because it held more than max_slot_wal_keep_size"
+                    .to_owned()
+            }
+            Invalidation::IdleTimeout => {
+                "invalidation_reason = idle_timeout: no walrelay used it for longer than \
+                 idle_replication_slot_timeout"
+                    .to_owned()
+            }
+            Invalidation::RowsRemoved => {
+                "invalidation_reason = rows_removed: on a standby, the primary removed \
+                 catalog rows the slot still needed"
+                    .to_owned()
+            }
+            Invalidation::WalLevelInsufficient => {
+                "invalidation_reason = wal_level_insufficient: wal_level on the \
+                 primary was set below logical"
+                    .to_owned()
+            }
+            Invalidation::Conflict => {
+                "conflicting = true: it conflicted with recovery on a standby (catalog rows \
+                 removed, or wal_level lowered, on the primary)"
+                    .to_owned()
+            }
+            Invalidation::Other(reason) => format!("invalidation_reason = {reason}"),
+        }
+    }
+
+    fn prevention(&self) -> &'static str {
+        match self {
+            Invalidation::WalRemoved => {
+                "raise max_slot_wal_keep_size (-1: unlimited) to prevent a repeat, and alert on \
+                 walrelay_slot_safe_wal_size_bytes"
+            }
+            Invalidation::IdleTimeout => {
+                "raise idle_replication_slot_timeout above the longest time every walrelay may be down \
+                 (0 disables it; walrelay check --expected-max-downtime compares the two), and alert on \
+                 walrelay_slot_inactive_since_seconds"
+            }
+            Invalidation::RowsRemoved | Invalidation::Conflict => {
+                "on the standby set hot_standby_feedback = on and a primary_slot_name, so that the primary \
+                 keeps the rows the slot needs"
+            }
+            Invalidation::WalLevelInsufficient => "keep wal_level = logical on the primary",
+            Invalidation::Other(_) => {
+                "see pg_replication_slots in PostgreSQL's documentation for the cause"
+            }
+        }
+    }
 }
 
 impl SlotState {
@@ -123,15 +271,39 @@ impl SlotState {
                 database: self.database.clone(),
             });
         }
-        if self.wal_status.as_deref() == Some("lost") {
+        if self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some() {
             return Some(SlotProblem::Lost {
                 name: name.to_owned(),
                 confirmed: self
                     .confirmed_flush_lsn
                     .map_or_else(|| "its last confirmation".to_owned(), |l| l.to_string()),
+                reason: Invalidation::of(self),
             });
         }
         None
+    }
+}
+
+#[cfg(test)]
+impl SlotState {
+    /// A valid pgoutput slot of database `app` that nobody streams from.
+    pub(crate) fn example() -> Self {
+        SlotState {
+            plugin: Some("pgoutput".into()),
+            slot_type: "logical".into(),
+            database: Some("app".into()),
+            active: false,
+            active_pid: None,
+            confirmed_flush_lsn: Some(Lsn(0x100)),
+            restart_lsn: Some(Lsn(0x80)),
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            temporary: false,
+            invalidation_reason: None,
+            conflicting: None,
+            inactive_since: None,
+            inactive_seconds: None,
+        }
     }
 }
 
@@ -291,17 +463,7 @@ mod tests {
     use super::*;
 
     fn slot() -> SlotState {
-        SlotState {
-            plugin: Some("pgoutput".into()),
-            slot_type: "logical".into(),
-            database: Some("app".into()),
-            active: false,
-            active_pid: None,
-            confirmed_flush_lsn: Some(Lsn(0x100)),
-            wal_status: Some("reserved".into()),
-            safe_wal_size: None,
-            temporary: false,
-        }
+        SlotState::example()
     }
 
     #[test]
@@ -333,9 +495,58 @@ mod tests {
         };
         let text = lost.problem("walrelay", "app").unwrap().to_string();
         assert!(
-            text.contains("0/100") && text.contains("pg_drop_replication_slot"),
+            text.contains("0/100")
+                && text.contains("pg_drop_replication_slot")
+                && text.contains("max_slot_wal_keep_size"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn each_cause_of_an_invalidation_is_explained_with_its_own_fix() {
+        let explain_at = |reason: Option<&str>, conflicting: Option<bool>, restart_lsn| {
+            SlotState {
+                wal_status: Some("lost".into()),
+                invalidation_reason: reason.map(str::to_owned),
+                conflicting,
+                restart_lsn,
+                ..slot()
+            }
+            .problem("walrelay", "app")
+            .unwrap()
+            .to_string()
+        };
+        let explain = |reason, conflicting| explain_at(reason, conflicting, Some(Lsn(0x80)));
+        // PostgreSQL 14 and 15: WAL removal is the only cause, which clears
+        // restart_lsn.
+        assert!(explain_at(None, None, None).contains("max_slot_wal_keep_size"));
+        // 16: conflicting is true for every cause; WAL removal clears
+        // restart_lsn, a conflict with recovery keeps it.
+        assert!(explain(None, Some(true)).contains("hot_standby_feedback"));
+        assert!(explain_at(None, Some(true), None).contains("max_slot_wal_keep_size"));
+        assert!(explain(None, Some(false)).contains("max_slot_wal_keep_size"));
+        // 17 and 18 name it.
+        for (reason, fix) in [
+            ("wal_removed", "max_slot_wal_keep_size"),
+            ("idle_timeout", "raise idle_replication_slot_timeout"),
+            ("rows_removed", "hot_standby_feedback"),
+            ("wal_level_insufficient", "wal_level = logical"),
+            ("a_future_cause", "invalidation_reason = a_future_cause"),
+        ] {
+            let text = explain(Some(reason), Some(false));
+            assert!(
+                text.contains(&format!("invalidation_reason = {reason}"))
+                    || reason == "wal_removed",
+                "{text}"
+            );
+            assert!(text.contains(fix), "{reason}: {text}");
+        }
+        // A reason counts even where wal_status would not say lost.
+        let reasoned = SlotState {
+            invalidation_reason: Some("idle_timeout".into()),
+            ..slot()
+        };
+        assert!(reasoned.problem("walrelay", "app").is_some());
     }
 
     fn seen(pid: i32, reply_time: &str, flush: &str) -> Holder {

@@ -198,6 +198,38 @@ pub async fn anchor(
     Ok(Some(TableAnchor { oid, as_of }))
 }
 
+/// The pgoutput options of a session with a server whose `server_version`
+/// is `server_version`, publishing `publication`.
+///
+/// - `proto_version 1`: no streaming of transactions in progress, so nothing
+///   uncommitted ever arrives.
+/// - `origin 'any'` from PostgreSQL 16 on (older servers reject the option,
+///   and always send everything). `'none'` would leave out every
+///   transaction replayed from a replication origin: an events table fed
+///   by a logical replication subscription (a migration, a consolidated
+///   store) or by a tool that sets a session origin would then lose those
+///   events silently. `'any'` is also the server's default; saying it keeps
+///   a changed default from ever doing that.
+pub fn pgoutput_options(server_version: &str, publication: &str) -> Vec<(&'static str, String)> {
+    let mut options = vec![
+        ("proto_version", "1".to_owned()),
+        ("publication_names", conn::quote_ident(publication)),
+    ];
+    if server_major(server_version).is_some_and(|major| major >= 16) {
+        options.push(("origin", "any".to_owned()));
+    }
+    options
+}
+
+/// The major version of a `server_version` such as `16.4 (Debian
+/// 16.4-1.pgdg120+1)`, `17beta1` or `9.6.24`.
+pub fn server_major(server_version: &str) -> Option<u32> {
+    let digits = server_version
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(server_version.len());
+    server_version[..digits].parse().ok()
+}
+
 /// Follows one replication session's messages for one table.
 #[derive(Debug)]
 pub struct Source {
@@ -361,6 +393,30 @@ pub fn row_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_any_is_asked_of_postgresql_16_and_later_only() {
+        let origin = |version: &str| {
+            pgoutput_options(version, "pub")
+                .into_iter()
+                .find(|(name, _)| *name == "origin")
+                .map(|(_, value)| value)
+        };
+        assert_eq!(origin("14.23"), None);
+        assert_eq!(origin("15.18 (Debian 15.18-0+deb12u1)"), None);
+        assert_eq!(origin("16.14").as_deref(), Some("any"));
+        assert_eq!(origin("17beta1").as_deref(), Some("any"));
+        assert_eq!(origin("18.4").as_deref(), Some("any"));
+        assert_eq!(server_major("9.6.24"), Some(9));
+        assert_eq!(server_major(""), None);
+        assert_eq!(
+            pgoutput_options("16.1", "walrelay_events")[..2],
+            [
+                ("proto_version", "1".to_owned()),
+                ("publication_names", "\"walrelay_events\"".to_owned())
+            ]
+        );
+    }
     use crate::pg::pgoutput::{Begin, Column, Commit, Insert, ReplicaIdentity};
 
     /// The events table is OID 100, named public.events as of 0/1000.

@@ -68,13 +68,9 @@ pub async fn run<W: Write>(
     let slot = repl
         .create_logical_slot(&slot_name, true, SnapshotAction::Discard)
         .await?;
-    let publications = conn::quote_ident(&options.publication);
+    let pgoutput = source::pgoutput_options(repl.server_version(), &options.publication);
     let mut stream = repl
-        .start_logical(
-            &slot.name,
-            Lsn::ZERO,
-            &[("proto_version", "1"), ("publication_names", &publications)],
-        )
+        .start_logical(&slot.name, Lsn::ZERO, &pgoutput)
         .await?
         // A temporary slot of its own: nobody else moved it since its creation.
         .report(Feedback::new(slot.consistent_point), interval);

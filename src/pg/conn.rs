@@ -769,11 +769,11 @@ impl ReplicationConnection {
         mut self,
         slot: &str,
         start: Lsn,
-        options: &[(&str, &str)],
+        options: &[(&str, impl AsRef<str>)],
     ) -> Result<StartedReplication, ConnError> {
         let options = options
             .iter()
-            .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
+            .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v.as_ref())))
             .collect::<Vec<_>>()
             .join(", ");
         let query = format!(

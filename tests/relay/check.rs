@@ -2,6 +2,7 @@
 use std::time::Duration;
 
 use crate::support::kafka::Kafka;
+use crate::support::pg_versions;
 use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
 use crate::support::walrelay::Walrelay;
 
@@ -125,11 +126,11 @@ async fn a_server_without_logical_decoding_and_an_unreachable_broker_are_both_re
 
 #[tokio::test]
 async fn a_row_filter_or_a_column_list_that_hides_events_is_reported_with_its_fix() {
-    let pg = PgServer::start_default().await;
-    assert!(
-        pg.version_num() >= 150_000,
-        "row filters need PostgreSQL 15"
-    );
+    let pg = PgServer::start(PgOptions {
+        version: pg_versions::at_least(15, "row filters and column lists"),
+        ..PgOptions::default()
+    })
+    .await;
     let kafka = Kafka::start(1, 3);
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
     pg.psql("ALTER PUBLICATION walrelay_events SET TABLE events WHERE (event_type <> 'Internal');")

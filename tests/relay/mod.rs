@@ -15,3 +15,4 @@ mod recovery;
 mod replay;
 mod secrets;
 mod snapshot;
+mod versions;
