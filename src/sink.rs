@@ -53,7 +53,7 @@ use tokio::sync::Notify;
 
 use crate::checkpoint::TxnId;
 use crate::confirm::{Action, Advance, Ledger, OnRefusal, Record, Report};
-use crate::event::{Event, LSN_HEADER, SEQ_NR_COLUMN};
+use crate::event::{DEFAULT_SEQ_COLUMN, Event, LSN_HEADER};
 use crate::kafka_properties::KafkaProperties;
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
@@ -74,6 +74,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "20000"),
     ("queue.buffering.max.kbytes", "32768"),
     ("client.id", "walrelay"),
+    // Topics are made by their operators, never by a row's values that a
+    // topic template turns into a name nobody asked for.
+    ("allow.auto.create.topics", "false"),
 ];
 
 /// librdkafka's switch that turns a refused batch into a fatal error raised
@@ -160,6 +163,8 @@ struct Shared {
     dead_letter_topic: Option<String>,
     /// Refused events on their way to the dead-letter topic.
     dead_letters: Option<tokio::sync::mpsc::UnboundedSender<(TxnId, PublishFailure)>>,
+    /// The header that carries an event's sequence, to name a refused one by.
+    seq_header: Option<String>,
 }
 
 impl Shared {
@@ -340,7 +345,9 @@ impl ProducerContext for SinkContext {
                 Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
                     Report::Purged
                 }
-                code => Report::Refused(refusal(error, code, message)),
+                code => {
+                    Report::Refused(refusal(error, code, message, shared.seq_header.as_deref()))
+                }
             },
         };
         shared.delivered(txn, record, report, message_size(message));
@@ -367,16 +374,18 @@ fn log_refusal(failure: &PublishFailure, action: &Action) {
     }
 }
 
-/// Describes the refused `message` by the headers walrelay gave it.
+/// Describes the refused `message` by the headers walrelay gave it
+/// (`seq_header` carries its sequence, if the table has one).
 fn refusal(
     error: &KafkaError,
     code: Option<RDKafkaErrorCode>,
     message: &rdkafka::message::BorrowedMessage<'_>,
+    seq_header: Option<&str>,
 ) -> PublishFailure {
-    let header = |name: &str| {
+    let header = |name: Option<&str>| {
         message
             .headers()
-            .and_then(|h| h.iter().find(|h| h.key == name))
+            .and_then(|h| h.iter().find(|h| Some(h.key) == name))
             .and_then(|h| h.value)
             .map_or_else(
                 || "?".to_owned(),
@@ -388,8 +397,8 @@ fn refusal(
             || "?".to_owned(),
             |k| String::from_utf8_lossy(k).into_owned(),
         ),
-        seq_nr: header(SEQ_NR_COLUMN),
-        lsn: header(LSN_HEADER),
+        seq_nr: header(seq_header),
+        lsn: header(Some(LSN_HEADER)),
         topic: message.topic().to_owned(),
         kind: match code {
             Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
@@ -435,12 +444,14 @@ impl Sink {
     /// position. With `dead_letter_topic`, events refused for good go there
     /// instead of stopping walrelay (`--on-poison dead-letter`); without, the
     /// producer runs with `enable.gapless.guarantee=true` unless told
-    /// otherwise.
+    /// otherwise. `seq_header` is the header that carries an event's
+    /// sequence, by which a refused one is named.
     pub fn new(
         config: &ClientConfig,
         confirmed: Lsn,
         metrics: Metrics,
         dead_letter_topic: Option<String>,
+        seq_header: Option<&str>,
     ) -> Result<Self, SinkError> {
         let (queue, refused) = tokio::sync::mpsc::unbounded_channel();
         let on_refusal = if dead_letter_topic.is_some() {
@@ -460,6 +471,7 @@ impl Sink {
             room: Notify::new(),
             dead_letters: dead_letter_topic.as_ref().map(|_| queue),
             dead_letter_topic,
+            seq_header: seq_header.map(str::to_owned),
         });
         let mut config = config.clone();
         if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
@@ -521,7 +533,7 @@ impl Sink {
                 value: Some(failure.lsn.as_bytes()),
             })
             .insert(Header {
-                key: SEQ_NR_COLUMN,
+                key: DEFAULT_SEQ_COLUMN,
                 value: Some(failure.seq_nr.as_bytes()),
             });
         let opaque = usize::try_from(txn).unwrap_or(usize::MAX);
@@ -651,13 +663,11 @@ impl Sink {
             });
         }
         let opaque = usize::try_from(txn).unwrap_or(usize::MAX);
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+        let record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&event.topic, opaque)
                 .key(&event.key[..])
+                .payload(&event.value[..])
                 .headers(headers);
-        if let Some(value) = &event.value {
-            record = record.payload(&value[..]);
-        }
         let Err(error) = self.enqueue(record).await else {
             return Ok(());
         };
@@ -667,7 +677,7 @@ impl Sink {
         }
         let failure = PublishFailure {
             aggregate: String::from_utf8_lossy(&event.key).into_owned(),
-            seq_nr: event.header(SEQ_NR_COLUMN).map_or_else(
+            seq_nr: event.seq.as_ref().map_or_else(
                 || "?".to_owned(),
                 |v| String::from_utf8_lossy(v).into_owned(),
             ),
