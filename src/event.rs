@@ -157,24 +157,28 @@ impl Default for Columns {
     }
 }
 
+/// What each column a flag names is for, as errors say it.
+const KEY_PURPOSE: &str = "the Kafka key (--key-column)";
+const PAYLOAD_PURPOSE: &str = "the Kafka value (--payload-column)";
+const SEQ_PURPOSE: &str = "the sequence (--seq-column)";
+const TYPE_PURPOSE: &str = "the event type (--type-column)";
+const HEADER_PURPOSE: &str = "a header (--header-name)";
+
 impl Columns {
     /// The columns the flags name, each with what it is for.
     fn named(&self) -> impl Iterator<Item = (&str, &'static str)> {
         [
-            (Some(self.key.as_str()), "the Kafka key (--key-column)"),
-            (
-                Some(self.payload.as_str()),
-                "the Kafka value (--payload-column)",
-            ),
-            (self.seq.as_deref(), "the sequence (--seq-column)"),
-            (self.event_type.as_deref(), "the event type (--type-column)"),
+            (Some(self.key.as_str()), KEY_PURPOSE),
+            (Some(self.payload.as_str()), PAYLOAD_PURPOSE),
+            (self.seq.as_deref(), SEQ_PURPOSE),
+            (self.event_type.as_deref(), TYPE_PURPOSE),
         ]
         .into_iter()
         .filter_map(|(column, purpose)| column.map(|c| (c, purpose)))
         .chain(
             self.header_names
                 .iter()
-                .map(|(column, _)| (column.as_str(), "a header (--header-name)")),
+                .map(|(column, _)| (column.as_str(), HEADER_PURPOSE)),
         )
     }
 
@@ -232,8 +236,13 @@ impl Mapping {
 
     /// Whether rows may publish to `topic`.
     pub fn allows(&self, topic: &str) -> bool {
-        self.allowed_topics.is_empty() || self.allowed_topics.iter().any(|p| p.matches(topic))
+        allows(&self.allowed_topics, topic)
     }
+}
+
+/// Whether `allowed` (`--allowed-topic`; empty: any) allows `topic`.
+fn allows(allowed: &[TopicPattern], topic: &str) -> bool {
+    allowed.is_empty() || allowed.iter().any(|p| p.matches(topic))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -525,17 +534,21 @@ impl EventLayout {
                 })
         };
         let columns = &mapping.columns;
-        for (column, purpose) in columns.named() {
-            find(column, purpose)?;
-        }
-        let key = find(&columns.key, "")?;
-        let value = find(&columns.payload, "")?;
-        let seq = columns.seq.as_deref().map(|c| find(c, "")).transpose()?;
+        let key = find(&columns.key, KEY_PURPOSE)?;
+        let value = find(&columns.payload, PAYLOAD_PURPOSE)?;
+        let seq = columns
+            .seq
+            .as_deref()
+            .map(|c| find(c, SEQ_PURPOSE))
+            .transpose()?;
         let event_type = columns
             .event_type
             .as_deref()
-            .map(|c| find(c, ""))
+            .map(|c| find(c, TYPE_PURPOSE))
             .transpose()?;
+        for (column, _) in &columns.header_names {
+            find(column, HEADER_PURPOSE)?;
+        }
         let topic = mapping
             .topic
             .parts
@@ -692,8 +705,7 @@ impl EventLayout {
         if !is_valid_topic_name(&topic) {
             return Err(RowError::InvalidTopic(topic));
         }
-        if !self.allowed_topics.is_empty() && !self.allowed_topics.iter().any(|p| p.matches(&topic))
-        {
+        if !allows(&self.allowed_topics, &topic) {
             return Err(RowError::TopicNotAllowed(topic));
         }
         Ok(topic)
