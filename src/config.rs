@@ -16,8 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::event::{
-    Columns, Mapping, NO_SEQ_COLUMN, PayloadFormat, RESERVED_HEADERS, TableName, TopicPattern,
-    TopicTemplate,
+    CloudEvents, Columns, Mapping, NO_SEQ_COLUMN, PayloadFormat, RESERVED_HEADERS, TableName,
+    TopicPattern, TopicTemplate,
 };
 use crate::kafka_properties::{self, KafkaProperties, Origin, PropertyArg, PropertyError};
 use crate::pg::params::{ConnectParams, ParamsError};
@@ -241,6 +241,27 @@ pub struct ColumnArgs {
         value_delimiter = ','
     )]
     pub header_name: Vec<String>,
+    /// The column whose JSON object may hold a W3C traceparent and
+    /// tracestate, copied into headers of those names when valid; if the
+    /// table has it [default: metadata].
+    #[arg(long, env = "WALRELAY_METADATA_COLUMN")]
+    pub metadata_column: Option<String>,
+    /// The column that says when the event happened (ce_time under
+    /// --format cloudevents); if the table has it [default: recorded_at].
+    #[arg(long, env = "WALRELAY_TIME_COLUMN")]
+    pub time_column: Option<String>,
+}
+
+/// The record format (`--format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The payload as the value, the columns as headers.
+    #[default]
+    Default,
+    /// As default, plus CloudEvents' Kafka binding in binary mode: ce_*
+    /// headers and content-type.
+    Cloudevents,
 }
 
 /// Flags of `walrelay run`. Each is optional here so that the configuration
@@ -300,6 +321,20 @@ pub struct RunArgs {
     /// Which columns make the event.
     #[command(flatten)]
     pub columns: ColumnArgs,
+    /// The record format: default, or cloudevents (CloudEvents' Kafka
+    /// protocol binding, binary mode) [default: default].
+    #[arg(long, env = "WALRELAY_FORMAT", value_enum)]
+    pub format: Option<Format>,
+    /// With --format cloudevents: the ce_source attribute, a URI-reference
+    /// [default: /walrelay/<database>/<schema>.<table>].
+    #[arg(long, env = "WALRELAY_CLOUDEVENTS_SOURCE")]
+    pub cloudevents_source: Option<String>,
+    /// With --format cloudevents: the content-type header, for a value
+    /// whose media type walrelay cannot tell (application/protobuf)
+    /// [default: by the payload: application/json, text/plain;
+    /// charset=utf-8, application/octet-stream].
+    #[arg(long, env = "WALRELAY_CLOUDEVENTS_CONTENT_TYPE")]
+    pub cloudevents_content_type: Option<String>,
     /// Accept a --topic template naming a column other than the key column,
     /// which can send the events of one aggregate to several topics, where
     /// their order no longer holds [default: false].
@@ -407,6 +442,11 @@ struct FileConfig {
     type_column: Option<String>,
     payload_format: Option<PayloadFormat>,
     header_names: Option<std::collections::BTreeMap<String, String>>,
+    metadata_column: Option<String>,
+    time_column: Option<String>,
+    format: Option<Format>,
+    cloudevents_source: Option<String>,
+    cloudevents_content_type: Option<String>,
     kafka_properties: Option<KafkaProperties>,
     allow_unsafe_kafka_properties: Option<Vec<String>>,
     metrics_addr: Option<String>,
@@ -556,6 +596,7 @@ fn topic_mapping(
         columns,
         topic: template,
         allowed_topics,
+        cloudevents: None,
     };
     if let Some(fixed) = mapping.topic.fixed() {
         if !mapping.allows(fixed) {
@@ -615,11 +656,43 @@ fn columns(args: ColumnArgs, file: FileColumns) -> Result<Columns, ConfigError> 
             ));
         }
     }
-    let header_names: Vec<(String, String)> = if args.header_name.is_empty() {
-        file.header_names.unwrap_or_default().into_iter().collect()
+    let header_names = header_names(&args.header_name, file.header_names, &key, &payload)?;
+    Ok(Columns {
+        key,
+        seq,
+        payload,
+        event_type,
+        payload_format: args
+            .payload_format
+            .or(file.payload_format)
+            .unwrap_or_default(),
+        header_names,
+        metadata: column(
+            "metadata-column",
+            args.metadata_column.or(file.metadata_column),
+            crate::event::DEFAULT_METADATA_COLUMN,
+        )?,
+        time: column(
+            "time-column",
+            args.time_column.or(file.time_column),
+            crate::event::DEFAULT_TIME_COLUMN,
+        )?,
+    })
+}
+
+/// The `--header-name` pairs of the flags (or else the file), checked: none
+/// renames the key or payload column, or to a header walrelay sets, and
+/// none names a column or header twice.
+fn header_names(
+    args: &[String],
+    file: Option<std::collections::BTreeMap<String, String>>,
+    key: &str,
+    payload: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let header_names: Vec<(String, String)> = if args.is_empty() {
+        file.unwrap_or_default().into_iter().collect()
     } else {
-        args.header_name
-            .iter()
+        args.iter()
             .map(|pair| {
                 pair.split_once('=')
                     .map(|(c, h)| (c.to_owned(), h.to_owned()))
@@ -635,7 +708,7 @@ fn columns(args: ColumnArgs, file: FileColumns) -> Result<Columns, ConfigError> 
     for (i, (column, header)) in header_names.iter().enumerate() {
         let problem = if column.is_empty() || header.is_empty() {
             Some("expected COLUMN=HEADER, like type=eventType".to_owned())
-        } else if *column == key || *column == payload {
+        } else if column == key || column == payload {
             Some(format!(
                 "{column:?} is the Kafka key or value, not a header"
             ))
@@ -656,17 +729,7 @@ fn columns(args: ColumnArgs, file: FileColumns) -> Result<Columns, ConfigError> 
             ));
         }
     }
-    Ok(Columns {
-        key,
-        seq,
-        payload,
-        event_type,
-        payload_format: args
-            .payload_format
-            .or(file.payload_format)
-            .unwrap_or_default(),
-        header_names,
-    })
+    Ok(header_names)
 }
 
 /// The column settings of the configuration file.
@@ -678,7 +741,69 @@ struct FileColumns {
     type_column: Option<String>,
     payload_format: Option<PayloadFormat>,
     header_names: Option<std::collections::BTreeMap<String, String>>,
+    metadata_column: Option<String>,
+    time_column: Option<String>,
 }
+
+/// The CloudEvents attributes `--format cloudevents` and its flags call for
+/// (`None` in the default format); the type column defaults to
+/// `event_type` there, and a sequence column is needed for `ce_id`.
+fn cloudevents(
+    format: Format,
+    source: Option<String>,
+    content_type: Option<String>,
+    postgres: &ConnectParams,
+    table: &TableName,
+    columns: &mut Columns,
+) -> Result<Option<CloudEvents>, ConfigError> {
+    if format == Format::Default {
+        if source.is_some() || content_type.is_some() {
+            return Err(invalid(
+                "format",
+                "--cloudevents-source and --cloudevents-content-type need --format cloudevents"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if columns.seq.is_none() {
+        return Err(invalid(
+            "format",
+            "cloudevents needs a sequence column (--seq-column): ce_id is <key>:<sequence>, the \
+             same on every replay, so that consumers can deduplicate on it"
+                .into(),
+        ));
+    }
+    columns
+        .event_type
+        .get_or_insert_with(|| DEFAULT_CLOUDEVENTS_TYPE_COLUMN.to_owned());
+    let source =
+        source.unwrap_or_else(|| crate::cloudevents::default_source(&postgres.dbname, table));
+    if !crate::cloudevents::is_valid_source(&source) {
+        return Err(invalid(
+            "cloudevents-source",
+            format!(
+                "{source:?} is not a URI-reference: use printable ASCII without spaces \
+                 (percent-encode anything else), like /shop/orders or https://shop.example/orders"
+            ),
+        ));
+    }
+    if let Some(content_type) = &content_type {
+        if !crate::cloudevents::is_valid_content_type(content_type) {
+            return Err(invalid(
+                "cloudevents-content-type",
+                format!("{content_type:?} is not a media type like application/protobuf"),
+            ));
+        }
+    }
+    Ok(Some(CloudEvents {
+        source,
+        content_type,
+    }))
+}
+
+/// The type column under `--format cloudevents` unless `--type-column` says.
+pub const DEFAULT_CLOUDEVENTS_TYPE_COLUMN: &str = "event_type";
 
 /// The dead-letter topic `--on-poison` and `--dead-letter-topic` call for;
 /// it must be none of the topics `topic` can resolve to.
@@ -841,13 +966,27 @@ impl RunArgs {
             type_column: file.type_column,
             payload_format: file.payload_format,
             header_names: file.header_names,
+            metadata_column: file.metadata_column,
+            time_column: file.time_column,
         };
         let allowed_topics = if self.allowed_topic.is_empty() {
             file.allowed_topics.unwrap_or_default()
         } else {
             self.allowed_topic
         };
-        let mapping = topic_mapping(
+        let postgres = source.connect_params()?;
+        let table = source.table()?;
+        let mut columns = columns(self.columns, file_columns)?;
+        let cloudevents = cloudevents(
+            self.format.or(file.format).unwrap_or_default(),
+            self.cloudevents_source.or(file.cloudevents_source),
+            self.cloudevents_content_type
+                .or(file.cloudevents_content_type),
+            &postgres,
+            &table,
+            &mut columns,
+        )?;
+        let mut mapping = topic_mapping(
             &self
                 .topic
                 .or(file.topic)
@@ -856,8 +995,9 @@ impl RunArgs {
                 .or(file.allow_aggregate_across_topics)
                 .unwrap_or(false),
             &allowed_topics,
-            columns(self.columns, file_columns)?,
+            columns,
         )?;
+        mapping.cloudevents = cloudevents;
         let metrics_addr = self.metrics_addr.or(file.metrics_addr);
         let shutdown_timeout = match self.shutdown_timeout.or(file.shutdown_timeout) {
             Some(text) => parse_duration("shutdown-timeout", &text, Duration::ZERO)?,
@@ -894,9 +1034,9 @@ impl RunArgs {
                 .snapshot
                 .or(file.snapshot)
                 .unwrap_or(SnapshotMode::Initial),
-            postgres: source.connect_params()?,
+            postgres,
             publication: source.publication()?,
-            table: source.table()?,
+            table,
             slot,
             create_slot: self.create_slot.or(file.create_slot).unwrap_or(true),
             // The checks librdkafka would make when the producer starts, now
@@ -1495,6 +1635,7 @@ shutdown_timeout = "45s"
                     ("type".into(), "eventType".into()),
                     ("event_id".into(), "id".into())
                 ],
+                ..Columns::default()
             }
         );
         // The file names them too.

@@ -376,6 +376,7 @@ fn print_published(brokers: &str, out: &mut impl Write, done: &CancellationToken
             value_kind: crate::event::ValueKind::Json,
             headers,
             commit_lsn,
+            invalid_trace_context: None,
         };
         if crate::tail::write_event(out, &event)
             .and_then(|()| out.flush())

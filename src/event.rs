@@ -33,8 +33,11 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+pub use crate::cloudevents::CloudEvents;
+use crate::cloudevents::{self as ce};
 use crate::pg::lsn::Lsn;
 use crate::pg::pgoutput::{ColumnValue, Relation, TupleData, pg_timestamp_to_system_time};
+use crate::trace_context::{self, TRACEPARENT, TRACESTATE};
 
 /// The `--key-column` unless told otherwise: its text is the Kafka key.
 pub const DEFAULT_KEY_COLUMN: &str = "aggregate_id";
@@ -42,6 +45,10 @@ pub const DEFAULT_KEY_COLUMN: &str = "aggregate_id";
 pub const DEFAULT_SEQ_COLUMN: &str = "seq_nr";
 /// The `--payload-column` unless told otherwise: the Kafka value.
 pub const DEFAULT_PAYLOAD_COLUMN: &str = "payload";
+/// The `--metadata-column` unless told otherwise: where a trace context is.
+pub const DEFAULT_METADATA_COLUMN: &str = "metadata";
+/// The `--time-column` unless told otherwise: when the event happened.
+pub const DEFAULT_TIME_COLUMN: &str = "recorded_at";
 /// What `--seq-column` takes for a table without a sequence column.
 pub const NO_SEQ_COLUMN: &str = "none";
 /// The header that carries the transaction's commit LSN.
@@ -142,6 +149,12 @@ pub struct Columns {
     pub payload_format: PayloadFormat,
     /// Columns whose header has another name than the column: (column, header).
     pub header_names: Vec<(String, String)>,
+    /// The column whose JSON object may hold a W3C trace context, if the
+    /// table has it.
+    pub metadata: String,
+    /// The column that says when the event happened (`ce_time`), if the
+    /// table has it.
+    pub time: String,
 }
 
 impl Default for Columns {
@@ -153,6 +166,8 @@ impl Default for Columns {
             event_type: None,
             payload_format: PayloadFormat::Auto,
             header_names: Vec::new(),
+            metadata: DEFAULT_METADATA_COLUMN.to_owned(),
+            time: DEFAULT_TIME_COLUMN.to_owned(),
         }
     }
 }
@@ -201,15 +216,19 @@ pub struct Mapping {
     /// The topics rows may resolve the template to (`--allowed-topic`);
     /// empty: any (the template's literal prefix confines them).
     pub allowed_topics: Vec<TopicPattern>,
+    /// With `--format cloudevents`, the CloudEvents attributes.
+    pub cloudevents: Option<CloudEvents>,
 }
 
 impl Mapping {
-    /// Maps `columns`, publishing to `topic`, to any topic.
+    /// Maps `columns`, publishing to `topic`, to any topic, in the default
+    /// format.
     pub fn new(columns: Columns, topic: TopicTemplate) -> Self {
         Mapping {
             columns,
             topic,
             allowed_topics: Vec::new(),
+            cloudevents: None,
         }
     }
 
@@ -490,6 +509,20 @@ pub enum LayoutError {
         /// The header.
         header: String,
     },
+    /// A column would become a header `--format cloudevents` sets.
+    #[error(
+        "table {table} has a column that becomes header {header:?}, which --format cloudevents \
+         sets itself (ce_* and content-type); give it another name with --header-name"
+    )]
+    CloudEventsHeader {
+        /// `schema.table`.
+        table: String,
+        /// The header.
+        header: String,
+    },
+    /// `--format cloudevents` without a column it needs.
+    #[error("--format cloudevents needs {0} (ce_id is <key>:<sequence>, ce_type the type column)")]
+    CloudEventsColumn(&'static str),
 }
 
 #[derive(Clone, Debug)]
@@ -518,6 +551,62 @@ pub struct EventLayout {
     headers: Vec<(Arc<str>, usize)>,
     topic: Vec<TopicPart>,
     allowed_topics: Vec<TopicPattern>,
+    /// The metadata column, whose trace context becomes headers, unless a
+    /// column is a `traceparent` or `tracestate` header itself.
+    trace_source: Option<usize>,
+    /// With `--format cloudevents`.
+    cloudevents: Option<CloudEventsLayout>,
+}
+
+/// Where the CloudEvents attributes of an event come from.
+#[derive(Clone, Debug)]
+struct CloudEventsLayout {
+    /// The sequence column, half of `ce_id`.
+    seq: usize,
+    /// The type column: `ce_type`.
+    event_type: usize,
+    /// The time column (`ce_time`), if the table has it.
+    time: Option<usize>,
+    /// `ce_specversion`, `ce_source` and `content-type`, the same for every
+    /// event.
+    constant: Vec<(Arc<str>, Bytes)>,
+}
+
+impl CloudEventsLayout {
+    /// The attributes over the sequence, type and time columns (the first
+    /// two required), for values of `value_kind`; no column header of
+    /// `table` may be one of them.
+    fn new(
+        attributes: &CloudEvents,
+        headers: &[(Arc<str>, usize)],
+        (seq, event_type, time): (Option<usize>, Option<usize>, Option<usize>),
+        value_kind: ValueKind,
+        table: impl Fn() -> String,
+    ) -> Result<Self, LayoutError> {
+        if let Some((header, _)) = headers
+            .iter()
+            .find(|(h, _)| h.starts_with(ce::ATTRIBUTE_PREFIX) || &**h == ce::CONTENT_TYPE_HEADER)
+        {
+            return Err(LayoutError::CloudEventsHeader {
+                table: table(),
+                header: header.to_string(),
+            });
+        }
+        let constant = [
+            (ce::SPEC_VERSION_HEADER, ce::SPEC_VERSION),
+            (ce::SOURCE_HEADER, attributes.source.as_str()),
+            (ce::CONTENT_TYPE_HEADER, attributes.content_type(value_kind)),
+        ];
+        Ok(CloudEventsLayout {
+            seq: seq.ok_or(LayoutError::CloudEventsColumn("--seq-column"))?,
+            event_type: event_type.ok_or(LayoutError::CloudEventsColumn("--type-column"))?,
+            time,
+            constant: constant
+                .iter()
+                .map(|(h, v)| (Arc::from(*h), Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+        })
+    }
 }
 
 impl EventLayout {
@@ -572,6 +661,11 @@ impl EventLayout {
             }
             headers.push((Arc::from(header), i));
         }
+        let trace_source = relation.column_index(&columns.metadata).filter(|_| {
+            !headers
+                .iter()
+                .any(|(h, _)| [TRACEPARENT, TRACESTATE].contains(&&**h))
+        });
         let type_oid = relation.columns[value].type_oid;
         let is_json = JSON_TYPE_OIDS.contains(&type_oid);
         let value_bytea = type_oid == BYTEA_TYPE_OID;
@@ -583,6 +677,15 @@ impl EventLayout {
             PayloadFormat::Json => (ValueKind::Json, !is_json),
             PayloadFormat::Bytes => (ValueKind::Binary, false),
         };
+        let cloudevents = mapping
+            .cloudevents
+            .as_ref()
+            .map(|attributes| {
+                let time = relation.column_index(&columns.time);
+                let columns = (seq, event_type, time);
+                CloudEventsLayout::new(attributes, &headers, columns, value_kind, table)
+            })
+            .transpose()?;
         Ok(EventLayout {
             relation_oid: relation.oid,
             names: relation
@@ -600,6 +703,8 @@ impl EventLayout {
             headers,
             topic,
             allowed_topics: mapping.allowed_topics.clone(),
+            trace_source,
+            cloudevents,
         })
     }
 
@@ -651,12 +756,48 @@ impl EventLayout {
             .ok_or_else(|| RowError::NullPayload(self.names[self.value].to_string()))?;
         let value = self.value(value.clone())?;
         let topic = self.topic(row)?;
-        // Every header of the event: the row's columns, then the transaction's.
-        let mut headers = Vec::with_capacity(self.headers.len() + txn.headers.len());
+        // Every header of the event: the row's columns, the CloudEvents
+        // attributes, the trace context, then the transaction's.
+        let mut headers = Vec::with_capacity(self.headers.len() + txn.headers.len() + 8);
         for (name, i) in &self.headers {
             if let Some(v) = cell(*i)? {
                 headers.push((Arc::clone(name), v.clone()));
             }
+        }
+        if let Some(layout) = &self.cloudevents {
+            headers.extend(layout.constant.iter().cloned());
+            let mut id = Vec::with_capacity(key.len() + 12);
+            id.extend_from_slice(&key);
+            id.push(b':');
+            // Both required: checked above.
+            id.extend_from_slice(cell(layout.seq)?.map_or(&b""[..], |s| &s[..]));
+            headers.push((Arc::from(ce::ID_HEADER), Bytes::from(id)));
+            if let Some(event_type) = cell(layout.event_type)? {
+                headers.push((Arc::from(ce::TYPE_HEADER), event_type.clone()));
+            }
+            let recorded = layout
+                .time
+                .map(cell)
+                .transpose()?
+                .flatten()
+                .and_then(|t| ce::rfc3339_from_pg(t))
+                .map(Bytes::from);
+            if let Some(time) = recorded.or_else(|| txn.rfc3339_commit_ts.clone()) {
+                headers.push((Arc::from(ce::TIME_HEADER), time));
+            }
+        }
+        let mut invalid_trace_context = None;
+        if let Some(metadata) = self.trace_source.map(cell).transpose()?.flatten() {
+            let context = trace_context::from_metadata(metadata);
+            for (name, value) in [
+                (TRACEPARENT, context.traceparent),
+                (TRACESTATE, context.tracestate),
+            ] {
+                if let Some(value) = value {
+                    headers.push((Arc::from(name), metadata.slice_ref(value.as_bytes())));
+                }
+            }
+            invalid_trace_context = context.invalid;
         }
         headers.extend(txn.headers.iter().cloned());
         Ok(Event {
@@ -667,6 +808,7 @@ impl EventLayout {
             value_kind: self.value_kind,
             headers,
             commit_lsn: txn.commit_lsn,
+            invalid_trace_context,
         })
     }
 
@@ -871,22 +1013,29 @@ pub struct Transaction {
     /// The headers every event of the transaction carries after its
     /// columns': `lsn`, `commit_ts`.
     headers: Vec<(Arc<str>, Bytes)>,
+    /// The commit time when RFC 3339 can say it (years 0000 to 9999): the
+    /// `ce_time` of events whose table says no other time.
+    rfc3339_commit_ts: Option<Bytes>,
 }
 
 impl Transaction {
     /// The shared part of the events of the transaction a Begin announced.
     pub fn new(commit_lsn: Lsn, commit_ts: i64) -> Self {
+        let commit_ts_text = Bytes::from(format_commit_ts(commit_ts));
+        // The expanded years start with a sign, the infinities are words.
+        let rfc3339_commit_ts = commit_ts_text
+            .first()
+            .is_some_and(u8::is_ascii_digit)
+            .then(|| commit_ts_text.clone());
         let headers = vec![
             (Arc::from(LSN_HEADER), Bytes::from(commit_lsn.to_string())),
-            (
-                Arc::from(COMMIT_TS_HEADER),
-                Bytes::from(format_commit_ts(commit_ts)),
-            ),
+            (Arc::from(COMMIT_TS_HEADER), commit_ts_text),
         ];
         Transaction {
             commit_lsn,
             commit_ts,
             headers,
+            rfc3339_commit_ts,
         }
     }
 
@@ -909,10 +1058,14 @@ pub struct Event {
     pub value: Bytes,
     /// What the value is.
     pub value_kind: ValueKind,
-    /// Header name and value, in column order, then `lsn` and `commit_ts`.
+    /// Header name and value: the columns in their order, the CloudEvents
+    /// attributes, the trace context, then `lsn` and `commit_ts`.
     pub headers: Vec<(Arc<str>, Bytes)>,
     /// The commit LSN of the transaction it belongs to.
     pub commit_lsn: Lsn,
+    /// A trace context in the metadata column that was not valid, and so
+    /// not copied.
+    pub invalid_trace_context: Option<trace_context::Invalid>,
 }
 
 impl Event {
@@ -1335,6 +1488,186 @@ mod tests {
         ]);
         let err = EventLayout::new(&rel, &clash).unwrap_err();
         assert!(err.to_string().contains("header \"id\""), "{err}");
+    }
+
+    fn cloudevents(topic: &str) -> Mapping {
+        let mut m = mapping_with(topic, |c| c.event_type = Some("event_type".into()));
+        m.cloudevents = Some(CloudEvents {
+            source: "/walrelay/shop/public.events".into(),
+            content_type: None,
+        });
+        m
+    }
+
+    #[test]
+    fn cloudevents_attributes_are_headers_and_the_id_is_the_key_and_sequence() {
+        let rel = relation(&[
+            ("aggregate_id", 2950),
+            ("seq_nr", 20),
+            ("event_type", 25),
+            ("payload", 3802),
+            ("recorded_at", 1184),
+        ]);
+        let layout = EventLayout::new(&rel, &cloudevents("events")).unwrap();
+        let row = |recorded_at: ColumnValue| {
+            vec![
+                t("4d47e190-0402-4048-bc2c-89dd54343cdc"),
+                t("7"),
+                t("OrderPlaced"),
+                t("{}"),
+                recorded_at,
+            ]
+        };
+        let event = layout
+            .event(&txn(), &row(t("2026-11-25 10:18:50.968738+00")))
+            .unwrap();
+        assert_eq!(
+            headers(&event),
+            [
+                ("seq_nr", &b"7"[..]),
+                ("event_type", b"OrderPlaced"),
+                ("recorded_at", b"2026-11-25 10:18:50.968738+00"),
+                ("ce_specversion", b"1.0"),
+                ("ce_source", b"/walrelay/shop/public.events"),
+                ("content-type", b"application/json"),
+                ("ce_id", b"4d47e190-0402-4048-bc2c-89dd54343cdc:7"),
+                ("ce_type", b"OrderPlaced"),
+                ("ce_time", b"2026-11-25T10:18:50.968738Z"),
+                ("lsn", b"1/A0"),
+                ("commit_ts", b"2026-01-01T00:00:00.000001Z"),
+            ]
+        );
+        // No RFC 3339 time in the row: the commit time; none at all: no ce_time.
+        for recorded_at in [ColumnValue::Null, t("infinity")] {
+            let event = layout.event(&txn(), &row(recorded_at)).unwrap();
+            assert_eq!(
+                event.header("ce_time").map(|v| &v[..]),
+                Some(&b"2026-01-01T00:00:00.000001Z"[..])
+            );
+        }
+        let beyond_9999 = Transaction::new(Lsn(1), 252_455_616_000_000_000);
+        let event = layout.event(&beyond_9999, &row(ColumnValue::Null)).unwrap();
+        assert_eq!(event.header("ce_time"), None);
+        // A bytea payload is octet-stream, unless told.
+        let bytea = relation(&[
+            ("aggregate_id", 20),
+            ("seq_nr", 20),
+            ("event_type", 25),
+            ("payload", 17),
+        ]);
+        let octets = EventLayout::new(&bytea, &cloudevents("events")).unwrap();
+        let row = vec![t("1"), t("2"), t("T"), t("\\x0a")];
+        let event = octets.event(&txn(), &row).unwrap();
+        assert_eq!(
+            event.header("content-type").map(|v| &v[..]),
+            Some(&b"application/octet-stream"[..])
+        );
+        let mut protobuf = cloudevents("events");
+        protobuf.cloudevents.as_mut().unwrap().content_type = Some("application/protobuf".into());
+        let event = EventLayout::new(&bytea, &protobuf)
+            .unwrap()
+            .event(&txn(), &row)
+            .unwrap();
+        assert_eq!(
+            event.header("content-type").map(|v| &v[..]),
+            Some(&b"application/protobuf"[..])
+        );
+        // No time column: the commit time.
+        assert_eq!(
+            event.header("ce_time").map(|v| &v[..]),
+            Some(&b"2026-01-01T00:00:00.000001Z"[..])
+        );
+    }
+
+    #[test]
+    fn cloudevents_headers_belong_to_walrelay() {
+        let rel = relation(&[
+            ("aggregate_id", 25),
+            ("seq_nr", 20),
+            ("event_type", 25),
+            ("payload", 3802),
+            ("ce_id", 25),
+        ]);
+        let err = EventLayout::new(&rel, &cloudevents("events")).unwrap_err();
+        assert!(err.to_string().contains("header \"ce_id\""), "{err}");
+        // Renamed, it is any column.
+        let mut renamed = cloudevents("events");
+        renamed.columns.header_names = vec![("ce_id".into(), "legacy_id".into())];
+        assert!(EventLayout::new(&rel, &renamed).is_ok());
+        // In the default format a ce_ column is just a header.
+        assert!(EventLayout::new(&rel, &mapping("events")).is_ok());
+        let mut no_seq = cloudevents("events");
+        no_seq.columns.seq = None;
+        let err = EventLayout::new(&standard(), &no_seq).unwrap_err();
+        assert!(err.to_string().contains("--seq-column"), "{err}");
+    }
+
+    #[test]
+    fn a_trace_context_in_the_metadata_column_becomes_headers_when_valid() {
+        let layout = EventLayout::new(&standard(), &mapping("events")).unwrap();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let row = |metadata: &str| vec![t("k"), t("1"), t("T"), t("{}"), t(metadata)];
+        let event = layout
+            .event(
+                &txn(),
+                &row(&format!(
+                    r#"{{"traceparent": "{parent}", "tracestate": "rojo=00f067aa0ba902b7"}}"#
+                )),
+            )
+            .unwrap();
+        assert_eq!(
+            event.header("traceparent").map(|v| &v[..]),
+            Some(parent.as_bytes())
+        );
+        assert_eq!(
+            event.header("tracestate").map(|v| &v[..]),
+            Some(&b"rojo=00f067aa0ba902b7"[..])
+        );
+        assert_eq!(event.invalid_trace_context, None);
+        // Malformed: left out, and said so; the event is built all the same.
+        let event = layout
+            .event(
+                &txn(),
+                &row(
+                    r#"{"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01"}"#,
+                ),
+            )
+            .unwrap();
+        assert_eq!(event.header("traceparent"), None);
+        assert_eq!(
+            event.invalid_trace_context.map(|i| i.header),
+            Some(TRACEPARENT)
+        );
+        // A column that is a traceparent header itself wins over the metadata.
+        let rel = relation(&[
+            ("aggregate_id", 25),
+            ("seq_nr", 20),
+            ("payload", 3802),
+            ("metadata", 3802),
+            ("trace_parent", 25),
+        ]);
+        let mut renamed = mapping("events");
+        renamed.columns.header_names = vec![("trace_parent".into(), "traceparent".into())];
+        let layout = EventLayout::new(&rel, &renamed).unwrap();
+        let event = layout
+            .event(
+                &txn(),
+                &vec![
+                    t("k"),
+                    t("1"),
+                    t("{}"),
+                    t(&format!(r#"{{"traceparent": "{parent}"}}"#)),
+                    t("from-the-column"),
+                ],
+            )
+            .unwrap();
+        let parents: Vec<&[u8]> = event
+            .headers
+            .iter()
+            .filter(|(n, _)| &**n == "traceparent")
+            .map(|(_, v)| &v[..])
+            .collect();
+        assert_eq!(parents, [&b"from-the-column"[..]]);
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub struct Metrics {
     pub slot_retained_wal: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
+    /// Events whose metadata held a malformed trace context header, left
+    /// out, by header (traceparent, tracestate).
+    pub trace_context_invalid: IntCounterVec,
     health: Arc<Health>,
 }
 
@@ -291,12 +294,24 @@ impl Metrics {
                 "walrelay_http_connections_rejected_total",
                 "Connections to the metrics endpoint closed unserved because too many were open.",
             ),
+            trace_context_invalid: counter_vec(
+                "walrelay_trace_context_invalid_total",
+                "Events whose metadata held a malformed W3C trace context value, not copied into \
+                 its header, by header (traceparent, tracestate).",
+                "header",
+            ),
             registry,
             health: Arc::new(Health::default()),
         };
         // Export the labelled series at 0 so alerts and rates see them from the start.
         for reason in ["refused", "timed_out", "fatal", "invalid_row"] {
             metrics.publish_errors.with_label_values(&[reason]);
+        }
+        for header in [
+            crate::trace_context::TRACEPARENT,
+            crate::trace_context::TRACESTATE,
+        ] {
+            metrics.trace_context_invalid.with_label_values(&[header]);
         }
         for target in ["postgres", "kafka"] {
             metrics.reconnects.with_label_values(&[target]);

@@ -165,6 +165,8 @@ struct Shared {
     dead_letters: Option<tokio::sync::mpsc::UnboundedSender<(TxnId, PublishFailure)>>,
     /// The header that carries an event's sequence, to name a refused one by.
     seq_header: Option<String>,
+    /// Whether a malformed trace context was logged as a warning already.
+    trace_warned: AtomicBool,
 }
 
 impl Shared {
@@ -472,6 +474,7 @@ impl Sink {
             dead_letters: dead_letter_topic.as_ref().map(|_| queue),
             dead_letter_topic,
             seq_header: seq_header.map(str::to_owned),
+            trace_warned: AtomicBool::new(false),
         });
         let mut config = config.clone();
         if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
@@ -655,6 +658,9 @@ impl Sink {
     /// Hands `event` of transaction `txn` to the producer, waiting while its
     /// queue is full.
     pub async fn send(&self, txn: TxnId, event: &Event) -> Result<(), SinkError> {
+        if let Some(invalid) = &event.invalid_trace_context {
+            self.invalid_trace_context(event, invalid);
+        }
         let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
         for (name, value) in &event.headers {
             headers = headers.insert(Header {
@@ -690,6 +696,33 @@ impl Sink {
             Action::DeadLetter(failure) => self.dead_letter(txn, &failure).await,
             Action::Nothing => Ok(()),
             Action::Halt => Err(SinkError::Publish(Box::new(failure))),
+        }
+    }
+
+    /// Counts and logs a trace context header left out of `event`: a warning
+    /// the first time, then at debug level (one writer's bad habit would
+    /// otherwise flood the log). Never the value, which may be large.
+    fn invalid_trace_context(&self, event: &Event, invalid: &crate::trace_context::Invalid) {
+        self.shared
+            .metrics
+            .trace_context_invalid
+            .with_label_values(&[invalid.header])
+            .inc();
+        let aggregate = String::from_utf8_lossy(&event.key);
+        let seq_nr = event
+            .seq
+            .as_deref()
+            .map_or_else(|| "?".into(), String::from_utf8_lossy);
+        let message = "the metadata column holds a malformed trace context value, not copied into \
+                       its header";
+        if self.shared.trace_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(header = invalid.header, reason = invalid.reason, aggregate = %aggregate,
+                seq_nr = %seq_nr, lsn = %event.commit_lsn, "{message}");
+        } else {
+            tracing::warn!(header = invalid.header, reason = invalid.reason, aggregate = %aggregate,
+                seq_nr = %seq_nr, lsn = %event.commit_lsn,
+                "{message} (walrelay_trace_context_invalid_total counts them; further ones are \
+                 logged at debug level)");
         }
     }
 

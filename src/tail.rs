@@ -193,6 +193,7 @@ mod tests {
                 (Arc::from("lsn"), Bytes::from_static(b"0/16B3748")),
             ],
             commit_lsn: Lsn(0x16B_3748),
+            invalid_trace_context: None,
         }
     }
 

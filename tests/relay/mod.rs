@@ -1,6 +1,7 @@
 //! `walrelay run` end to end: a real PostgreSQL, librdkafka's mock cluster
 //! over TCP, the built binary in its own process.
 mod check;
+mod cloudevents;
 mod config;
 mod confirm;
 mod crash;
