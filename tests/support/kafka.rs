@@ -131,6 +131,20 @@ impl Kafka {
             .expect("consumer")
     }
 
+    /// A [`consumer`](Self::consumer) assigned every partition of `topic`,
+    /// from its beginning, and the number of partitions.
+    fn assigned_from_start(&self, topic: &str) -> (BaseConsumer, i32) {
+        let consumer = self.consumer();
+        let partitions = partitions(&consumer, topic);
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&list).expect("assign");
+        (consumer, partitions)
+    }
+
     /// Reads `topic` from the beginning, in offset order per partition, until
     /// `count` distinct events (by key and `seq_nr`) arrived and then the
     /// topic stayed quiet: no record for [`QUIET`] and the reader at every
@@ -153,14 +167,7 @@ impl Kafka {
         timeout: Duration,
         identity: impl Fn(&Record) -> I,
     ) -> Vec<Record> {
-        let consumer = self.consumer();
-        let partitions = partitions(&consumer, topic);
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&list).expect("assign");
+        let (consumer, partitions) = self.assigned_from_start(topic);
         let deadline = Instant::now() + timeout;
         let mut records: Vec<Record> = Vec::new();
         let mut distinct = HashSet::new();
@@ -213,14 +220,7 @@ impl Kafka {
     /// every partition: one record, without waiting for the topic to go
     /// quiet as [`Kafka::read`] does.
     pub fn first_record(&self, topic: &str, timeout: Duration) -> Record {
-        let consumer = self.consumer();
-        let partitions = partitions(&consumer, topic);
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&list).expect("assign");
+        let (consumer, _) = self.assigned_from_start(topic);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
