@@ -104,15 +104,19 @@ fn find_bin_dir() -> Option<PathBuf> {
         .find(|d| has_initdb(d))
 }
 
-/// A throwaway PostgreSQL cluster; stopped and removed on drop.
-struct LocalPostgres {
+/// A throwaway PostgreSQL cluster (trust authentication, `wal_level=logical`,
+/// 127.0.0.1 on a free port); stopped and removed on drop. The bank example's
+/// `sandbox` uses it too.
+pub struct LocalPostgres {
     child: tokio::process::Child,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 impl LocalPostgres {
-    async fn start() -> Result<Self, DemoError> {
+    /// initdb in a temporary directory (as `nobody` when run as root), then
+    /// start the server and wait until it accepts connections.
+    pub async fn start() -> Result<Self, DemoError> {
         let bin = find_bin_dir().ok_or(DemoError::NoPostgres)?;
         let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
         let dir = tempfile::Builder::new()
@@ -172,7 +176,8 @@ impl LocalPostgres {
         Ok(pg)
     }
 
-    fn url(&self, database: &str) -> String {
+    /// The URL of `database` as the superuser `postgres` (no password).
+    pub fn url(&self, database: &str) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
             self.port
@@ -207,7 +212,8 @@ impl LocalPostgres {
         ))
     }
 
-    async fn stop(mut self) {
+    /// Stops the server (fast shutdown) and removes its files.
+    pub async fn stop(mut self) {
         // SIGINT is PostgreSQL's fast shutdown; the temporary directory goes with `self`.
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
             let _ = nix::sys::signal::kill(

@@ -5,11 +5,12 @@
 //! process runs, `/readyz` answers 200 only while walrelay streams from
 //! PostgreSQL, the broker is reachable and no request to PostgreSQL has
 //! waited for its answer longer than half of `--request-timeout` (503 with
-//! the reason otherwise).
+//! the reason otherwise). `/progress` says, as JSON, how far walrelay has
+//! published (see [`Progress`]).
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -81,6 +82,7 @@ pub struct Metrics {
     /// out, by header (traceparent, tracestate).
     pub trace_context_invalid: IntCounterVec,
     health: Arc<Health>,
+    progress: Arc<Progress>,
 }
 
 /// What `/readyz` reports.
@@ -152,6 +154,95 @@ impl Health {
         } else {
             None
         }
+    }
+}
+
+/// How far walrelay has published, for `/progress`: writers wait on it.
+///
+/// `confirmed` is the watermark of [`crate::checkpoint`]: every transaction
+/// of the events table whose commit record ends at or before it was
+/// acknowledged by the broker, with every transaction before it. It is the
+/// end of such a commit record, or a WAL position the server reported in a
+/// keepalive while nothing was in flight (the walsender reports the end of
+/// the last record it decoded, so every transaction committed before it was
+/// sent, and acknowledged, before the keepalive). Either way, a writer whose
+/// transaction committed, and that then read `pg_current_wal_lsn()` (at or
+/// past the commit record's end once COMMIT returned, with
+/// `synchronous_commit` on), finds its events on the topic once
+/// `confirmed` is at or past that value.
+///
+/// Before walrelay can vouch for a position it reports none: until it has
+/// read the slot's, and, on the start that creates the slot, until the
+/// initial snapshot is acknowledged (the slot's position is then its
+/// consistent point, but the rows committed before it are still on their
+/// way). The commit time is that of the newest transaction with events this
+/// process saw acknowledged: none after a start, even when the slot was
+/// confirmed far already.
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: Mutex<Published>,
+}
+
+/// A reading of [`Progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The confirmed position; `None` before walrelay vouches for one.
+    pub confirmed: Option<Lsn>,
+    /// The commit time (PostgreSQL microseconds since 2000-01-01) of the
+    /// newest transaction with events acknowledged since this process
+    /// started; `None` before the first.
+    pub last_commit_ts: Option<i64>,
+}
+
+impl Progress {
+    fn state(&self) -> std::sync::MutexGuard<'_, Published> {
+        // Every update is one field at a time: a panic cannot leave it torn.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// From here on walrelay vouches for `lsn`: the slot's position read at
+    /// start, or the end of the initial snapshot once it is acknowledged.
+    pub fn vouch(&self, lsn: Lsn) {
+        let mut state = self.state();
+        state.confirmed = Some(state.confirmed.map_or(lsn, |c| c.max(lsn)));
+    }
+
+    /// The confirmed position moved to `lsn`; ignored before [`vouch`](Self::vouch).
+    pub fn confirmed(&self, lsn: Lsn) {
+        let mut state = self.state();
+        if let Some(confirmed) = &mut state.confirmed {
+            *confirmed = (*confirmed).max(lsn);
+        }
+    }
+
+    /// A transaction that committed at `commit_ts` (PostgreSQL microseconds)
+    /// was acknowledged, and is confirmed; ignored before [`vouch`](Self::vouch)
+    /// (the initial snapshot's "commit time" is only when it was read).
+    pub fn committed(&self, commit_ts: i64) {
+        let mut state = self.state();
+        if state.confirmed.is_some() {
+            state.last_commit_ts = Some(commit_ts);
+        }
+    }
+
+    /// The current reading.
+    pub fn get(&self) -> Published {
+        *self.state()
+    }
+
+    /// The body of `/progress`: `confirmed_lsn` as `X/Y`, `confirmed_lsn_int`
+    /// as a number and `last_commit_ts` in RFC 3339, each `null` while unknown.
+    pub fn to_json(&self) -> String {
+        let Published {
+            confirmed,
+            last_commit_ts,
+        } = self.get();
+        serde_json::json!({
+            "confirmed_lsn": confirmed.map(|lsn| lsn.to_string()),
+            "confirmed_lsn_int": confirmed.map(|lsn| lsn.0),
+            "last_commit_ts": last_commit_ts.map(crate::event::format_commit_ts),
+        })
+        .to_string()
     }
 }
 
@@ -302,6 +393,7 @@ impl Metrics {
             ),
             registry,
             health: Arc::new(Health::default()),
+            progress: Arc::new(Progress::default()),
         };
         // Export the labelled series at 0 so alerts and rates see them from the start.
         for reason in ["refused", "timed_out", "fatal", "invalid_row"] {
@@ -328,6 +420,11 @@ impl Metrics {
     /// The readiness flags.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// What `/progress` reports.
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
     }
 
     /// Sets an LSN gauge (LSNs fit in i64 for the next few million years of WAL).
@@ -435,7 +532,23 @@ fn router(metrics: &Metrics) -> axum::Router {
         )
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`
+/// The route `/progress`: [`Progress::to_json`], always 200 (an unknown
+/// position reads `null`, which a writer waiting on it treats as "not yet").
+fn progress_router(metrics: &Metrics) -> axum::Router {
+    use axum::http::header;
+    use axum::routing::get;
+
+    let progress = Arc::clone(metrics.progress());
+    axum::Router::new().route(
+        "/progress",
+        get(move || {
+            let body = progress.to_json();
+            async move { ([(header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    )
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/progress` on `listener` until `shutdown`
 /// completes; then stops accepting, closes idle connections at once and gives
 /// busy ones `limits.close_grace` to finish their response before dropping
 /// them, so that shutdown never waits on a client.
@@ -451,7 +564,7 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(&metrics);
+    let app = router(&metrics).merge(progress_router(&metrics));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
     // `closing`: finish the response in hand, then close; `dropping`: close now.
@@ -759,6 +872,71 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[test]
+    fn progress_is_null_until_vouched_for_then_only_moves_forward() {
+        let progress = Progress::default();
+        let json = |p: &Progress| serde_json::from_str::<serde_json::Value>(&p.to_json()).unwrap();
+        let unknown = serde_json::json!({
+            "confirmed_lsn": null, "confirmed_lsn_int": null, "last_commit_ts": null,
+        });
+        assert_eq!(json(&progress), unknown);
+        // The initial snapshot completes before walrelay vouches: its
+        // position and its time say nothing about older commits yet.
+        progress.confirmed(Lsn(0x1_0000));
+        progress.committed(1);
+        assert_eq!(json(&progress), unknown);
+
+        progress.vouch(Lsn(0x16_B374_D848));
+        assert_eq!(
+            json(&progress),
+            serde_json::json!({
+                "confirmed_lsn": "16/B374D848",
+                "confirmed_lsn_int": 0x16_B374_D848_u64,
+                "last_commit_ts": null,
+            })
+        );
+        // 2026-11-25T10:18:50.969472Z in PostgreSQL microseconds.
+        let ts = 848_917_130_969_472;
+        progress.confirmed(Lsn(0x17_0000_0000));
+        progress.committed(ts);
+        // Never back, also when asked to (a keepalive below a commit's end).
+        progress.confirmed(Lsn(0x16_0000_0000));
+        progress.vouch(Lsn(0x16_0000_0000));
+        assert_eq!(
+            json(&progress),
+            serde_json::json!({
+                "confirmed_lsn": "17/0",
+                "confirmed_lsn_int": 0x17_0000_0000_u64,
+                "last_commit_ts": "2026-11-25T10:18:50.969472Z",
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn progress_is_served_as_json() {
+        let (addr, metrics, _stop, _server) = start(HttpLimits::default()).await;
+        metrics.progress().vouch(Lsn(0x2A));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            b"GET /progress HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let answer = closed_by_server(&mut stream, Duration::from_secs(10)).await;
+        let text = String::from_utf8(answer).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["confirmed_lsn"], "0/2A");
+        assert_eq!(body["confirmed_lsn_int"], 42);
     }
 
     #[test]

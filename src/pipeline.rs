@@ -215,6 +215,13 @@ pub async fn run(
     };
     backoff.reset();
     Metrics::set_lsn(&metrics.confirmed_lsn, confirmed);
+    if initial.is_none() {
+        // Every transaction before the slot's position was acknowledged by
+        // whoever confirmed it. A new slot's position is its consistent
+        // point, with the older rows still to publish: /progress waits for
+        // them (below).
+        metrics.progress().vouch(confirmed);
+    }
     let sink = Sink::new(
         &producer_config,
         confirmed,
@@ -278,6 +285,10 @@ async fn stream(
                 return Ok(());
             }
             published = publish => { published?; }
+        }
+        // Acknowledged whole, unless a shutdown cut it short.
+        if !shutdown.is_cancelled() {
+            metrics.progress().vouch(sink.confirmed());
         }
     }
     let mut standby_since: Option<tokio::time::Instant> = None;

@@ -181,11 +181,13 @@ impl Shared {
     fn observe(&self, advance: Advance) {
         if let Some(lsn) = advance.confirmed {
             Metrics::set_lsn(&self.metrics.confirmed_lsn, lsn);
+            self.metrics.progress().confirmed(lsn);
         }
         if advance.completed > 0 {
             self.metrics.transactions.inc_by(advance.completed);
         }
         if let Some(ts) = advance.last_commit_ts {
+            self.metrics.progress().committed(ts);
             let t = crate::pg::pgoutput::pg_timestamp_to_system_time(ts);
             if let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) {
                 self.metrics.last_commit_timestamp.set(since.as_secs_f64());

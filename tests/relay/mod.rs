@@ -12,6 +12,7 @@ mod event_table;
 mod faults;
 mod oracle;
 mod poison;
+mod progress;
 mod recovery;
 mod replay;
 mod secrets;

@@ -233,6 +233,18 @@ impl Kafka {
         }
     }
 
+    /// A reader of `topic` from the beginning of every partition, that
+    /// reads up to where the partitions end at the moment it is asked.
+    pub fn reader(&self, topic: &str) -> Reader {
+        let (consumer, partitions) = self.assigned_from_start(topic);
+        Reader {
+            consumer,
+            topic: topic.to_owned(),
+            next: vec![0; usize::try_from(partitions).unwrap()],
+            records: Vec::new(),
+        }
+    }
+
     /// Every partition's (low, high) watermark of `topic` now; `None` when
     /// the cluster does not answer within `timeout` (a broker is down).
     pub fn watermarks(&self, topic: &str, timeout: Duration) -> Option<Vec<(i64, i64)>> {
@@ -268,4 +280,48 @@ pub fn watermarks(
             .map(|ask| ask.join().expect("watermark thread"))
             .collect()
     })
+}
+
+/// Reads a topic up to the ends its partitions have at the moment of each
+/// [`Reader::catch_up`]: what the broker holds then, and nothing later.
+pub struct Reader {
+    consumer: BaseConsumer,
+    topic: String,
+    /// Per partition, the offset after the last record read.
+    next: Vec<i64>,
+    /// Every record read so far, in the order read.
+    pub records: Vec<Record>,
+}
+
+impl Reader {
+    /// Reads every partition up to its end as the broker reports it now,
+    /// and returns how many records that added. Panics when the broker does
+    /// not answer, or the records below the ends do not arrive, within
+    /// `timeout`.
+    pub fn catch_up(&mut self, timeout: Duration) -> usize {
+        let partitions = i32::try_from(self.next.len()).unwrap();
+        let ends = watermarks(&self.consumer, &self.topic, partitions, timeout)
+            .unwrap_or_else(|| panic!("no watermarks of {} within {timeout:?}", self.topic));
+        let before = self.records.len();
+        let deadline = Instant::now() + timeout;
+        while ends
+            .iter()
+            .zip(&self.next)
+            .any(|((_, high), next)| next < high)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{}: read up to {:?}, the ends are {ends:?}",
+                self.topic,
+                self.next
+            );
+            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let record = Record::from_message(&message.expect("consume"));
+            self.next[usize::try_from(record.partition).unwrap()] = record.offset + 1;
+            self.records.push(record);
+        }
+        self.records.len() - before
+    }
 }

@@ -24,7 +24,17 @@ impl Walrelay {
     /// Starts `walrelay ARGS...` with `env` added to a clean environment
     /// (no PG* or WALRELAY_* variables leak in from the test runner).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_walrelay"));
+        Self::spawn_program(env!("CARGO_BIN_EXE_walrelay"), args, env)
+    }
+
+    /// Starts another `program` (the bank example) the same way: a clean
+    /// environment plus `env`, its output collected, killed when dropped.
+    pub fn spawn_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new(program.as_ref());
         command
             .args(args)
             .env_clear()
@@ -39,7 +49,9 @@ impl Walrelay {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().expect("spawn walrelay");
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", program.as_ref()));
         let stdout = collect(child.stdout.take().expect("stdout"));
         let stderr = collect(child.stderr.take().expect("stderr"));
         Walrelay {
