@@ -689,6 +689,7 @@ mod tests {
             "walrelay_slot_wal_status",
             "walrelay_slot_retained_wal_bytes",
             "walrelay_http_connections_rejected_total",
+            "walrelay_trace_context_invalid_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
