@@ -8,7 +8,6 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use crate::config::RunConfig;
-use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, VALUE_COLUMN};
 use crate::metrics::Metrics;
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, PublicationState, Restriction};
@@ -204,8 +203,7 @@ async fn postgres_findings(
 }
 
 async fn publication_finding(client: &crate::pg::metadata::Client, config: &RunConfig) -> Finding {
-    let mut needed = vec![KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
-    needed.extend(config.topic.columns());
+    let needed = config.mapping.needed_columns();
     match metadata::publication_state(client, &config.publication, &config.table, &needed).await {
         Ok(PublicationState::Ok) => Finding::ok(
             "publication",
@@ -269,13 +267,12 @@ async fn table_finding(
         ));
     }
     let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let mut needed = vec![
-        KEY_COLUMN.to_owned(),
-        VALUE_COLUMN.to_owned(),
-        SEQ_NR_COLUMN.to_owned(),
-    ];
-    needed.extend(config.topic.columns().map(str::to_owned));
-    let missing: Vec<&String> = needed.iter().filter(|c| !columns.contains(c)).collect();
+    let needed = config.mapping.needed_columns();
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|c| !columns.iter().any(|have| have == c))
+        .collect();
     Ok(if missing.is_empty() {
         Finding::ok(
             "table",
@@ -285,7 +282,8 @@ async fn table_finding(
         Finding::problem(
             "table",
             format!("{} lacks the column(s) {missing:?}", config.table),
-            "add them (see sql/001_events.sql), or fix --topic",
+            "add them (see sql/001_events.sql), or name the columns to use (--key-column, \
+             --seq-column, --payload-column, --type-column, --header-name, --topic)",
         )
     })
 }
@@ -461,18 +459,18 @@ async fn kafka_finding(config: &RunConfig) -> Finding {
         Ok(c) => c,
         Err(e) => return Finding::problem("kafka", e.to_string(), "fix --kafka-property"),
     };
-    let sink = match Sink::new(&producer, Lsn::ZERO, Metrics::new(), None) {
+    let sink = match Sink::new(&producer, Lsn::ZERO, Metrics::new(), None, None) {
         Ok(sink) => sink,
         Err(e) => return Finding::problem("kafka", e.to_string(), "fix --kafka-property"),
     };
-    let Some(topic) = config.topic.fixed() else {
+    let Some(topic) = config.mapping.topic.fixed() else {
         return match sink.check_cluster(BROKER_TIMEOUT).await {
             Err(e) => unreachable_finding(config, &e.to_string()),
             Ok(()) => Finding::ok(
                 "kafka",
                 format!(
                     "{} reachable; topics of template {} are checked when first used",
-                    config.kafka_brokers, config.topic
+                    config.kafka_brokers, config.mapping.topic
                 ),
             ),
         };

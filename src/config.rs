@@ -15,7 +15,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::event::{KEY_COLUMN, TableName, TopicTemplate};
+use crate::event::{
+    CloudEvents, Columns, Mapping, NO_SEQ_COLUMN, PayloadFormat, RESERVED_HEADERS, TableName,
+    TopicPattern, TopicTemplate,
+};
 use crate::kafka_properties::{self, KafkaProperties, Origin, PropertyArg, PropertyError};
 use crate::pg::params::{ConnectParams, ParamsError};
 use crate::sink::SinkConfigError;
@@ -201,6 +204,64 @@ pub struct TailArgs {
     /// The topic shown with each event; may name columns: events.{event_type}.
     #[arg(long, env = "WALRELAY_TOPIC", default_value = DEFAULT_TOPIC)]
     pub topic: String,
+    /// Which columns make the event.
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+}
+
+/// Which columns of the table make the event: flags of `run`, `check` and
+/// `tail`.
+#[derive(Debug, Args, Default)]
+pub struct ColumnArgs {
+    /// The column whose text is the Kafka key [default: aggregate_id].
+    #[arg(long, env = "WALRELAY_KEY_COLUMN")]
+    pub key_column: Option<String>,
+    /// The per-aggregate sequence column: the initial snapshot's order
+    /// within an aggregate, and what consumers deduplicate on; none for a
+    /// table without one [default: seq_nr].
+    #[arg(long, env = "WALRELAY_SEQ_COLUMN")]
+    pub seq_column: Option<String>,
+    /// The column whose value is the Kafka value [default: payload].
+    #[arg(long, env = "WALRELAY_PAYLOAD_COLUMN")]
+    pub payload_column: Option<String>,
+    /// The column that holds the event's type, which every row must have
+    /// (a header, as every other column) [default: none].
+    #[arg(long, env = "WALRELAY_TYPE_COLUMN")]
+    pub type_column: Option<String>,
+    /// How the payload becomes the Kafka value: auto (by its type: bytea as
+    /// its bytes, json/jsonb and text as their text), json (checked to be
+    /// JSON, else a poison row), bytes (never checked) [default: auto].
+    #[arg(long, env = "WALRELAY_PAYLOAD_FORMAT", value_enum)]
+    pub payload_format: Option<PayloadFormat>,
+    /// COLUMN=HEADER: the header a column becomes, when not its own name
+    /// (repeatable; comma-separated in the environment).
+    #[arg(
+        long = "header-name",
+        env = "WALRELAY_HEADER_NAME",
+        value_delimiter = ','
+    )]
+    pub header_name: Vec<String>,
+    /// The column whose JSON object may hold a W3C traceparent and
+    /// tracestate, copied into headers of those names when valid; if the
+    /// table has it [default: metadata].
+    #[arg(long, env = "WALRELAY_METADATA_COLUMN")]
+    pub metadata_column: Option<String>,
+    /// The column that says when the event happened (ce_time under
+    /// --format cloudevents); if the table has it [default: recorded_at].
+    #[arg(long, env = "WALRELAY_TIME_COLUMN")]
+    pub time_column: Option<String>,
+}
+
+/// The record format (`--format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The payload as the value, the columns as headers.
+    #[default]
+    Default,
+    /// As default, plus CloudEvents' Kafka binding in binary mode: ce_*
+    /// headers and content-type.
+    Cloudevents,
 }
 
 /// Flags of `walrelay run`. Each is optional here so that the configuration
@@ -243,10 +304,38 @@ pub struct RunArgs {
     #[arg(long, env = "WALRELAY_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
     /// The topic; may name columns: events.{event_type} [default: events].
-    /// A column other than aggregate_id needs --allow-aggregate-across-topics.
+    /// A template starts with a literal prefix ending in '.', '_' or '-',
+    /// unless --allowed-topic names the topics; a column other than the key
+    /// column needs --allow-aggregate-across-topics.
     #[arg(long, env = "WALRELAY_TOPIC")]
     pub topic: Option<String>,
-    /// Accept a --topic template naming a column other than aggregate_id,
+    /// A topic the --topic template may resolve to, or a prefix and a star
+    /// (orders.*); a row resolving to any other is a poison row
+    /// (repeatable; comma-separated in the environment).
+    #[arg(
+        long = "allowed-topic",
+        env = "WALRELAY_ALLOWED_TOPIC",
+        value_delimiter = ','
+    )]
+    pub allowed_topic: Vec<String>,
+    /// Which columns make the event.
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+    /// The record format: default, or cloudevents (CloudEvents' Kafka
+    /// protocol binding, binary mode) [default: default].
+    #[arg(long, env = "WALRELAY_FORMAT", value_enum)]
+    pub format: Option<Format>,
+    /// With --format cloudevents: the ce_source attribute, a URI-reference
+    /// [default: /walrelay/<database>/<schema>.<table>].
+    #[arg(long, env = "WALRELAY_CLOUDEVENTS_SOURCE")]
+    pub cloudevents_source: Option<String>,
+    /// With --format cloudevents: the content-type header, for a value
+    /// whose media type walrelay cannot tell (application/protobuf)
+    /// [default: by the payload: application/json, text/plain;
+    /// charset=utf-8, application/octet-stream].
+    #[arg(long, env = "WALRELAY_CLOUDEVENTS_CONTENT_TYPE")]
+    pub cloudevents_content_type: Option<String>,
+    /// Accept a --topic template naming a column other than the key column,
     /// which can send the events of one aggregate to several topics, where
     /// their order no longer holds [default: false].
     #[arg(long, env = "WALRELAY_ALLOW_AGGREGATE_ACROSS_TOPICS", num_args = 0..=1, default_missing_value = "true")]
@@ -279,9 +368,10 @@ pub struct RunArgs {
     /// first (initial), or only what commits later (never) [default: initial].
     #[arg(long, env = "WALRELAY_SNAPSHOT", value_enum)]
     pub snapshot: Option<SnapshotMode>,
-    /// A row that cannot be published (refused by the broker, not JSON, no
-    /// key): stop (halt), or describe it on --dead-letter-topic and go on
-    /// (dead-letter) [default: halt].
+    /// A row that cannot be published (refused by the broker, a NULL key or
+    /// payload, a topic not allowed or missing, not JSON under
+    /// --payload-format json): stop (halt), or describe it on
+    /// --dead-letter-topic and go on (dead-letter) [default: halt].
     #[arg(long, env = "WALRELAY_ON_POISON", value_enum)]
     pub on_poison: Option<OnPoison>,
     /// The topic for --on-poison dead-letter.
@@ -349,7 +439,19 @@ struct FileConfig {
     create_slot: Option<bool>,
     kafka_brokers: Option<String>,
     topic: Option<String>,
+    allowed_topics: Option<Vec<String>>,
     allow_aggregate_across_topics: Option<bool>,
+    key_column: Option<String>,
+    seq_column: Option<String>,
+    payload_column: Option<String>,
+    type_column: Option<String>,
+    payload_format: Option<PayloadFormat>,
+    header_names: Option<std::collections::BTreeMap<String, String>>,
+    metadata_column: Option<String>,
+    time_column: Option<String>,
+    format: Option<Format>,
+    cloudevents_source: Option<String>,
+    cloudevents_content_type: Option<String>,
     kafka_properties: Option<KafkaProperties>,
     allow_unsafe_kafka_properties: Option<Vec<String>>,
     metrics_addr: Option<String>,
@@ -450,35 +552,271 @@ fn parse_duration(
     }
 }
 
-/// The topic template, checked against per-aggregate order: a column other
-/// than the key can put the events of one aggregate on several topics, and
-/// Kafka orders records only within one partition of one topic.
-fn topic_template(text: &str, allow_across_topics: bool) -> Result<TopicTemplate, ConfigError> {
+/// The topic template with the topics rows may resolve it to, checked
+/// against per-aggregate order (a column other than the key can put the
+/// events of one aggregate on several topics, and Kafka orders records only
+/// within one partition of one topic) and against row data choosing any
+/// topic (a template without a literal prefix needs `--allowed-topic`).
+fn topic_mapping(
+    text: &str,
+    allow_across_topics: bool,
+    allowed: &[String],
+    columns: Columns,
+) -> Result<Mapping, ConfigError> {
     let template: TopicTemplate = text
         .parse()
         .map_err(|e: crate::event::TopicTemplateError| invalid("topic", e.to_string()))?;
-    let columns: Vec<&str> = template.columns_besides_key().collect();
-    if !columns.is_empty() && !allow_across_topics {
+    let key = &columns.key;
+    let besides: Vec<&str> = template.columns_besides(key).collect();
+    if !besides.is_empty() && !allow_across_topics {
         return Err(invalid(
             "topic",
             format!(
-                "{text:?} names {columns:?}, which can send the events of one aggregate to several \
-                 topics, where consumers no longer see them in seq_nr order (Kafka orders records \
-                 only within one partition of one topic); name no column or only {{{KEY_COLUMN}}}, \
-                 or pass --allow-aggregate-across-topics if no consumer needs an aggregate's events \
-                 in order across those topics"
+                "{text:?} names {besides:?}, which can send the events of one aggregate to several \
+                 topics, where consumers no longer see them in order (Kafka orders records only \
+                 within one partition of one topic); name no column or only {{{key}}} (the key \
+                 column), or pass --allow-aggregate-across-topics if no consumer needs an \
+                 aggregate's events in order across those topics"
             ),
         ));
     }
-    Ok(template)
+    let allowed_topics = allowed
+        .iter()
+        .map(|a| {
+            a.parse::<TopicPattern>()
+                .map_err(|e| invalid("allowed-topic", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if allowed_topics.is_empty() && !template.is_confined() {
+        return Err(invalid(
+            "topic",
+            format!(
+                "{text:?} lets the rows' values choose any topic (internal ones such as \
+                 __consumer_offsets, or another application's); begin it with a literal prefix \
+                 that ends in '.', '_' or '-' (events.{{event_type}}), or name the topics rows \
+                 may publish to with --allowed-topic"
+            ),
+        ));
+    }
+    let mapping = Mapping {
+        columns,
+        topic: template,
+        allowed_topics,
+        cloudevents: None,
+    };
+    if let Some(fixed) = mapping.topic.fixed() {
+        if !mapping.allows(fixed) {
+            return Err(invalid(
+                "allowed-topic",
+                format!("allows no event to go to --topic {fixed:?}, the only topic it names"),
+            ));
+        }
+    }
+    Ok(mapping)
 }
+
+/// The columns the flags (or else the file) name, checked: each names a
+/// column, no column serves twice, and no header is renamed to another's.
+fn columns(args: ColumnArgs, file: FileColumns) -> Result<Columns, ConfigError> {
+    let defaults = Columns::default();
+    let column = |setting: &'static str, value: Option<String>, default: &str| match value {
+        None => Ok(default.to_owned()),
+        Some(v) if v.is_empty() => Err(invalid(setting, "must name a column".into())),
+        Some(v) => Ok(v),
+    };
+    let key = column(
+        "key-column",
+        args.key_column.or(file.key_column),
+        &defaults.key,
+    )?;
+    let payload = column(
+        "payload-column",
+        args.payload_column.or(file.payload_column),
+        &defaults.payload,
+    )?;
+    let seq = match args.seq_column.or(file.seq_column) {
+        Some(none) if none == NO_SEQ_COLUMN => None,
+        other => Some(column(
+            "seq-column",
+            other,
+            crate::event::DEFAULT_SEQ_COLUMN,
+        )?),
+    };
+    let event_type = args
+        .type_column
+        .or(file.type_column)
+        .map(|t| column("type-column", Some(t), ""))
+        .transpose()?;
+    let named = [
+        ("key-column", Some(&key)),
+        ("payload-column", Some(&payload)),
+        ("seq-column", seq.as_ref()),
+        ("type-column", event_type.as_ref()),
+    ];
+    for (i, (setting, name)) in named.iter().enumerate() {
+        let Some(name) = name else { continue };
+        if let Some((other, _)) = named[..i].iter().find(|(_, n)| *n == Some(*name)) {
+            return Err(invalid(
+                setting,
+                format!("{name:?} is the --{other} too; each role needs a column of its own"),
+            ));
+        }
+    }
+    let header_names = header_names(&args.header_name, file.header_names, &key, &payload)?;
+    Ok(Columns {
+        key,
+        seq,
+        payload,
+        event_type,
+        payload_format: args
+            .payload_format
+            .or(file.payload_format)
+            .unwrap_or_default(),
+        header_names,
+        metadata: column(
+            "metadata-column",
+            args.metadata_column.or(file.metadata_column),
+            crate::event::DEFAULT_METADATA_COLUMN,
+        )?,
+        time: column(
+            "time-column",
+            args.time_column.or(file.time_column),
+            crate::event::DEFAULT_TIME_COLUMN,
+        )?,
+    })
+}
+
+/// The `--header-name` pairs of the flags (or else the file), checked: none
+/// renames the key or payload column, or to a header walrelay sets, and
+/// none names a column or header twice.
+fn header_names(
+    args: &[String],
+    file: Option<std::collections::BTreeMap<String, String>>,
+    key: &str,
+    payload: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let header_names: Vec<(String, String)> = if args.is_empty() {
+        file.unwrap_or_default().into_iter().collect()
+    } else {
+        args.iter()
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(c, h)| (c.to_owned(), h.to_owned()))
+                    .ok_or_else(|| {
+                        invalid(
+                            "header-name",
+                            format!("{pair:?}: expected COLUMN=HEADER, like type=eventType"),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    for (i, (column, header)) in header_names.iter().enumerate() {
+        let problem = if column.is_empty() || header.is_empty() {
+            Some("expected COLUMN=HEADER, like type=eventType".to_owned())
+        } else if column == key || column == payload {
+            Some(format!(
+                "{column:?} is the Kafka key or value, not a header"
+            ))
+        } else if RESERVED_HEADERS.contains(&header.as_str()) {
+            Some(format!("{header:?} is a header walrelay sets itself"))
+        } else if header_names[..i]
+            .iter()
+            .any(|(c, h)| c == column || h == header)
+        {
+            Some(format!("{column:?} or {header:?} is named twice"))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(invalid(
+                "header-name",
+                format!("{column}={header}: {problem}"),
+            ));
+        }
+    }
+    Ok(header_names)
+}
+
+/// The column settings of the configuration file.
+#[derive(Default)]
+struct FileColumns {
+    key_column: Option<String>,
+    seq_column: Option<String>,
+    payload_column: Option<String>,
+    type_column: Option<String>,
+    payload_format: Option<PayloadFormat>,
+    header_names: Option<std::collections::BTreeMap<String, String>>,
+    metadata_column: Option<String>,
+    time_column: Option<String>,
+}
+
+/// The CloudEvents attributes `--format cloudevents` and its flags call for
+/// (`None` in the default format); the type column defaults to
+/// `event_type` there, and a sequence column is needed for `ce_id`.
+fn cloudevents(
+    format: Format,
+    source: Option<String>,
+    content_type: Option<String>,
+    postgres: &ConnectParams,
+    table: &TableName,
+    columns: &mut Columns,
+) -> Result<Option<CloudEvents>, ConfigError> {
+    if format == Format::Default {
+        if source.is_some() || content_type.is_some() {
+            return Err(invalid(
+                "format",
+                "--cloudevents-source and --cloudevents-content-type need --format cloudevents"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if columns.seq.is_none() {
+        return Err(invalid(
+            "format",
+            "cloudevents needs a sequence column (--seq-column): ce_id is <key>:<sequence>, the \
+             same on every replay, so that consumers can deduplicate on it"
+                .into(),
+        ));
+    }
+    columns
+        .event_type
+        .get_or_insert_with(|| DEFAULT_CLOUDEVENTS_TYPE_COLUMN.to_owned());
+    let source =
+        source.unwrap_or_else(|| crate::cloudevents::default_source(&postgres.dbname, table));
+    if !crate::cloudevents::is_valid_source(&source) {
+        return Err(invalid(
+            "cloudevents-source",
+            format!(
+                "{source:?} is not a URI-reference: use printable ASCII without spaces \
+                 (percent-encode anything else), like /shop/orders or https://shop.example/orders"
+            ),
+        ));
+    }
+    if let Some(content_type) = &content_type {
+        if !crate::cloudevents::is_valid_content_type(content_type) {
+            return Err(invalid(
+                "cloudevents-content-type",
+                format!("{content_type:?} is not a media type like application/protobuf"),
+            ));
+        }
+    }
+    Ok(Some(CloudEvents {
+        source,
+        content_type,
+    }))
+}
+
+/// The type column under `--format cloudevents` unless `--type-column` says.
+pub const DEFAULT_CLOUDEVENTS_TYPE_COLUMN: &str = "event_type";
 
 /// The dead-letter topic `--on-poison` and `--dead-letter-topic` call for;
 /// it must be none of the topics `topic` can resolve to.
 fn dead_letter_topic(
     on_poison: OnPoison,
     topic: Option<String>,
-    events: &TopicTemplate,
+    events: &Mapping,
 ) -> Result<Option<String>, ConfigError> {
     match (on_poison, topic) {
         (OnPoison::Halt, None) => Ok(None),
@@ -501,13 +839,14 @@ fn dead_letter_topic(
                         format!("{t:?} is not a valid Kafka topic name"),
                     )
                 })?;
-            if events.can_resolve_to(&fixed) {
+            if events.topic.can_resolve_to(&fixed) && events.allows(&fixed) {
                 return Err(invalid(
                     "dead-letter-topic",
                     format!(
-                        "{fixed:?} is a topic --topic {events} can publish events to: dead-letter \
+                        "{fixed:?} is a topic --topic {} can publish events to: dead-letter \
                          records would mix with events and be read as such; choose a topic that no \
-                         row can make --topic name"
+                         row can make --topic name (and --allowed-topic allow)",
+                        events.topic
                     ),
                 ));
             }
@@ -533,8 +872,9 @@ pub struct RunConfig {
     pub kafka_brokers: String,
     /// librdkafka properties given by the user.
     pub kafka_properties: KafkaProperties,
-    /// The topic template.
-    pub topic: TopicTemplate,
+    /// How rows become events: the columns, the topic template and the
+    /// topics rows may go to.
+    pub mapping: Mapping,
     /// The metrics endpoint's address.
     pub metrics_addr: SocketAddr,
     /// How long a shutdown waits for acknowledgements.
@@ -628,7 +968,34 @@ impl RunArgs {
                 "--kafka-property {name} {what} (allowed by --allow-unsafe-kafka-property)"
             );
         }
-        let topic = topic_template(
+        let file_columns = FileColumns {
+            key_column: file.key_column,
+            seq_column: file.seq_column,
+            payload_column: file.payload_column,
+            type_column: file.type_column,
+            payload_format: file.payload_format,
+            header_names: file.header_names,
+            metadata_column: file.metadata_column,
+            time_column: file.time_column,
+        };
+        let allowed_topics = if self.allowed_topic.is_empty() {
+            file.allowed_topics.unwrap_or_default()
+        } else {
+            self.allowed_topic
+        };
+        let postgres = source.connect_params()?;
+        let table = source.table()?;
+        let mut columns = columns(self.columns, file_columns)?;
+        let cloudevents = cloudevents(
+            self.format.or(file.format).unwrap_or_default(),
+            self.cloudevents_source.or(file.cloudevents_source),
+            self.cloudevents_content_type
+                .or(file.cloudevents_content_type),
+            &postgres,
+            &table,
+            &mut columns,
+        )?;
+        let mut mapping = topic_mapping(
             &self
                 .topic
                 .or(file.topic)
@@ -636,7 +1003,10 @@ impl RunArgs {
             self.allow_aggregate_across_topics
                 .or(file.allow_aggregate_across_topics)
                 .unwrap_or(false),
+            &allowed_topics,
+            columns,
         )?;
+        mapping.cloudevents = cloudevents;
         let metrics_addr = self.metrics_addr.or(file.metrics_addr);
         let shutdown_timeout = match self.shutdown_timeout.or(file.shutdown_timeout) {
             Some(text) => parse_duration("shutdown-timeout", &text, Duration::ZERO)?,
@@ -650,7 +1020,7 @@ impl RunArgs {
         let dead_letter_topic = dead_letter_topic(
             self.on_poison.or(file.on_poison).unwrap_or(OnPoison::Halt),
             self.dead_letter_topic.or(file.dead_letter_topic),
-            &topic,
+            &mapping,
         )?;
         let stale_slot_grace = match self.stale_slot_grace.or(file.stale_slot_grace) {
             // Longer than the 10 s between a healthy holder's status updates.
@@ -679,9 +1049,9 @@ impl RunArgs {
                 .snapshot
                 .or(file.snapshot)
                 .unwrap_or(SnapshotMode::Initial),
-            postgres: source.connect_params()?,
+            postgres,
             publication: source.publication()?,
-            table: source.table()?,
+            table,
             slot,
             create_slot: self.create_slot.or(file.create_slot).unwrap_or(true),
             // The checks librdkafka would make when the producer starts, now
@@ -693,7 +1063,7 @@ impl RunArgs {
                 kafka_properties
             },
             kafka_brokers,
-            topic,
+            mapping,
             metrics_addr: match metrics_addr {
                 None => default_metrics_addr(),
                 Some(text) => text.parse().map_err(|_| {
@@ -847,15 +1217,16 @@ fn invalid(setting: &'static str, message: String) -> ConfigError {
 
 impl TailArgs {
     /// Checks every setting; nothing connects before this succeeds.
-    pub fn validate(&self) -> Result<TailOptions, ConfigError> {
+    pub fn validate(self) -> Result<TailOptions, ConfigError> {
+        let topic = self
+            .topic
+            .parse::<TopicTemplate>()
+            .map_err(|e| invalid("topic", e.to_string()))?;
         Ok(TailOptions {
             postgres: self.source.connect_params()?,
             publication: self.source.publication()?,
             table: self.source.table()?,
-            topic: self
-                .topic
-                .parse::<TopicTemplate>()
-                .map_err(|e| invalid("topic", e.to_string()))?,
+            mapping: Mapping::new(columns(self.columns, FileColumns::default())?, topic),
         })
     }
 }
@@ -879,7 +1250,7 @@ mod tests {
         let o = tail(&["--postgres-url", "postgres://u@h/d"]).unwrap();
         assert_eq!(o.publication, "walrelay_events");
         assert_eq!(o.table.to_string(), "public.events");
-        assert_eq!(o.topic.to_string(), "events");
+        assert_eq!(o.mapping.topic.to_string(), "events");
     }
 
     #[test]
@@ -946,7 +1317,7 @@ mod tests {
         assert_eq!(c.slot, "walrelay");
         assert_eq!(c.publication, "walrelay_events");
         assert_eq!(c.table.to_string(), "public.events");
-        assert_eq!(c.topic.to_string(), "events");
+        assert_eq!(c.mapping.topic.to_string(), "events");
         assert!(c.create_slot);
         // Loopback only unless told otherwise.
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9187");
@@ -1154,7 +1525,7 @@ shutdown_timeout = "45s"
         for (topic, dlq) in [
             ("events", "events"),
             ("events.{event_type}", "events.Poison"),
-            ("{tenant}", "anything"),
+            ("e.{tenant}", "e.anything"),
         ] {
             let err = dead_letter(topic, dlq).unwrap_err();
             assert!(
@@ -1169,11 +1540,176 @@ shutdown_timeout = "45s"
             let c = dead_letter(topic, dlq).unwrap();
             assert_eq!(c.dead_letter_topic.as_deref(), Some(dlq));
         }
+        // Only the topics --allowed-topic allows count.
+        let allowed = |allowed: &str| {
+            run(&[
+                &MINIMAL[..],
+                &[
+                    "--topic",
+                    "{tenant}",
+                    "--allowed-topic",
+                    allowed,
+                    "--allow-aggregate-across-topics",
+                    "--on-poison",
+                    "dead-letter",
+                    "--dead-letter-topic",
+                    "dead",
+                ],
+            ]
+            .concat())
+        };
+        assert!(allowed("orders").is_ok());
+        assert!(
+            allowed("d*")
+                .unwrap_err()
+                .starts_with("--dead-letter-topic")
+        );
+    }
+
+    #[test]
+    fn a_template_without_a_literal_prefix_needs_the_allowed_topics() {
+        let with = |extra: &[&str]| {
+            run(&[&MINIMAL[..], extra, &["--allow-aggregate-across-topics"]].concat())
+        };
+        for open in ["{event_type}", "{tenant}.events", "events{event_type}"] {
+            let err = with(&["--topic", open]).unwrap_err();
+            assert!(
+                err.starts_with("--topic") && err.contains("--allowed-topic"),
+                "{open}: {err}"
+            );
+        }
+        let c = with(&[
+            "--topic",
+            "{event_type}",
+            "--allowed-topic",
+            "orders",
+            "--allowed-topic",
+            "audit.*",
+        ])
+        .unwrap();
+        assert!(c.mapping.allows("orders") && c.mapping.allows("audit.x"));
+        assert!(!c.mapping.allows("payments"));
+        // The environment's list is comma-separated; the file takes an array.
+        let c = with(&["--topic", "{event_type}", "--allowed-topic", "a,b.*"]).unwrap();
+        assert!(c.mapping.allows("a") && c.mapping.allows("b.c"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            "topic = \"{event_type}\"\nallowed_topics = [\"orders\"]\n",
+        )
+        .unwrap();
+        let c = with(&["--config", path.to_str().unwrap()]).unwrap();
+        assert!(c.mapping.allows("orders") && !c.mapping.allows("a"));
+        // A prefix that ends in a separator confines the template by itself.
+        let c = with(&["--topic", "outbox.event.{aggregatetype}"]).unwrap();
+        assert!(c.mapping.allowed_topics.is_empty());
+        for bad in ["*", "a b", "a*b", ".."] {
+            let err = with(&["--topic", "{x}", "--allowed-topic", bad]).unwrap_err();
+            assert!(err.starts_with("--allowed-topic"), "{bad}: {err}");
+        }
+        // A fixed topic the list leaves out would refuse every row.
+        let err = with(&["--topic", "events", "--allowed-topic", "other"]).unwrap_err();
+        assert!(err.starts_with("--allowed-topic"), "{err}");
+    }
+
+    #[test]
+    fn the_column_flags_name_the_columns_of_the_event() {
+        let c = run(&MINIMAL).unwrap();
+        assert_eq!(c.mapping.columns, Columns::default());
+        assert_eq!(
+            c.mapping.needed_columns(),
+            ["aggregate_id", "payload", "seq_nr"]
+        );
+        let c = run(&[
+            &MINIMAL[..],
+            &[
+                "--key-column",
+                "aggregateid",
+                "--seq-column",
+                "none",
+                "--payload-column",
+                "body",
+                "--type-column",
+                "type",
+                "--payload-format",
+                "bytes",
+                "--header-name",
+                "type=eventType",
+                "--header-name",
+                "event_id=id",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(
+            c.mapping.columns,
+            Columns {
+                key: "aggregateid".into(),
+                seq: None,
+                payload: "body".into(),
+                event_type: Some("type".into()),
+                payload_format: PayloadFormat::Bytes,
+                header_names: vec![
+                    ("type".into(), "eventType".into()),
+                    ("event_id".into(), "id".into())
+                ],
+                ..Columns::default()
+            }
+        );
+        // The file names them too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            "key_column = \"k\"\nseq_column = \"version\"\npayload_format = \"json\"\n\
+             [header_names]\ntype = \"eventType\"\n",
+        )
+        .unwrap();
+        let c = run(&[&MINIMAL[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(
+            (
+                c.mapping.columns.key.as_str(),
+                c.mapping.columns.seq.as_deref(),
+                c.mapping.columns.payload_format,
+                c.mapping.seq_header(),
+            ),
+            ("k", Some("version"), PayloadFormat::Json, Some("version"))
+        );
+        assert_eq!(c.mapping.columns.header_name("type"), "eventType");
+        for (args, needle) in [
+            (&["--key-column", ""][..], "--key-column"),
+            (&["--payload-column", "aggregate_id"], "--payload-column"),
+            (&["--type-column", "seq_nr"], "--type-column"),
+            (&["--seq-column", "payload"], "--seq-column"),
+            (&["--payload-format", "avro"], "payload-format"),
+            (&["--header-name", "type"], "--header-name"),
+            (&["--header-name", "=x"], "--header-name"),
+            (&["--header-name", "payload=body"], "--header-name"),
+            (&["--header-name", "aggregate_id=key"], "--header-name"),
+            (&["--header-name", "recorded_at=lsn"], "--header-name"),
+            (&["--header-name", "a=x,b=x"], "--header-name"),
+        ] {
+            let err = run(&[&MINIMAL[..], args].concat()).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_per_aggregate_order_check_follows_the_key_column() {
+        let with =
+            |extra: &[&str]| run(&[&MINIMAL[..], &["--key-column", "aggregateid"], extra].concat());
+        assert!(with(&["--topic", "e.{aggregateid}"]).is_ok());
+        for topic in ["e.{aggregate_id}", "outbox.event.{aggregatetype}"] {
+            let err = with(&["--topic", topic]).unwrap_err();
+            assert!(err.contains("--allow-aggregate-across-topics"), "{err}");
+            assert!(with(&["--topic", topic, "--allow-aggregate-across-topics"]).is_ok());
+        }
     }
 
     #[test]
     fn a_topic_template_that_can_split_an_aggregate_needs_the_opt_in() {
-        for topic in ["events.{event_type}", "{tenant}.{aggregate_id}"] {
+        for topic in ["events.{event_type}", "t.{tenant}.{aggregate_id}"] {
             let err = run(&[&MINIMAL[..], &["--topic", topic]].concat()).unwrap_err();
             assert!(
                 err.starts_with("--topic") && err.contains("--allow-aggregate-across-topics"),
@@ -1185,11 +1721,11 @@ shutdown_timeout = "45s"
             ]
             .concat())
             .unwrap();
-            assert_eq!(c.topic.to_string(), topic);
+            assert_eq!(c.mapping.topic.to_string(), topic);
         }
         // The key column alone keeps each aggregate on one topic.
         let c = run(&[&MINIMAL[..], &["--topic", "events.{aggregate_id}"]].concat()).unwrap();
-        assert_eq!(c.topic.to_string(), "events.{aggregate_id}");
+        assert_eq!(c.mapping.topic.to_string(), "events.{aggregate_id}");
         // The file can opt in too; the flag can opt out again.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("walrelay.toml");

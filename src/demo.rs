@@ -265,9 +265,12 @@ pub async fn run(
         create_slot: true,
         kafka_brokers: brokers.clone(),
         kafka_properties: crate::kafka_properties::KafkaProperties::default(),
-        topic: crate::config::DEFAULT_TOPIC
-            .parse()
-            .map_err(|e| pg_error("topic", e))?,
+        mapping: crate::event::Mapping::new(
+            crate::event::Columns::default(),
+            crate::config::DEFAULT_TOPIC
+                .parse()
+                .map_err(|e| pg_error("topic", e))?,
+        ),
         metrics_addr,
         shutdown_timeout: Duration::from_secs(5),
         heartbeat_interval: None,
@@ -374,9 +377,13 @@ fn print_published(brokers: &str, out: &mut impl Write, done: &CancellationToken
         let event = Event {
             topic: message.topic().to_owned(),
             key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
-            value: message.payload().map(Bytes::copy_from_slice),
+            seq: None,
+            value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+            // The demo's table has a jsonb payload.
+            value_kind: crate::event::ValueKind::Json,
             headers,
             commit_lsn,
+            invalid_trace_context: None,
         };
         if crate::tail::write_event(out, &event)
             .and_then(|()| out.flush())

@@ -3,6 +3,7 @@
 //! delivered.
 pub mod check;
 pub mod checkpoint;
+pub mod cloudevents;
 pub mod config;
 pub mod confirm;
 pub mod demo;
@@ -19,3 +20,4 @@ pub mod slot;
 pub mod snapshot;
 pub mod source;
 pub mod tail;
+pub mod trace_context;

@@ -85,6 +85,9 @@ pub struct Metrics {
     pub slot_idle_timeout: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
+    /// Events whose metadata held a malformed trace context header, left
+    /// out, by header (traceparent, tracestate).
+    pub trace_context_invalid: IntCounterVec,
     health: Arc<Health>,
     progress: Arc<Progress>,
 }
@@ -401,6 +404,12 @@ impl Metrics {
                 "walrelay_http_connections_rejected_total",
                 "Connections to the metrics endpoint closed unserved because too many were open.",
             ),
+            trace_context_invalid: counter_vec(
+                "walrelay_trace_context_invalid_total",
+                "Events whose metadata held a malformed W3C trace context value, not copied into \
+                 its header, by header (traceparent, tracestate).",
+                "header",
+            ),
             registry,
             health: Arc::new(Health::default()),
             progress: Arc::new(Progress::default()),
@@ -408,6 +417,12 @@ impl Metrics {
         // Export the labelled series at 0 so alerts and rates see them from the start.
         for reason in ["refused", "timed_out", "fatal", "invalid_row"] {
             metrics.publish_errors.with_label_values(&[reason]);
+        }
+        for header in [
+            crate::trace_context::TRACEPARENT,
+            crate::trace_context::TRACESTATE,
+        ] {
+            metrics.trace_context_invalid.with_label_values(&[header]);
         }
         for target in ["postgres", "kafka"] {
             metrics.reconnects.with_label_values(&[target]);
@@ -696,6 +711,7 @@ mod tests {
             "walrelay_slot_inactive_since_seconds",
             "walrelay_slot_idle_timeout_seconds",
             "walrelay_http_connections_rejected_total",
+            "walrelay_trace_context_invalid_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

@@ -230,6 +230,7 @@ pub async fn run(
         confirmed,
         metrics.clone(),
         config.dead_letter_topic.clone(),
+        config.mapping.seq_header(),
     )?;
 
     let monitor = tokio::spawn(crate::monitor::run(
@@ -256,7 +257,7 @@ async fn stream(
     initial: Option<InitialSnapshot>,
 ) -> Result<(), RunError> {
     let mut known_topics = HashSet::new();
-    if let Some(topic) = config.topic.fixed() {
+    if let Some(topic) = config.mapping.topic.fixed() {
         if !ensure_topic(sink, topic, metrics, shutdown).await? {
             return Ok(());
         }
@@ -388,7 +389,8 @@ async fn check_stale_holder(
 /// released with the metadata connection otherwise.
 async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
     let client = metadata::connect(&config.postgres).await?;
-    metadata::verify_source(&client, &config.publication, &config.table).await?;
+    let needed = config.mapping.needed_columns();
+    metadata::verify_source(&client, &config.publication, &config.table, &needed).await?;
     snapshot::lock_first_start(&client, &config.slot).await?;
     let marker = snapshot::marker_name(&config.slot);
     let interrupted = slot::inspect(&client, &marker).await?.is_some();
@@ -504,7 +506,11 @@ impl Session<'_> {
         self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
-        let mut source = Source::new(self.config.table.clone(), self.config.topic.clone(), anchor);
+        let mut source = Source::new(
+            self.config.table.clone(),
+            self.config.mapping.clone(),
+            anchor,
+        );
         let result = loop {
             let message = tokio::select! {
                 biased;
@@ -596,8 +602,23 @@ impl Session<'_> {
                     return Err(SourceError::Order("event outside a transaction").into());
                 }
                 if !self.known_topics.contains(&event.topic) {
-                    if !ensure_topic(self.sink, &event.topic, self.metrics, self.shutdown).await? {
-                        return Ok(Flow::Stop);
+                    match ensure_topic(self.sink, &event.topic, self.metrics, self.shutdown).await {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(Flow::Stop),
+                        // Rows name it: a poison row, not a broken setup.
+                        Err(SinkError::TopicMissing(topic)) => {
+                            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                            self.poison_row(
+                                state,
+                                Some(text(&event.key)),
+                                event.seq.as_deref().map_or_else(|| "?".to_owned(), text),
+                                event.commit_lsn,
+                                crate::event::RowError::TopicMissing(topic),
+                            )
+                            .await?;
+                            return Ok(Flow::Continue);
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                     self.known_topics.insert(event.topic.clone());
                 }
@@ -679,7 +700,7 @@ impl Session<'_> {
             aggregate,
             seq_nr,
             commit_lsn,
-            self.config.topic.to_string(),
+            self.config.mapping.topic.to_string(),
             &reason,
         );
         tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,

@@ -48,7 +48,7 @@ pub async fn run(
     // picks the port, and this line is where an operator (or a test) learns it.
     let addr = listener.local_addr().unwrap_or(config.metrics_addr);
     tracing::info!(addr = %addr, postgres = %config.postgres.redacted_url(),
-        brokers = %config.kafka_brokers, topic = %config.topic, slot = %config.slot, "starting");
+        brokers = %config.kafka_brokers, topic = %config.mapping.topic, slot = %config.slot, "starting");
     // Allowed, since the user asked for them; never silent.
     for weakening in config.kafka_properties.weakenings() {
         tracing::warn!(fix = weakening.fix, "{weakening}");

@@ -53,7 +53,7 @@ use tokio::sync::Notify;
 
 use crate::checkpoint::TxnId;
 use crate::confirm::{Action, Advance, Ledger, OnRefusal, Record, Report};
-use crate::event::{Event, LSN_HEADER, SEQ_NR_COLUMN};
+use crate::event::{DEFAULT_SEQ_COLUMN, Event, LSN_HEADER};
 use crate::kafka_properties::KafkaProperties;
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
@@ -74,6 +74,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "20000"),
     ("queue.buffering.max.kbytes", "32768"),
     ("client.id", "walrelay"),
+    // Topics are made by their operators, never by a row's values that a
+    // topic template turns into a name nobody asked for.
+    ("allow.auto.create.topics", "false"),
 ];
 
 /// librdkafka's switch that turns a refused batch into a fatal error raised
@@ -160,6 +163,10 @@ struct Shared {
     dead_letter_topic: Option<String>,
     /// Refused events on their way to the dead-letter topic.
     dead_letters: Option<tokio::sync::mpsc::UnboundedSender<(TxnId, PublishFailure)>>,
+    /// The header that carries an event's sequence, to name a refused one by.
+    seq_header: Option<String>,
+    /// Whether a malformed trace context was logged as a warning already.
+    trace_warned: AtomicBool,
 }
 
 impl Shared {
@@ -353,7 +360,9 @@ impl ProducerContext for SinkContext {
                 Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
                     Report::Purged
                 }
-                code => Report::Refused(refusal(error, code, message)),
+                code => {
+                    Report::Refused(refusal(error, code, message, shared.seq_header.as_deref()))
+                }
             },
         };
         shared.delivered(txn, record, report, message_size(message));
@@ -380,16 +389,18 @@ fn log_refusal(failure: &PublishFailure, action: &Action) {
     }
 }
 
-/// Describes the refused `message` by the headers walrelay gave it.
+/// Describes the refused `message` by the headers walrelay gave it
+/// (`seq_header` carries its sequence, if the table has one).
 fn refusal(
     error: &KafkaError,
     code: Option<RDKafkaErrorCode>,
     message: &rdkafka::message::BorrowedMessage<'_>,
+    seq_header: Option<&str>,
 ) -> PublishFailure {
-    let header = |name: &str| {
+    let header = |name: Option<&str>| {
         message
             .headers()
-            .and_then(|h| h.iter().find(|h| h.key == name))
+            .and_then(|h| h.iter().find(|h| Some(h.key) == name))
             .and_then(|h| h.value)
             .map_or_else(
                 || "?".to_owned(),
@@ -401,8 +412,8 @@ fn refusal(
             || "?".to_owned(),
             |k| String::from_utf8_lossy(k).into_owned(),
         ),
-        seq_nr: header(SEQ_NR_COLUMN),
-        lsn: header(LSN_HEADER),
+        seq_nr: header(seq_header),
+        lsn: header(Some(LSN_HEADER)),
         topic: message.topic().to_owned(),
         kind: match code {
             Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
@@ -448,12 +459,14 @@ impl Sink {
     /// position. With `dead_letter_topic`, events refused for good go there
     /// instead of stopping walrelay (`--on-poison dead-letter`); without, the
     /// producer runs with `enable.gapless.guarantee=true` unless told
-    /// otherwise.
+    /// otherwise. `seq_header` is the header that carries an event's
+    /// sequence, by which a refused one is named.
     pub fn new(
         config: &ClientConfig,
         confirmed: Lsn,
         metrics: Metrics,
         dead_letter_topic: Option<String>,
+        seq_header: Option<&str>,
     ) -> Result<Self, SinkError> {
         let (queue, refused) = tokio::sync::mpsc::unbounded_channel();
         let on_refusal = if dead_letter_topic.is_some() {
@@ -473,6 +486,8 @@ impl Sink {
             room: Notify::new(),
             dead_letters: dead_letter_topic.as_ref().map(|_| queue),
             dead_letter_topic,
+            seq_header: seq_header.map(str::to_owned),
+            trace_warned: AtomicBool::new(false),
         });
         let mut config = config.clone();
         if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
@@ -534,7 +549,7 @@ impl Sink {
                 value: Some(failure.lsn.as_bytes()),
             })
             .insert(Header {
-                key: SEQ_NR_COLUMN,
+                key: DEFAULT_SEQ_COLUMN,
                 value: Some(failure.seq_nr.as_bytes()),
             });
         let opaque = usize::try_from(txn).unwrap_or(usize::MAX);
@@ -658,6 +673,9 @@ impl Sink {
     /// Hands `event` of transaction `txn` to the producer, waiting while its
     /// queue is full.
     pub async fn send(&self, txn: TxnId, event: &Event) -> Result<(), SinkError> {
+        if let Some(invalid) = &event.invalid_trace_context {
+            self.invalid_trace_context(event, invalid);
+        }
         let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
         for (name, value) in &event.headers {
             headers = headers.insert(Header {
@@ -666,13 +684,11 @@ impl Sink {
             });
         }
         let opaque = usize::try_from(txn).unwrap_or(usize::MAX);
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+        let record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&event.topic, opaque)
                 .key(&event.key[..])
+                .payload(&event.value[..])
                 .headers(headers);
-        if let Some(value) = &event.value {
-            record = record.payload(&value[..]);
-        }
         let Err(error) = self.enqueue(record).await else {
             return Ok(());
         };
@@ -682,7 +698,7 @@ impl Sink {
         }
         let failure = PublishFailure {
             aggregate: String::from_utf8_lossy(&event.key).into_owned(),
-            seq_nr: event.header(SEQ_NR_COLUMN).map_or_else(
+            seq_nr: event.seq.as_ref().map_or_else(
                 || "?".to_owned(),
                 |v| String::from_utf8_lossy(v).into_owned(),
             ),
@@ -695,6 +711,33 @@ impl Sink {
             Action::DeadLetter(failure) => self.dead_letter(txn, &failure).await,
             Action::Nothing => Ok(()),
             Action::Halt => Err(SinkError::Publish(Box::new(failure))),
+        }
+    }
+
+    /// Counts and logs a trace context header left out of `event`: a warning
+    /// the first time, then at debug level (one writer's bad habit would
+    /// otherwise flood the log). Never the value, which may be large.
+    fn invalid_trace_context(&self, event: &Event, invalid: &crate::trace_context::Invalid) {
+        self.shared
+            .metrics
+            .trace_context_invalid
+            .with_label_values(&[invalid.header])
+            .inc();
+        let aggregate = String::from_utf8_lossy(&event.key);
+        let seq_nr = event
+            .seq
+            .as_deref()
+            .map_or_else(|| "?".into(), String::from_utf8_lossy);
+        let message = "the metadata column holds a malformed trace context value, not copied into \
+                       its header";
+        if self.shared.trace_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(header = invalid.header, reason = invalid.reason, aggregate = %aggregate,
+                seq_nr = %seq_nr, lsn = %event.commit_lsn, "{message}");
+        } else {
+            tracing::warn!(header = invalid.header, reason = invalid.reason, aggregate = %aggregate,
+                seq_nr = %seq_nr, lsn = %event.commit_lsn,
+                "{message} (walrelay_trace_context_invalid_total counts them; further ones are \
+                 logged at debug level)");
         }
     }
 

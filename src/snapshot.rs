@@ -5,8 +5,11 @@
 //! moment the slot becomes consistent: every transaction that committed
 //! before its consistent point is visible in it, and every one that commits
 //! after is streamed by the slot. Reading the table in that snapshot,
-//! ordered by `aggregate_id, seq_nr`, and then streaming, therefore leaves no
-//! gap and sends nothing twice.
+//! ordered by the key and sequence columns, and then streaming, therefore
+//! leaves no gap and sends nothing twice. A table without a sequence column
+//! (`--seq-column none`) is read ordered by the key and then `ctid`, its
+//! rows' physical order: the only order left, which is insertion order only
+//! as long as no row was deleted and one writer appended at a time.
 //!
 //! The exported snapshot lives only until the replication connection that
 //! created the slot runs its next command, so it is imported at once
@@ -40,7 +43,7 @@ use bytes::Bytes;
 
 use crate::checkpoint::TxnId;
 use crate::config::RunConfig;
-use crate::event::{EventLayout, Transaction};
+use crate::event::{EventLayout, RowError, Transaction};
 use crate::metrics::Metrics;
 use crate::pg::conn::{self, ConnError, CreatedSlot, ReplicationConnection};
 use crate::pg::lsn::Lsn;
@@ -186,7 +189,7 @@ pub async fn publish(
         consistent_point,
     } = snapshot;
     let relation = describe_table(&client, config).await?;
-    let layout = EventLayout::new(&relation, &config.topic).map_err(SourceError::from)?;
+    let layout = EventLayout::new(&relation, &config.mapping).map_err(SourceError::from)?;
     let columns: Vec<String> = relation
         .columns
         .iter()
@@ -194,12 +197,18 @@ pub async fn publish(
         .collect();
     // Qualified, so that ORDER BY sorts by the columns, not by their text
     // forms in the select list ("10" < "9").
+    let mapped = &config.mapping.columns;
+    let order = match &mapped.seq {
+        Some(seq) => conn::quote_ident(seq),
+        None => "ctid".to_owned(),
+    };
     let declare = format!(
         "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t \
-         ORDER BY t.aggregate_id, t.seq_nr",
+         ORDER BY t.{}, t.{order}",
         columns.join(", "),
         conn::quote_ident(&config.table.schema),
         conn::quote_ident(&config.table.name),
+        conn::quote_ident(&mapped.key),
     );
     client.batch_execute(&declare).await?;
 
@@ -233,8 +242,18 @@ pub async fn publish(
                     continue;
                 }
             };
-            if !ensure_topic(&event.topic).await? {
-                return Ok(sent);
+            match ensure_topic(&event.topic).await {
+                Ok(true) => {}
+                // Shut down meanwhile.
+                Ok(false) => return Ok(sent),
+                Err(SinkError::TopicMissing(topic)) => {
+                    let reason = RowError::TopicMissing(topic);
+                    let row = row_error(&layout, &tuple, consistent_point, reason);
+                    poison_row(config, sink, metrics, id, row).await?;
+                    sent += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
             sink.send(id, &event).await?;
             sent += 1;
@@ -299,7 +318,7 @@ async fn poison_row(
         aggregate.clone(),
         seq_nr.clone(),
         *commit_lsn,
-        config.topic.to_string(),
+        config.mapping.topic.to_string(),
         reason,
     );
     tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,

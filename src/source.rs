@@ -26,9 +26,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use crate::event::{
-    Event, EventLayout, LayoutError, RowError, SEQ_NR_COLUMN, TableName, TopicTemplate, Transaction,
-};
+use crate::event::{Event, EventLayout, LayoutError, Mapping, RowError, TableName, Transaction};
 use crate::pg::conn::{self, ConnError, ReplicationConnection};
 use crate::pg::lsn::Lsn;
 use crate::pg::pgoutput::{ColumnValue, DecodeError, Message, Relation, TupleData};
@@ -145,7 +143,7 @@ pub enum SourceError {
     Row {
         /// The key column's text, if any.
         aggregate: Option<String>,
-        /// The seq_nr column's text, or `?`.
+        /// The sequence column's text, or `?`.
         seq_nr: String,
         /// The transaction.
         commit_lsn: Lsn,
@@ -234,7 +232,7 @@ pub fn server_major(server_version: &str) -> Option<u32> {
 #[derive(Debug)]
 pub struct Source {
     table: TableName,
-    topic: TopicTemplate,
+    mapping: Mapping,
     anchor: TableAnchor,
     /// The layout of each relation that is the events table, by OID: one,
     /// unless transactions from before a replacement are replayed.
@@ -243,12 +241,12 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source for `table`, publishing to `topic`, with the table as
-    /// `anchor` found it.
-    pub fn new(table: TableName, topic: TopicTemplate, anchor: TableAnchor) -> Self {
+    /// A source for `table`, its rows mapped by `mapping`, with the table
+    /// as `anchor` found it.
+    pub fn new(table: TableName, mapping: Mapping, anchor: TableAnchor) -> Self {
         Source {
             table,
-            topic,
+            mapping,
             anchor,
             layouts: HashMap::new(),
             txn: None,
@@ -304,7 +302,7 @@ impl Source {
             });
         }
         self.layouts
-            .insert(relation.oid, EventLayout::new(relation, &self.topic)?);
+            .insert(relation.oid, EventLayout::new(relation, &self.mapping)?);
         Ok(())
     }
 
@@ -369,7 +367,7 @@ impl Source {
     }
 }
 
-/// Names the row that could not become an event by its key and seq_nr.
+/// Names the row that could not become an event by its key and sequence.
 pub fn row_error(
     layout: &EventLayout,
     row: &TupleData,
@@ -384,7 +382,7 @@ pub fn row_error(
     };
     SourceError::Row {
         aggregate: text(Some(layout.key_index())),
-        seq_nr: text(layout.column_index(SEQ_NR_COLUMN)).unwrap_or_else(|| "?".to_owned()),
+        seq_nr: text(layout.seq_index()).unwrap_or_else(|| "?".to_owned()),
         commit_lsn,
         reason,
     }
@@ -426,9 +424,13 @@ mod tests {
     };
 
     fn source() -> Source {
+        let no_seq = crate::event::Columns {
+            seq: None,
+            ..crate::event::Columns::default()
+        };
         Source::new(
             "public.events".parse().unwrap(),
-            "events".parse().unwrap(),
+            Mapping::new(no_seq, "events".parse().unwrap()),
             ANCHOR,
         )
     }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io::{self, Write};
 
-use crate::event::{Event, TableName, TopicTemplate};
+use crate::event::{Event, Mapping, TableName, ValueKind};
 use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
@@ -24,8 +24,8 @@ pub struct TailOptions {
     pub publication: String,
     /// The events table.
     pub table: TableName,
-    /// The topic each event is shown with.
-    pub topic: TopicTemplate,
+    /// How rows become events, and the topic each is shown with.
+    pub mapping: Mapping,
 }
 
 /// Why `tail` stopped.
@@ -56,7 +56,13 @@ pub async fn run<W: Write>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TailError> {
     let client = metadata::connect(&options.postgres).await?;
-    metadata::verify_source(&client, &options.publication, &options.table).await?;
+    metadata::verify_source(
+        &client,
+        &options.publication,
+        &options.table,
+        &options.mapping.needed_columns(),
+    )
+    .await?;
     drop(client);
 
     let mut repl = ReplicationConnection::connect(&options.postgres).await?;
@@ -76,7 +82,7 @@ pub async fn run<W: Write>(
         .report(Feedback::new(slot.consistent_point), interval);
     tracing::info!(slot = %slot.name, start = %slot.consistent_point, table = %options.table, "tailing");
 
-    let mut source = Source::new(options.table.clone(), options.topic.clone(), anchor);
+    let mut source = Source::new(options.table.clone(), options.mapping.clone(), anchor);
     tokio::pin!(shutdown);
     let result = loop {
         let message = tokio::select! {
@@ -125,7 +131,9 @@ pub async fn run<W: Write>(
 }
 
 /// Writes `event` as one JSON line in the `tail` format:
-/// `{"topic": ..., "key": ..., "headers": {...}, "value": ...}`.
+/// `{"topic": ..., "key": ..., "headers": {...}, "value": ...}`. A JSON
+/// value is embedded as JSON, a text one as a string, a binary one as a
+/// string in bytea's hex form (`\x0a03ff`), as psql shows a bytea.
 pub fn write_event(out: &mut impl Write, event: &Event) -> io::Result<()> {
     out.write_all(b"{\"topic\":")?;
     serde_json::to_writer(&mut *out, &event.topic)?;
@@ -141,13 +149,24 @@ pub fn write_event(out: &mut impl Write, event: &Event) -> io::Result<()> {
         serde_json::to_writer(&mut *out, &String::from_utf8_lossy(value))?;
     }
     out.write_all(b"},\"value\":")?;
-    match &event.value {
-        None => out.write_all(b"null")?,
-        // The value is JSON (walrelay checks it); anything else would become a string.
-        Some(v) if serde_json::from_slice::<&serde_json::value::RawValue>(v).is_ok() => {
-            out.write_all(v)?;
+    let value = &event.value;
+    match event.value_kind {
+        // JSON text from a json or jsonb column, or checked; should it not
+        // parse, it is shown as a string rather than break the line.
+        ValueKind::Json
+            if serde_json::from_slice::<&serde_json::value::RawValue>(value).is_ok() =>
+        {
+            out.write_all(value)?;
         }
-        Some(v) => serde_json::to_writer(&mut *out, &String::from_utf8_lossy(v))?,
+        ValueKind::Json | ValueKind::Text => {
+            serde_json::to_writer(&mut *out, &String::from_utf8_lossy(value))?;
+        }
+        ValueKind::Binary => {
+            let hex: String = std::iter::once("\\x".to_owned())
+                .chain(value.iter().map(|b| format!("{b:02x}")))
+                .collect();
+            serde_json::to_writer(&mut *out, &hex)?;
+        }
     }
     out.write_all(b"}\n")
 }
@@ -158,16 +177,19 @@ mod tests {
     use bytes::Bytes;
     use std::sync::Arc;
 
-    fn event(value: Option<&'static str>) -> Event {
+    fn event(value: &'static [u8], value_kind: ValueKind) -> Event {
         Event {
             topic: "events".into(),
             key: Bytes::from_static(b"order-\"1\""),
-            value: value.map(|v| Bytes::from_static(v.as_bytes())),
+            seq: Some(Bytes::from_static(b"7")),
+            value: Bytes::from_static(value),
+            value_kind,
             headers: vec![
                 (Arc::from("seq_nr"), Bytes::from_static(b"7")),
                 (Arc::from("lsn"), Bytes::from_static(b"0/16B3748")),
             ],
             commit_lsn: Lsn(0x16B_3748),
+            invalid_trace_context: None,
         }
     }
 
@@ -179,7 +201,7 @@ mod tests {
 
     #[test]
     fn writes_the_contract_as_one_json_line() {
-        let text = line(&event(Some("{\"total\": 12.5}")));
+        let text = line(&event(b"{\"total\": 12.5}", ValueKind::Json));
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
         assert_eq!(
             text,
@@ -190,11 +212,15 @@ mod tests {
     }
 
     #[test]
-    fn non_json_values_become_strings_and_null_stays_null() {
-        let parsed: serde_json::Value =
-            serde_json::from_str(&line(&event(Some("not json")))).unwrap();
-        assert_eq!(parsed["value"], "not json");
-        let parsed: serde_json::Value = serde_json::from_str(&line(&event(None))).unwrap();
-        assert!(parsed["value"].is_null());
+    fn text_values_become_strings_and_binary_ones_bytea_hex() {
+        let value = |v, kind| {
+            serde_json::from_str::<serde_json::Value>(&line(&event(v, kind))).unwrap()["value"]
+                .clone()
+        };
+        assert_eq!(value(b"not json", ValueKind::Json), "not json");
+        assert_eq!(value(b"{\"a\":1}", ValueKind::Text), "{\"a\":1}");
+        assert_eq!(value(b"{\"a\":1}", ValueKind::Json)["a"], 1);
+        assert_eq!(value(&[0x0a, 0x03, 0xff], ValueKind::Binary), "\\x0a03ff");
+        assert_eq!(value(b"", ValueKind::Binary), "\\x");
     }
 }

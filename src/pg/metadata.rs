@@ -18,7 +18,7 @@ use super::conn::ServerError;
 use super::params::{ConnectParams, SslMode};
 use super::request::{RequestLimit, TimedOut};
 use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
-use crate::event::{KEY_COLUMN, SEQ_NR_COLUMN, TableName, VALUE_COLUMN};
+use crate::event::TableName;
 
 /// The server cannot stream the events table as configured.
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +43,18 @@ pub enum SetupError {
 }
 
 /// Checks that the server decodes logically and that `publication`
-/// publishes the inserts of `table`.
+/// publishes the inserts of `table` with the columns in `needed`.
 pub async fn verify_source(
     client: &Client,
     publication: &str,
     table: &TableName,
+    needed: &[&str],
 ) -> Result<(), SetupError> {
     let level = wal_level(client).await?;
     if level != "logical" {
         return Err(SetupError::WalLevel(level));
     }
-    let needed = [KEY_COLUMN, VALUE_COLUMN, SEQ_NR_COLUMN];
-    let problem = match publication_state(client, publication, table, &needed).await? {
+    let problem = match publication_state(client, publication, table, needed).await? {
         PublicationState::Ok => return Ok(()),
         PublicationState::Missing => "does not exist".to_owned(),
         PublicationState::TableNotIncluded => format!("does not include {table}"),

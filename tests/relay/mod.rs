@@ -1,12 +1,14 @@
 //! `walrelay run` end to end: a real PostgreSQL, librdkafka's mock cluster
 //! over TCP, the built binary in its own process.
 mod check;
+mod cloudevents;
 mod config;
 mod confirm;
 mod crash;
 mod delivery;
 mod demo;
 mod endpoint;
+mod event_table;
 mod faults;
 mod oracle;
 mod poison;

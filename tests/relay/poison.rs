@@ -12,7 +12,8 @@ use crate::support::walrelay::{Walrelay, metric};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A table whose payload is text and whose key may be NULL, published by
-/// `loose_pub`: rows walrelay must refuse can exist there.
+/// `loose_pub`: rows walrelay must refuse can exist there (with
+/// `--payload-format json`, a payload that is not JSON too).
 async fn loose_table(pg: &PgServer) {
     pg.psql(
         "CREATE TABLE loose (aggregate_id text, seq_nr bigint, event_type text, payload text);
@@ -22,10 +23,18 @@ async fn loose_table(pg: &PgServer) {
     .await;
 }
 
+/// The loose table's URL and flags; its text payload is checked to be JSON.
 fn loose_args(pg: &PgServer) -> (String, Vec<&'static str>) {
     (
         pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable"),
-        vec!["--table", "public.loose", "--publication", "loose_pub"],
+        vec![
+            "--table",
+            "public.loose",
+            "--publication",
+            "loose_pub",
+            "--payload-format",
+            "json",
+        ],
     )
 }
 

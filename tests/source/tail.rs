@@ -404,3 +404,51 @@ async fn tail_uses_a_temporary_slot_and_leaves_nothing_behind() {
     );
     assert_eq!(slots(&pg).await, "", "the temporary slot outlived tail");
 }
+
+#[tokio::test]
+async fn the_column_flags_map_any_table_and_a_binary_payload_shows_as_bytea_hex() {
+    let pg = PgServer::start_default().await;
+    pg.psql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, stream bigint NOT NULL, kind text NOT NULL,
+                              body bytea NOT NULL);
+         GRANT SELECT ON outbox TO scram_user;
+         CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');",
+    )
+    .await;
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let mut tail = Walrelay::tail(
+        &url,
+        &[
+            "--table",
+            "public.outbox",
+            "--publication",
+            "outbox_pub",
+            "--key-column",
+            "stream",
+            "--seq-column",
+            "none",
+            "--payload-column",
+            "body",
+            "--type-column",
+            "kind",
+            "--header-name",
+            "kind=eventType",
+            "--topic",
+            "stream.{kind}",
+        ],
+    )
+    .await;
+    pg.psql(
+        "INSERT INTO outbox VALUES ('4d47e190-0402-4048-bc2c-89dd54343cdc', 42, 'Created',
+                                    decode('0a03ff00', 'hex'));",
+    )
+    .await;
+    let event = &parse(&tail.wait_for_lines(1, WAIT).await)[0];
+    assert_eq!(event["topic"], "stream.Created");
+    assert_eq!(event["key"], "42");
+    assert_eq!(event["value"], "\\x0a03ff00");
+    assert_eq!(header(event, "id"), "4d47e190-0402-4048-bc2c-89dd54343cdc");
+    assert_eq!(header(event, "eventType"), "Created");
+    assert!(event["headers"].get("kind").is_none(), "{event}");
+    assert_eq!(tail.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}

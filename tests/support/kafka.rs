@@ -153,6 +153,20 @@ impl Kafka {
     /// is missing); a topic that never goes quiet is read for `timeout` plus
     /// [`QUIET`] at most.
     pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+        self.read_by(topic, count, timeout, |r| {
+            (r.key.clone(), r.headers.get("seq_nr").cloned())
+        })
+    }
+
+    /// [`Kafka::read`] for events told apart by `identity` (a table without
+    /// `seq_nr`: by its `id` header, say).
+    pub fn read_by<I: std::hash::Hash + Eq>(
+        &self,
+        topic: &str,
+        count: usize,
+        timeout: Duration,
+        identity: impl Fn(&Record) -> I,
+    ) -> Vec<Record> {
         let (consumer, partitions) = self.assigned_from_start(topic);
         let deadline = Instant::now() + timeout;
         let mut records: Vec<Record> = Vec::new();
@@ -181,7 +195,7 @@ impl Kafka {
             let record = Record::from_message(&message.expect("consume"));
             last_record = Instant::now();
             next[usize::try_from(record.partition).unwrap()] = record.offset + 1;
-            distinct.insert((record.key.clone(), record.headers.get("seq_nr").cloned()));
+            distinct.insert(identity(&record));
             records.push(record);
         }
         // The mock cluster keeps at most 5 MiB (and 100,000 batches) per
