@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use super::lsn::Lsn;
 use super::params::ConnectParams;
 use super::protocol::{
-    BackendCodec, BackendMessage, ReplicationMessage, ReplicationMessageError, StandbyStatus,
-    put_standby_status_update,
+    BackendCodec, BackendMessage, FrameError, ReplicationMessage, ReplicationMessageError,
+    StandbyStatus, put_standby_status_update,
 };
 use super::request::{RequestLimit, TimedOut};
 use super::tls::{ChannelBindingError, TlsError, TlsSetup, channel_binding};
@@ -213,6 +213,9 @@ pub enum ConnError {
     /// A CopyData body that is not a replication message.
     #[error("malformed replication message: {0}")]
     Replication(#[from] ReplicationMessageError),
+    /// A message length beyond its kind's cap, or a message that does not parse.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
 }
 
 impl ConnError {
@@ -256,7 +259,8 @@ impl ConnError {
             | ConnError::Scram(_)
             | ConnError::ChannelBinding(_)
             | ConnError::Protocol(_)
-            | ConnError::Replication(_) => false,
+            | ConnError::Replication(_)
+            | ConnError::Frame(_) => false,
         }
     }
 }
@@ -309,20 +313,35 @@ impl AsyncWrite for Socket {
 }
 
 /// Reads whole backend messages; cancel-safe, since bytes read stay in `buf`.
+/// The buffer grows with the bytes that arrive, a chunk at a time, never
+/// with the length a message claims; the codec refuses a length beyond its
+/// kind's cap before any of the body is read.
 #[derive(Debug)]
 struct Reader<R> {
     io: R,
     buf: BytesMut,
+    codec: BackendCodec,
 }
 
+/// How much the read buffer grows by when it fills up.
+const READ_CHUNK: usize = 64 * 1024;
+
 impl<R: AsyncRead + Unpin> Reader<R> {
+    fn new(io: R) -> Self {
+        Reader {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            codec: BackendCodec::default(),
+        }
+    }
+
     async fn next(&mut self) -> Result<BackendMessage, ConnError> {
         loop {
-            if let Some(message) = BackendCodec::decode(&mut self.buf)? {
+            if let Some(message) = self.codec.decode(&mut self.buf)? {
                 return Ok(message);
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(64 * 1024);
+                self.buf.reserve(READ_CHUNK);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ConnError::Closed);
@@ -410,10 +429,7 @@ impl ReplicationConnection {
         };
         let (read, writer) = tokio::io::split(socket);
         let mut conn = ReplicationConnection {
-            reader: Reader {
-                io: read,
-                buf: BytesMut::with_capacity(64 * 1024),
-            },
+            reader: Reader::new(read),
             writer,
             out: BytesMut::with_capacity(1024),
             backend_pid: 0,
