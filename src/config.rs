@@ -181,8 +181,9 @@ pub struct SourceArgs {
     #[arg(long, env = "WALRELAY_ALLOW_WORLD_READABLE_SECRETS")]
     pub allow_world_readable_secrets: bool,
     /// Answer a server that asks for a cleartext or MD5 password over plain
-    /// TCP or TLS whose certificate was not verified (trusted networks only;
-    /// each such login is logged as a warning).
+    /// TCP or TLS whose certificate was not verified, when require_auth in
+    /// the URL names that method too (trusted networks only; each such
+    /// login is logged as a warning).
     #[arg(long, env = "WALRELAY_ALLOW_PASSWORD_TO_UNVERIFIED_SERVER")]
     pub allow_password_to_unverified_server: bool,
     /// The publication that covers the events table.

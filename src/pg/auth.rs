@@ -11,8 +11,9 @@
 //! - **A password is told only to a verified server.** A cleartext
 //!   (`password`) or MD5 request is answered only over TLS whose server
 //!   certificate was verified against a trusted root, unless the user opted
-//!   in: `require_auth` naming the method, or
-//!   `--allow-password-to-unverified-server`. Without TLS anyone on the path
+//!   in with both `--allow-password-to-unverified-server` (the network is
+//!   trusted) and `require_auth` naming the method (the one expected, so a
+//!   server cannot talk a SCRAM user down to it). Without TLS anyone on the path
 //!   reads a cleartext password, and with an unverified certificate anyone
 //!   can present one; an MD5 answer is a replayable proof for the
 //!   challenge it got, which a man in the middle relays to the real server.
@@ -209,7 +210,8 @@ pub struct AuthPolicy {
     /// libpq's `channel_binding`.
     pub channel_binding: ChannelBindingMode,
     /// `--allow-password-to-unverified-server`: answer a cleartext or MD5
-    /// request over plain TCP or unverified TLS.
+    /// request over plain TCP or unverified TLS, if `require_auth` names
+    /// the method too.
     pub allow_unverified_password: bool,
 }
 
@@ -321,7 +323,7 @@ pub enum AuthError {
          whoever answered could be a man in the middle collecting it. Nothing was sent. Fix, best \
          first: sslmode=verify-full with sslrootcert=<the CA certificate> in --postgres-url; or \
          scram-sha-256 for this role in pg_hba.conf (SCRAM never reveals the password); or, on a \
-         network you trust, opt in with require_auth={param} in --postgres-url or \
+         network you trust, opt in with both require_auth={param} in --postgres-url and \
          --allow-password-to-unverified-server",
         param = .method.param_name()
     )]
@@ -679,22 +681,23 @@ impl AuthExchange {
             } else {
                 PASSWORD
             };
-            let opted_in = if self.policy.require_auth.named & bit != 0 {
-                "require_auth"
-            } else if self.policy.allow_unverified_password {
-                "--allow-password-to-unverified-server"
-            } else {
+            // Both halves of the opt-in: the flag says "this network is
+            // trusted", require_auth says which method the user expects (so
+            // a server cannot talk a SCRAM user into a weaker method).
+            if self.policy.require_auth.named & bit == 0 || !self.policy.allow_unverified_password
+            {
                 return Err(AuthError::PasswordToUnverifiedServer {
                     method,
                     channel: self.channel.describe(),
                     target: self.target.clone(),
                 });
-            };
+            }
             tracing::warn!(
                 target_server = %self.target,
                 method = %method,
-                "answering {method} authentication over {}, as {opted_in} allows: anyone on the \
-                 network path can read or relay it",
+                "answering {method} authentication over {}, as require_auth and \
+                 --allow-password-to-unverified-server allow: anyone on the network path can read \
+                 or relay it",
                 self.channel.describe()
             );
         }
@@ -963,28 +966,47 @@ mod tests {
             verified.on_request(&ok()).unwrap();
             assert!(verified.is_done());
         }
-        // Opting in: the flag, or require_auth naming the method itself.
-        let flag = AuthPolicy {
+        // Opting in takes both the flag and require_auth naming the method.
+        let opted_in = |require_auth: &str| AuthPolicy {
+            allow_unverified_password: true,
+            ..policy(require_auth, ChannelBindingMode::Prefer)
+        };
+        exchange(opted_in("password"), plain())
+            .on_request(&cleartext())
+            .unwrap();
+        exchange(opted_in("md5,scram-sha-256"), tls(false))
+            .on_request(&md5())
+            .unwrap();
+        let mut e = exchange(opted_in("md5"), plain());
+        e.on_request(&md5()).unwrap();
+        assert_eq!(e.method(), Some(AuthMethod::Md5));
+        // Either alone is not enough.
+        let flag_only = AuthPolicy {
             allow_unverified_password: true,
             ..AuthPolicy::default()
         };
-        exchange(flag.clone(), plain())
-            .on_request(&cleartext())
-            .unwrap();
-        exchange(flag, tls(false)).on_request(&md5()).unwrap();
-        let named = policy("password", ChannelBindingMode::Prefer);
-        exchange(named.clone(), plain())
-            .on_request(&cleartext())
-            .unwrap();
+        let named_only = policy("password", ChannelBindingMode::Prefer);
+        for (policy, request) in [
+            (flag_only.clone(), cleartext()),
+            (flag_only, md5()),
+            (named_only, cleartext()),
+            (policy("md5", ChannelBindingMode::Prefer), md5()),
+        ] {
+            let err = exchange(policy.clone(), plain())
+                .on_request(&request)
+                .unwrap_err();
+            assert!(
+                matches!(err, AuthError::PasswordToUnverifiedServer { .. }),
+                "{policy:?}: {err}"
+            );
+        }
         // Naming password does not allow md5 (require_auth refuses it).
-        let err = exchange(named, plain()).on_request(&md5()).unwrap_err();
+        let err = exchange(opted_in("password"), plain())
+            .on_request(&md5())
+            .unwrap_err();
         assert!(matches!(err, AuthError::RequireAuth { .. }), "{err}");
-        let named = policy("md5,scram-sha-256", ChannelBindingMode::Prefer);
-        let mut e = exchange(named, plain());
-        e.on_request(&md5()).unwrap();
-        assert_eq!(e.method(), Some(AuthMethod::Md5));
         // A negated list allows a method without naming it: no opt-in.
-        let err = exchange(policy("!md5", ChannelBindingMode::Prefer), plain())
+        let err = exchange(opted_in("!md5"), plain())
             .on_request(&cleartext())
             .unwrap_err();
         assert!(

@@ -121,17 +121,27 @@ async fn every_auth_method_logs_in_over_a_verified_connection_or_by_opt_in() {
                     "{what}: {e}"
                 );
             }
-            // Unless the user opts in: require_auth naming the method, or the flag.
+            // Nor with only one half of the opt-in.
             let named = format!("{url}&require_auth={}", role.method);
-            let method = both_log_in(&pg, &params(&named), *tls, &what).await;
-            assert_eq!(method, expected, "{what}, require_auth");
             let mut flagged = params(&url);
             flagged.auth.allow_unverified_password = true;
-            let method = both_log_in(&pg, &flagged, *tls, &what).await;
-            assert_eq!(
-                method, expected,
-                "{what}, --allow-password-to-unverified-server"
-            );
+            for (p, half) in [
+                (params(&named), "require_auth"),
+                (flagged, "--allow-password-to-unverified-server"),
+            ] {
+                let (repl, meta) = both_refused(&p, &what).await;
+                for e in [repl, meta] {
+                    assert!(
+                        matches!(e, AuthError::PasswordToUnverifiedServer { .. }),
+                        "{what}, only {half}: {e}"
+                    );
+                }
+            }
+            // Both: require_auth naming the method, and the flag.
+            let mut opted_in = params(&named);
+            opted_in.auth.allow_unverified_password = true;
+            let method = both_log_in(&pg, &opted_in, *tls, &what).await;
+            assert_eq!(method, expected, "{what}, opted in");
         }
     }
 }
@@ -432,7 +442,8 @@ async fn notices_and_parameter_statuses_during_login_are_not_taken_for_answers()
     let pg = PgServer::start_default().await;
     let proxy = noisy_login_proxy(&pg).await;
     for role in TEST_ROLES {
-        // A plain-TCP proxy: md5 and password need the user's opt-in.
+        // A plain-TCP proxy: md5 and password need the user's opt-in
+        // (require_auth naming the method, and the flag).
         let url = pg.url(
             role.name,
             role.password,
@@ -445,14 +456,16 @@ async fn notices_and_parameter_statuses_during_login_are_not_taken_for_answers()
             ),
         );
         let user = role.name;
-        let mut conn = connect(&url)
+        let mut p = params(&url);
+        p.auth.allow_unverified_password = true;
+        let mut conn = ReplicationConnection::connect(&p)
             .await
             .unwrap_or_else(|e| panic!("{user} through the noisy proxy: {e}"));
         let system = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
         assert_eq!(system.dbname.as_deref(), Some("walrelay_test"), "{user}");
         // The metadata connection skips them too (tokio-postgres alone
         // would take them for a wrong answer and give up).
-        let client = metadata::connect(&params(&url)).await.unwrap_or_else(|e| {
+        let client = metadata::connect(&p).await.unwrap_or_else(|e| {
             panic!("{user}'s metadata connection through the noisy proxy: {e}")
         });
         let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
