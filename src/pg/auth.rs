@@ -684,8 +684,7 @@ impl AuthExchange {
             // Both halves of the opt-in: the flag says "this network is
             // trusted", require_auth says which method the user expects (so
             // a server cannot talk a SCRAM user into a weaker method).
-            if self.policy.require_auth.named & bit == 0 || !self.policy.allow_unverified_password
-            {
+            if self.policy.require_auth.named & bit == 0 || !self.policy.allow_unverified_password {
                 return Err(AuthError::PasswordToUnverifiedServer {
                     method,
                     channel: self.channel.describe(),

@@ -4,6 +4,7 @@
 // per binary: without this, a helper no test calls yet fails `-D warnings`.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod kafka;
 pub mod oracle;
 pub mod postgres;
