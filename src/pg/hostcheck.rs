@@ -32,9 +32,10 @@ pub enum HostMismatch {
     #[error(
         "the server certificate is for {} and not for the host {host:?} connected to \
          (sslmode=verify-full compares the host with the certificate's subjectAltName entries \
-         of its kind, {kind}s, and only when there are none with the Common Name{cn_note}); \
+         of its kind, {}, and only when there are none with the Common Name{cn_note}); \
          connect with a host name the certificate names, or have it reissued for {host:?}",
-        list(.found)
+        list(.found),
+        plural(.kind)
     )]
     NoMatch {
         /// The host connected to.
@@ -73,6 +74,15 @@ fn list(names: &[String]) -> String {
         [] => "no name".to_owned(),
         [one] => one.clone(),
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// `DNS names` or `IP addresses`.
+fn plural(kind: &str) -> &'static str {
+    if kind == "IP address" {
+        "IP addresses"
+    } else {
+        "DNS names"
     }
 }
 
@@ -115,8 +125,9 @@ pub fn verify(cert: &[u8], host: &str) -> Result<(), HostMismatch> {
     let common_name = first_common_name(&cert);
     let cn_note = match (&common_name, san_of_kind) {
         (Some(cn), true) => format!(
-            "; its Common Name {:?} was not compared, since it has {kind}s",
-            String::from_utf8_lossy(cn)
+            "; its Common Name {:?} was not compared, since it has {}",
+            String::from_utf8_lossy(cn),
+            plural(kind)
         ),
         _ => String::new(),
     };

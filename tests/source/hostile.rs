@@ -468,7 +468,7 @@ async fn a_server_claiming_an_enormous_message_is_dropped_before_the_login() {
 }
 
 #[tokio::test]
-async fn a_certificate_that_names_the_host_only_in_its_common_name_passes_verify_full() {
+async fn verify_full_falls_back_to_the_common_name_only_without_a_san_of_the_hosts_kind() {
     let pg = PgServer::start(PgOptions {
         cert_names: CertNames {
             subject_alt_names: vec![],
@@ -492,6 +492,58 @@ async fn a_certificate_that_names_the_host_only_in_its_common_name_passes_verify
     // A cleartext password may go there: the certificate was verified.
     let mut tail = Walrelay::tail(&url, &[]).await;
     tail.kill().await;
+
+    // DNS names only, no IP address: for the address host, the CN still
+    // counts (libpq checks it when no SAN is of the host's kind).
+    let pg = PgServer::start(PgOptions {
+        cert_names: CertNames {
+            subject_alt_names: vec!["db.example.com"],
+            common_name: "127.0.0.1",
+        },
+        ..PgOptions::default()
+    })
+    .await;
+    let ca = pg.ca_cert_path().unwrap();
+    let url = pg.url(
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    );
+    let p = params(&url);
+    ReplicationConnection::connect(&p)
+        .await
+        .expect("replication connection, CN with DNS SANs only");
+    metadata::connect(&p)
+        .await
+        .expect("metadata connection, CN with DNS SANs only");
+
+    // An IP address SAN of another host: the CN is not compared, and the
+    // refusal says so.
+    let pg = PgServer::start(PgOptions {
+        cert_names: CertNames {
+            subject_alt_names: vec!["10.11.12.13"],
+            common_name: "127.0.0.1",
+        },
+        ..PgOptions::default()
+    })
+    .await;
+    let ca = pg.ca_cert_path().unwrap();
+    let url = pg.url(
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    );
+    let (repl, meta) = both_fail(&url).await;
+    for text in [repl.to_string(), meta.to_string()] {
+        assert!(
+            text.contains("IP 10.11.12.13")
+                && text.contains("not for the host \"127.0.0.1\"")
+                && text.contains(
+                    "Common Name \"127.0.0.1\" was not compared, since it has IP addresses"
+                ),
+            "{text}"
+        );
+    }
 
     // A CN that is another host: refused, naming what the certificate is for.
     let pg = PgServer::start(PgOptions {
