@@ -467,22 +467,36 @@ async fn a_server_claiming_an_enormous_message_is_dropped_before_the_login() {
     }
 }
 
-#[tokio::test]
-async fn verify_full_falls_back_to_the_common_name_only_without_a_san_of_the_hosts_kind() {
+/// A server whose certificate (from the harness's CA) has `sans` and the
+/// Common Name `cn`, and the URL that logs in to it as `user` under
+/// verify-full.
+async fn named_server(
+    sans: Vec<&'static str>,
+    cn: &'static str,
+    user: &str,
+    password: &str,
+) -> (PgServer, String) {
     let pg = PgServer::start(PgOptions {
         cert_names: CertNames {
-            subject_alt_names: vec![],
-            common_name: "127.0.0.1",
+            subject_alt_names: sans,
+            common_name: cn,
         },
         ..PgOptions::default()
     })
     .await;
     let ca = pg.ca_cert_path().unwrap();
     let url = pg.url(
-        PLAIN_USER,
-        Some(PLAIN_PASSWORD),
+        user,
+        Some(password),
         &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
     );
+    (pg, url)
+}
+
+#[tokio::test]
+async fn verify_full_falls_back_to_the_common_name_only_without_a_san_of_the_hosts_kind() {
+    // Only a CN, the host's address.
+    let (_pg, url) = named_server(vec![], "127.0.0.1", PLAIN_USER, PLAIN_PASSWORD).await;
     let p = params(&url);
     let mut conn = ReplicationConnection::connect(&p)
         .await
@@ -495,20 +509,13 @@ async fn verify_full_falls_back_to_the_common_name_only_without_a_san_of_the_hos
 
     // DNS names only, no IP address: for the address host, the CN still
     // counts (libpq checks it when no SAN is of the host's kind).
-    let pg = PgServer::start(PgOptions {
-        cert_names: CertNames {
-            subject_alt_names: vec!["db.example.com"],
-            common_name: "127.0.0.1",
-        },
-        ..PgOptions::default()
-    })
-    .await;
-    let ca = pg.ca_cert_path().unwrap();
-    let url = pg.url(
+    let (_pg, url) = named_server(
+        vec!["db.example.com"],
+        "127.0.0.1",
         SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
-    );
+        SCRAM_PASSWORD,
+    )
+    .await;
     let p = params(&url);
     ReplicationConnection::connect(&p)
         .await
@@ -519,20 +526,8 @@ async fn verify_full_falls_back_to_the_common_name_only_without_a_san_of_the_hos
 
     // An IP address SAN of another host: the CN is not compared, and the
     // refusal says so.
-    let pg = PgServer::start(PgOptions {
-        cert_names: CertNames {
-            subject_alt_names: vec!["10.11.12.13"],
-            common_name: "127.0.0.1",
-        },
-        ..PgOptions::default()
-    })
-    .await;
-    let ca = pg.ca_cert_path().unwrap();
-    let url = pg.url(
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
-    );
+    let (_pg, url) =
+        named_server(vec!["10.11.12.13"], "127.0.0.1", SCRAM_USER, SCRAM_PASSWORD).await;
     let (repl, meta) = both_fail(&url).await;
     for text in [repl.to_string(), meta.to_string()] {
         assert!(
@@ -546,20 +541,7 @@ async fn verify_full_falls_back_to_the_common_name_only_without_a_san_of_the_hos
     }
 
     // A CN that is another host: refused, naming what the certificate is for.
-    let pg = PgServer::start(PgOptions {
-        cert_names: CertNames {
-            subject_alt_names: vec![],
-            common_name: "db.example.com",
-        },
-        ..PgOptions::default()
-    })
-    .await;
-    let ca = pg.ca_cert_path().unwrap();
-    let url = pg.url(
-        SCRAM_USER,
-        Some(SCRAM_PASSWORD),
-        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
-    );
+    let (_pg, url) = named_server(vec![], "db.example.com", SCRAM_USER, SCRAM_PASSWORD).await;
     let (repl, meta) = both_fail(&url).await;
     for text in [repl.to_string(), meta.to_string()] {
         assert!(
