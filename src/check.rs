@@ -11,6 +11,7 @@ use crate::config::RunConfig;
 use crate::metrics::Metrics;
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, PublicationState, Restriction};
+use crate::pg::params::SslMode;
 use crate::sink::{Sink, SinkError, producer_config};
 use crate::slot;
 
@@ -73,6 +74,8 @@ pub async fn findings(config: &RunConfig) -> Vec<Finding> {
                 "postgres",
                 format!("connected to {}", config.postgres.redacted_url()),
             ));
+            out.push(tls_finding(config));
+            out.extend(auth_finding(&client));
             if let Err(e) = postgres_findings(&client, config, &mut out).await {
                 out.push(Finding::problem(
                     "postgres",
@@ -81,15 +84,75 @@ pub async fn findings(config: &RunConfig) -> Vec<Finding> {
                 ));
             }
         }
-        Err(e) => out.push(Finding::problem(
-            "postgres",
-            format!("cannot connect to {}: {e}", config.postgres.redacted_url()),
-            "check --postgres-url, the password and pg_hba.conf",
-        )),
+        Err(e) => {
+            out.push(Finding::problem(
+                "postgres",
+                format!("cannot connect to {}: {e}", config.postgres.redacted_url()),
+                "check --postgres-url, the password and pg_hba.conf",
+            ));
+            out.push(tls_finding(config));
+        }
     }
     out.extend(kafka_property_findings(config));
     out.push(kafka_finding(config).await);
     out
+}
+
+/// The fix for a connection whose server is not verified.
+const VERIFY_FULL: &str = "use sslmode=verify-full with sslrootcert=<the certificate of the CA \
+     that signed the server's> in --postgres-url (sslrootcert=system for a certificate from a \
+     public CA)";
+
+/// How far the server's identity is verified: below verify-ca, whoever
+/// answers the connection can pose as PostgreSQL.
+fn tls_finding(config: &RunConfig) -> Finding {
+    let found = match config.postgres.sslmode {
+        SslMode::VerifyFull => {
+            return Finding::ok(
+                "tls",
+                "sslmode=verify-full: the server's certificate and host name are verified",
+            );
+        }
+        SslMode::VerifyCa => {
+            return Finding::ok(
+                "tls",
+                "sslmode=verify-ca: the server's certificate chain is verified (not its host name)",
+            );
+        }
+        SslMode::Disable => {
+            "sslmode=disable: no TLS; the replication stream crosses the network in clear, and \
+             whoever answers can pose as PostgreSQL"
+        }
+        SslMode::Prefer => {
+            "sslmode=prefer: TLS only if the server (or whoever answers) offers it, and its \
+             certificate is not verified, so a man in the middle can decline TLS or present his own"
+        }
+        SslMode::Require => {
+            "sslmode=require: the server's certificate is verified only while a root certificate \
+             file exists (~/.postgresql/root.crt or sslrootcert), and never its host name"
+        }
+    };
+    Finding::problem("tls", found, VERIFY_FULL)
+}
+
+/// How the server authenticated walrelay: a method that reveals the password
+/// (or a hash that stands for it) is a finding.
+fn auth_finding(client: &metadata::Client) -> Option<Finding> {
+    let method = client.auth_method()?;
+    Some(if method.weaker_than_scram() {
+        Finding::problem(
+            "authentication",
+            format!(
+                "PostgreSQL asked for {method} authentication, which hands whoever answers the \
+                 password (cleartext) or a hash that logs in as the role (md5)"
+            ),
+            "use scram-sha-256 for this role in pg_hba.conf; with password_encryption = \
+             'scram-sha-256', set its password again (ALTER ROLE ... PASSWORD), since an MD5 \
+             hash cannot serve SCRAM",
+        )
+    } else {
+        Finding::ok("authentication", method.to_string())
+    })
 }
 
 /// Producer properties that weaken the broker connection's protection.

@@ -183,6 +183,12 @@ pub struct SourceArgs {
     /// group or others may read, with a warning, instead of refusing it.
     #[arg(long, env = "WALRELAY_ALLOW_WORLD_READABLE_SECRETS")]
     pub allow_world_readable_secrets: bool,
+    /// Answer a server that asks for a cleartext or MD5 password over plain
+    /// TCP or TLS whose certificate was not verified, when require_auth in
+    /// the URL names that method too (trusted networks only; each such
+    /// login is logged as a warning).
+    #[arg(long, env = "WALRELAY_ALLOW_PASSWORD_TO_UNVERIFIED_SERVER")]
+    pub allow_password_to_unverified_server: bool,
     /// The publication that covers the events table.
     #[arg(long, env = "WALRELAY_PUBLICATION", default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
@@ -288,6 +294,11 @@ pub struct RunArgs {
     /// others may read, with a warning, instead of refusing it.
     #[arg(long, env = "WALRELAY_ALLOW_WORLD_READABLE_SECRETS")]
     pub allow_world_readable_secrets: bool,
+    /// Answer a server that asks for a cleartext or MD5 password over plain
+    /// TCP or TLS whose certificate was not verified (trusted networks only;
+    /// each such login is logged as a warning) [default: false].
+    #[arg(long, env = "WALRELAY_ALLOW_PASSWORD_TO_UNVERIFIED_SERVER", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_password_to_unverified_server: Option<bool>,
     /// The replication slot [default: walrelay].
     #[arg(long, env = "WALRELAY_SLOT")]
     pub slot: Option<String>,
@@ -433,6 +444,7 @@ struct FileConfig {
     postgres_url: Option<PostgresUrl>,
     postgres_password_file: Option<PathBuf>,
     request_timeout: Option<String>,
+    allow_password_to_unverified_server: Option<bool>,
     slot: Option<String>,
     publication: Option<String>,
     table: Option<String>,
@@ -925,6 +937,10 @@ impl RunArgs {
                 .ok_or_else(|| invalid("postgres-url", "is required".into()))?,
             postgres_password_file: self.postgres_password_file.or(file.postgres_password_file),
             allow_world_readable_secrets: allow_readable,
+            allow_password_to_unverified_server: self
+                .allow_password_to_unverified_server
+                .or(file.allow_password_to_unverified_server)
+                .unwrap_or(false),
             publication: self
                 .publication
                 .or(file.publication)
@@ -1163,6 +1179,7 @@ impl SourceArgs {
         if let Some(text) = &self.request_timeout {
             params.requests.timeout = parse_duration("request-timeout", text, MIN_REQUEST_TIMEOUT)?;
         }
+        params.auth.allow_unverified_password = self.allow_password_to_unverified_server;
         Ok(params)
     }
 
@@ -1323,6 +1340,56 @@ mod tests {
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9187");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(c.kafka_properties.is_empty());
+    }
+
+    #[test]
+    fn passwords_go_to_unverified_servers_only_when_asked_for() {
+        // Off by default, for run and tail.
+        assert!(
+            !run(&MINIMAL)
+                .unwrap()
+                .postgres
+                .auth
+                .allow_unverified_password
+        );
+        assert!(
+            !tail(&["--postgres-url", "postgres://u@h/d"])
+                .unwrap()
+                .postgres
+                .auth
+                .allow_unverified_password
+        );
+        let mut flag = MINIMAL.to_vec();
+        flag.push("--allow-password-to-unverified-server");
+        assert!(run(&flag).unwrap().postgres.auth.allow_unverified_password);
+        assert!(
+            tail(&[
+                "--postgres-url",
+                "postgres://u@h/d",
+                "--allow-password-to-unverified-server"
+            ])
+            .unwrap()
+            .postgres
+            .auth
+            .allow_unverified_password
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            "postgres_url = \"postgres://u@h/d\"\nkafka_brokers = \"k:1\"\n\
+             allow_password_to_unverified_server = true\n",
+        )
+        .unwrap();
+        let c = run(&["--config", path.to_str().unwrap()]).unwrap();
+        assert!(c.postgres.auth.allow_unverified_password);
+        let c = run(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--allow-password-to-unverified-server=false",
+        ])
+        .unwrap();
+        assert!(!c.postgres.auth.allow_unverified_password);
     }
 
     #[test]

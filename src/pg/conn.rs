@@ -5,14 +5,16 @@
 //! hand on postgres-protocol's message encoders. The sequence is:
 //!
 //! 1. TCP connect; with TLS, an SSLRequest answered `S` (then the handshake)
-//!    or `N` (acceptable only for `sslmode=prefer`).
+//!    or `N` (acceptable only for `sslmode=prefer`): [`super::transport`].
 //! 2. StartupMessage with `replication=database`, which makes the backend a
 //!    walsender that also accepts simple-query SQL. The session is pinned to
 //!    UTF-8, ISO dates and UTC, so the text pgoutput sends for each column is
 //!    the same whatever the server's defaults.
 //! 3. Authentication: trust, cleartext, md5 or SCRAM-SHA-256 (with
 //!    `tls-server-end-point` channel binding over TLS when the server offers
-//!    SCRAM-SHA-256-PLUS).
+//!    SCRAM-SHA-256-PLUS), each request judged by the authentication policy
+//!    ([`super::auth`]) before it is answered, and each answer before it is
+//!    sent.
 //! 4. Replication commands as simple queries (`IDENTIFY_SYSTEM`,
 //!    `CREATE_REPLICATION_SLOT`, `SHOW`), then `START_REPLICATION`, answered
 //!    by CopyBothResponse. Each is bounded by `--request-timeout`
@@ -27,30 +29,29 @@
 //! time the connection out.
 use std::fmt;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{AuthError, AuthExchange, Channel, SaslChoice};
 use super::lsn::Lsn;
 use super::params::ConnectParams;
 use super::protocol::{
-    BackendCodec, BackendMessage, ReplicationMessage, ReplicationMessageError, StandbyStatus,
-    put_standby_status_update,
+    BackendCodec, BackendMessage, FrameError, ReplicationMessage, ReplicationMessageError,
+    StandbyStatus, put_standby_status_update,
 };
 use super::request::{RequestLimit, TimedOut};
-use super::tls::{ChannelBindingError, TlsError, TlsSetup, channel_binding};
+use super::tls::{TlsError, TlsSetup};
+use super::transport::{self, Socket, TransportError};
 
 /// The default and largest interval between standby status updates.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -87,7 +88,8 @@ pub struct ServerError {
 }
 
 impl ServerError {
-    fn from_fields(mut fields: backend::ErrorFields<'_>) -> io::Result<Self> {
+    /// The fields of an ErrorResponse or NoticeResponse.
+    pub(crate) fn from_fields(mut fields: backend::ErrorFields<'_>) -> io::Result<Self> {
         let mut e = ServerError {
             severity: String::new(),
             code: String::new(),
@@ -130,15 +132,9 @@ impl std::error::Error for ServerError {}
 /// Why the replication connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    /// TCP connect failed.
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
-    Connect {
-        /// `host:port`.
-        target: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// TCP, or TLS before the login, failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     /// Connecting, TLS and authentication took longer than `connect_timeout`.
     #[error("connecting to PostgreSQL at {target} timed out after {after:?}")]
     Timeout {
@@ -147,33 +143,12 @@ pub enum ConnError {
         /// The limit.
         after: Duration,
     },
-    /// The server answered `N` to SSLRequest.
-    #[error(
-        "PostgreSQL at {target} does not accept TLS, but the sslmode requires it: \
-         enable ssl on the server or use sslmode=prefer or disable"
-    )]
-    TlsRefused {
-        /// `host:port`.
-        target: String,
-    },
     /// TLS could not be configured.
     #[error(transparent)]
     TlsSetup(#[from] TlsError),
-    /// The handshake failed (a certificate that does not verify, say).
-    #[error("TLS handshake with PostgreSQL at {target} failed: {source}")]
-    TlsHandshake {
-        /// `host:port`.
-        target: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The server asked for an authentication method walrelay lacks.
-    #[error(
-        "PostgreSQL asks for {0} authentication, which walrelay does not support; \
-         use scram-sha-256, md5, password or trust in pg_hba.conf"
-    )]
-    UnsupportedAuth(&'static str),
+    /// The authentication policy stopped the login.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The server asked for a password and none was given.
     #[error(
         "PostgreSQL asks for a password, but none was given: put it in the URL, \
@@ -183,10 +158,6 @@ pub enum ConnError {
     /// The SCRAM exchange failed on our side (a server signature that does not match, say).
     #[error("SCRAM-SHA-256 authentication failed: {0}")]
     Scram(#[source] io::Error),
-    /// The server offers SCRAM with channel binding over TLS, and the
-    /// binding cannot be computed for its certificate.
-    #[error("SCRAM-SHA-256-PLUS authentication cannot bind to the TLS session: {0}")]
-    ChannelBinding(#[source] ChannelBindingError),
     /// The server reported an error.
     #[error("PostgreSQL: {0}")]
     Server(#[from] ServerError),
@@ -213,6 +184,9 @@ pub enum ConnError {
     /// A CopyData body that is not a replication message.
     #[error("malformed replication message: {0}")]
     Replication(#[from] ReplicationMessageError),
+    /// A message length beyond its kind's cap, or a message that does not parse.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
 }
 
 impl ConnError {
@@ -230,17 +204,13 @@ impl ConnError {
     /// settings are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnError::Connect { .. }
-            | ConnError::Timeout { .. }
+            ConnError::Transport(e) => e.is_transient(),
+            ConnError::Timeout { .. }
             | ConnError::Io(_)
             | ConnError::Closed
             | ConnError::RequestTimeout(_)
             | ConnError::Stalled(_)
             | ConnError::StreamEnded => true,
-            ConnError::TlsHandshake { source, .. } => source
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .is_none(),
             ConnError::Server(e) => {
                 e.code.starts_with("08")
                     || e.code.starts_with("53")
@@ -249,80 +219,47 @@ impl ConnError {
                         "57P01" | "57P02" | "57P03" | "55006" | "40001"
                     )
             }
-            ConnError::TlsRefused { .. }
-            | ConnError::TlsSetup(_)
-            | ConnError::UnsupportedAuth(_)
+            ConnError::TlsSetup(_)
+            | ConnError::Auth(_)
             | ConnError::NoPassword
             | ConnError::Scram(_)
-            | ConnError::ChannelBinding(_)
             | ConnError::Protocol(_)
-            | ConnError::Replication(_) => false,
-        }
-    }
-}
-
-/// A plain or TLS socket.
-#[derive(Debug)]
-enum Socket {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_flush(cx),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            | ConnError::Replication(_)
+            | ConnError::Frame(_) => false,
         }
     }
 }
 
 /// Reads whole backend messages; cancel-safe, since bytes read stay in `buf`.
+/// The buffer grows with the bytes that arrive, a chunk at a time, never
+/// with the length a message claims; the codec refuses a length beyond its
+/// kind's cap before any of the body is read.
 #[derive(Debug)]
 struct Reader<R> {
     io: R,
     buf: BytesMut,
+    codec: BackendCodec,
 }
 
+/// How much the read buffer grows by when it fills up.
+const READ_CHUNK: usize = 64 * 1024;
+
 impl<R: AsyncRead + Unpin> Reader<R> {
+    fn new(io: R) -> Self {
+        Reader {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            codec: BackendCodec::default(),
+        }
+    }
+
     async fn next(&mut self) -> Result<BackendMessage, ConnError> {
         loop {
-            if let Some(message) = BackendCodec::decode(&mut self.buf)? {
+            if let Some(message) = self.codec.decode(&mut self.buf)? {
                 return Ok(message);
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(64 * 1024);
+                self.buf.reserve(READ_CHUNK);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ConnError::Closed);
@@ -403,17 +340,10 @@ impl ReplicationConnection {
         tls: Option<TlsSetup>,
         target: &str,
     ) -> Result<Self, ConnError> {
-        let tcp = tcp_connect(params, target).await?;
-        let (socket, binding) = match tls {
-            None => (Socket::Plain(tcp), None),
-            Some(tls) => start_tls(tcp, tls, target).await?,
-        };
+        let (socket, channel) = transport::open(params, tls, target).await?;
         let (read, writer) = tokio::io::split(socket);
         let mut conn = ReplicationConnection {
-            reader: Reader {
-                io: read,
-                buf: BytesMut::with_capacity(64 * 1024),
-            },
+            reader: Reader::new(read),
             writer,
             out: BytesMut::with_capacity(1024),
             backend_pid: 0,
@@ -421,7 +351,7 @@ impl ReplicationConnection {
             requests: params.requests.clone(),
             abandoned: None,
         };
-        conn.startup(params, binding).await?;
+        conn.startup(params, channel, target).await?;
         Ok(conn)
     }
 
@@ -451,7 +381,12 @@ impl ReplicationConnection {
         Ok(())
     }
 
-    async fn startup(&mut self, params: &ConnectParams, binding: Binding) -> Result<(), ConnError> {
+    async fn startup(
+        &mut self,
+        params: &ConnectParams,
+        channel: Channel,
+        target: &str,
+    ) -> Result<(), ConnError> {
         let startup = [
             ("user", params.user.as_str()),
             ("database", params.dbname.as_str()),
@@ -465,7 +400,8 @@ impl ReplicationConnection {
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.out)?;
         self.send().await?;
-        self.authenticate(params, binding).await?;
+        let exchange = AuthExchange::new(params.auth.clone(), channel, target.to_owned());
+        self.authenticate(params, exchange).await?;
         loop {
             match self.reader.next().await? {
                 BackendMessage::Other(backend::Message::ReadyForQuery(_)) => return Ok(()),
@@ -514,13 +450,18 @@ impl ReplicationConnection {
         }
     }
 
+    /// Logs in. Every authentication request goes through `exchange`
+    /// before it is answered, and every answer before it is sent: a method
+    /// the policy refuses gets nothing.
     async fn authenticate(
         &mut self,
         params: &ConnectParams,
-        binding: Binding,
+        mut exchange: AuthExchange,
     ) -> Result<(), ConnError> {
         let password = || params.password().ok_or(ConnError::NoPassword);
-        match self.next_auth_message().await? {
+        let request = self.next_auth_message().await?;
+        exchange.on_request(&request)?;
+        match request {
             backend::Message::AuthenticationOk => return Ok(()),
             backend::Message::AuthenticationCleartextPassword => {
                 frontend::password_message(password()?.as_bytes(), &mut self.out)?;
@@ -529,65 +470,65 @@ impl ReplicationConnection {
                 let hash = md5_hash(params.user.as_bytes(), password()?.as_bytes(), body.salt());
                 frontend::password_message(hash.as_bytes(), &mut self.out)?;
             }
-            backend::Message::AuthenticationSasl(body) => {
-                let mut mechanisms = body.mechanisms();
-                let (mut scram_offered, mut plus_offered) = (false, false);
-                while let Some(m) = mechanisms.next()? {
-                    scram_offered |= m == sasl::SCRAM_SHA_256;
-                    plus_offered |= m == sasl::SCRAM_SHA_256_PLUS;
-                }
-                return self
-                    .scram(password()?, binding, scram_offered, plus_offered)
-                    .await;
-            }
-            backend::Message::AuthenticationGss => {
-                return Err(ConnError::UnsupportedAuth("GSSAPI"));
-            }
-            backend::Message::AuthenticationSspi => {
-                return Err(ConnError::UnsupportedAuth("SSPI"));
-            }
-            backend::Message::AuthenticationKerberosV5 => {
-                return Err(ConnError::UnsupportedAuth("Kerberos V5"));
-            }
-            backend::Message::AuthenticationScmCredential => {
-                return Err(ConnError::UnsupportedAuth("SCM credential"));
+            backend::Message::AuthenticationSasl(_) => {
+                let choice = exchange.sasl().cloned().ok_or_else(|| {
+                    ConnError::Protocol("AuthenticationSASL without a choice".into())
+                })?;
+                return self.scram(&mut exchange, password()?, &choice).await;
             }
             other => return Err(Self::refusal(other, "authenticating")?),
         }
-        self.send().await?;
-        self.expect_auth_ok().await
+        self.send_auth(&mut exchange).await?;
+        self.expect_auth_ok(&mut exchange).await
+    }
+
+    /// Sends what is buffered, once `exchange` allows every message of it.
+    async fn send_auth(&mut self, exchange: &mut AuthExchange) -> Result<(), ConnError> {
+        if let Err(refused) = exchange.on_client_bytes(&self.out) {
+            self.out.clear();
+            return Err(refused.into());
+        }
+        self.send().await
+    }
+
+    /// The next authentication message, judged by `exchange`.
+    async fn next_auth_request(
+        &mut self,
+        exchange: &mut AuthExchange,
+    ) -> Result<backend::Message, ConnError> {
+        let message = self.next_auth_message().await?;
+        exchange.on_request(&message)?;
+        Ok(message)
     }
 
     async fn scram(
         &mut self,
+        exchange: &mut AuthExchange,
         password: &str,
-        binding: Binding,
-        scram_offered: bool,
-        plus_offered: bool,
+        choice: &SaslChoice,
     ) -> Result<(), ConnError> {
-        let (mechanism, cb) = sasl_mechanism(binding, scram_offered, plus_offered)?;
-        let mut scram = sasl::ScramSha256::new(password.as_bytes(), cb);
-        frontend::sasl_initial_response(mechanism, scram.message(), &mut self.out)?;
-        self.send().await?;
-        match self.next_auth_message().await? {
+        let mut scram = sasl::ScramSha256::new(password.as_bytes(), choice.channel_binding());
+        frontend::sasl_initial_response(choice.mechanism, scram.message(), &mut self.out)?;
+        self.send_auth(exchange).await?;
+        match self.next_auth_request(exchange).await? {
             backend::Message::AuthenticationSaslContinue(body) => {
                 scram.update(body.data()).map_err(ConnError::Scram)?;
             }
             other => return Err(Self::refusal(other, "waiting for SASL continue")?),
         }
         frontend::sasl_response(scram.message(), &mut self.out)?;
-        self.send().await?;
-        match self.next_auth_message().await? {
+        self.send_auth(exchange).await?;
+        match self.next_auth_request(exchange).await? {
             backend::Message::AuthenticationSaslFinal(body) => {
                 scram.finish(body.data()).map_err(ConnError::Scram)?;
             }
             other => return Err(Self::refusal(other, "waiting for SASL final")?),
         }
-        self.expect_auth_ok().await
+        self.expect_auth_ok(exchange).await
     }
 
-    async fn expect_auth_ok(&mut self) -> Result<(), ConnError> {
-        match self.next_auth_message().await? {
+    async fn expect_auth_ok(&mut self, exchange: &mut AuthExchange) -> Result<(), ConnError> {
+        match self.next_auth_request(exchange).await? {
             backend::Message::AuthenticationOk => Ok(()),
             other => Err(Self::refusal(other, "waiting for AuthenticationOk")?),
         }
@@ -871,99 +812,6 @@ fn message_name(message: &backend::Message) -> &'static str {
     }
 }
 
-/// The TLS session's `tls-server-end-point` channel binding data, or why it
-/// cannot be computed; `None` without TLS.
-type Binding = Option<Result<Vec<u8>, ChannelBindingError>>;
-
-/// The SASL mechanism and channel-binding flag for the mechanisms the server
-/// offered. The exchange is bound to the TLS session when both sides can;
-/// over TLS without -PLUS on offer, the client says "I could have" (`y`), so
-/// a man in the middle that stripped -PLUS is detected. A server that offers
-/// binding over TLS gets it, or an error saying why not (as from libpq):
-/// never a quiet exchange without it.
-fn sasl_mechanism(
-    binding: Binding,
-    scram_offered: bool,
-    plus_offered: bool,
-) -> Result<(&'static str, sasl::ChannelBinding), ConnError> {
-    let (mechanism, cb) = match (binding, plus_offered) {
-        (Some(Ok(hash)), true) => (
-            sasl::SCRAM_SHA_256_PLUS,
-            sasl::ChannelBinding::tls_server_end_point(hash),
-        ),
-        (Some(Err(why)), true) => return Err(ConnError::ChannelBinding(why)),
-        (Some(_), false) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
-        (None, _) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
-    };
-    if mechanism == sasl::SCRAM_SHA_256 && !scram_offered {
-        return Err(ConnError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
-    }
-    Ok((mechanism, cb))
-}
-
-/// Opens the TCP connection, with Nagle off (status updates are small and
-/// urgent) and the keepalives of `params`.
-async fn tcp_connect(params: &ConnectParams, target: &str) -> Result<TcpStream, ConnError> {
-    let tcp = TcpStream::connect((params.host.as_str(), params.port))
-        .await
-        .map_err(|source| ConnError::Connect {
-            target: target.to_owned(),
-            source,
-        })?;
-    tcp.set_nodelay(true)?;
-    if let Some(keepalives) = params.keepalives {
-        // An idle replication connection (a standby's, or one waiting on a
-        // stalled broker) must survive NAT and load balancer idle timeouts,
-        // and a dead peer must show within a minute, not hours.
-        socket2::SockRef::from(&tcp).set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(keepalives.idle)
-                .with_interval(keepalives.interval)
-                .with_retries(keepalives.count),
-        )?;
-    }
-    Ok(tcp)
-}
-
-async fn start_tls(
-    mut tcp: TcpStream,
-    tls: TlsSetup,
-    target: &str,
-) -> Result<(Socket, Binding), ConnError> {
-    let mut buf = BytesMut::new();
-    frontend::ssl_request(&mut buf);
-    tcp.write_all(&buf).await?;
-    match tcp.read_u8().await? {
-        b'S' => {}
-        b'N' if tls.optional => return Ok((Socket::Plain(tcp), None)),
-        b'N' => {
-            return Err(ConnError::TlsRefused {
-                target: target.to_owned(),
-            });
-        }
-        other => {
-            return Err(ConnError::Protocol(format!(
-                "answer {:?} to SSLRequest",
-                char::from(other)
-            )));
-        }
-    }
-    let stream = tokio_rustls::TlsConnector::from(tls.config)
-        .connect(tls.server_name, tcp)
-        .await
-        .map_err(|source| ConnError::TlsHandshake {
-            target: target.to_owned(),
-            source,
-        })?;
-    let binding = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .map(|cert| channel_binding(cert));
-    Ok((Socket::Tls(Box::new(stream)), binding))
-}
-
 /// How often to send status updates, given the server's `wal_sender_timeout`
 /// as `SHOW` prints it (`60s`, `1min`, `500ms`, `0`): a third of the timeout,
 /// and never less often than every [`DEFAULT_STATUS_INTERVAL`].
@@ -1227,41 +1075,6 @@ impl ReplicationStream {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_socket_gets_the_keepalives_of_the_url() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let url = |query: &str| {
-            ConnectParams::from_url_with_env(
-                &format!("postgres://u@127.0.0.1:{port}/d{query}"),
-                |_| None,
-            )
-            .unwrap()
-        };
-        let tuned = url("?keepalives_idle=42&keepalives_interval=7&keepalives_count=4");
-        let tcp = tcp_connect(&tuned, "test").await.unwrap();
-        let socket = socket2::SockRef::from(&tcp);
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(
-            socket.tcp_keepalive_time().unwrap(),
-            Duration::from_secs(42)
-        );
-        assert_eq!(
-            socket.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(7)
-        );
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
-        let defaults = tcp_connect(&url(""), "test").await.unwrap();
-        assert_eq!(
-            socket2::SockRef::from(&defaults)
-                .tcp_keepalive_time()
-                .unwrap(),
-            super::super::params::DEFAULT_KEEPALIVES.idle
-        );
-        let off = tcp_connect(&url("?keepalives=0"), "test").await.unwrap();
-        assert!(!socket2::SockRef::from(&off).keepalive().unwrap());
-    }
-
     #[test]
     fn quoting_doubles_the_quote_character() {
         assert_eq!(quote_ident("my\"slot"), "\"my\"\"slot\"");
@@ -1356,33 +1169,6 @@ mod tests {
             );
             last = at;
         }
-    }
-
-    #[test]
-    fn scram_binds_when_it_can_and_never_quietly_skips_an_offered_binding() {
-        let mechanism =
-            |binding: Binding, plus: bool| sasl_mechanism(binding, true, plus).map(|(m, _)| m);
-        assert_eq!(
-            mechanism(Some(Ok(vec![1; 32])), true).unwrap(),
-            sasl::SCRAM_SHA_256_PLUS
-        );
-        assert_eq!(
-            mechanism(Some(Ok(vec![1; 32])), false).unwrap(),
-            sasl::SCRAM_SHA_256
-        );
-        assert_eq!(mechanism(None, true).unwrap(), sasl::SCRAM_SHA_256);
-        let unbindable = Some(Err(ChannelBindingError::NoHash("Ed25519")));
-        let err = mechanism(unbindable.clone(), true).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ConnError::ChannelBinding(ChannelBindingError::NoHash(_))
-            ),
-            "{err}"
-        );
-        assert!(!err.is_transient());
-        // No -PLUS on offer: plain SCRAM, telling the server binding was possible.
-        assert_eq!(mechanism(unbindable, false).unwrap(), sasl::SCRAM_SHA_256);
     }
 
     #[test]

@@ -1,23 +1,28 @@
 //! The ordinary SQL connection, beside the replication connection: setup
 //! checks and, later, slot state and lag.
 //!
-//! It is a tokio-postgres client with the same parameters and the same TLS
-//! verification as the replication connection, wrapped in [`Client`] so
-//! that every request is bounded by `--request-timeout` (see
-//! [`super::request`]): a request that times out cuts the connection, whose
-//! late answer must not be read and whose backend may be stuck, and the
-//! caller connects again.
+//! It is a tokio-postgres client with the same parameters, the same TLS
+//! verification and the same authentication policy as the replication
+//! connection: walrelay opens the socket itself ([`super::transport`]) and
+//! tokio-postgres talks through an [`AuthGuard`] that holds it to the policy
+//! ([`super::guard`]). The client is wrapped in [`Client`] so that every
+//! request is bounded by `--request-timeout` (see [`super::request`]): a
+//! request that times out cuts the connection, whose late answer must not
+//! be read and whose backend may be stuck, and the caller connects again.
 use std::future::Future;
 
-use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
+use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode, SslNegotiation};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, IsolationLevel, Row};
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{AuthExchange, AuthMethod, Channel, ChannelBindingMode};
 use super::conn::ServerError;
-use super::params::{ConnectParams, SslMode};
+use super::guard::{AuthGuard, Established, Refusal};
+use super::params::ConnectParams;
 use super::request::{RequestLimit, TimedOut};
-use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
+use super::tls::{TlsError, TlsSetup};
+use super::transport::{self, TransportError};
 use crate::event::TableName;
 
 /// The server cannot stream the events table as configured.
@@ -73,6 +78,13 @@ pub enum MetadataError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// TCP, or TLS before the login, failed.
+    #[error("metadata connection: {0}")]
+    Transport(#[from] TransportError),
+    /// walrelay's authentication policy, or a message size cap, stopped the
+    /// connection.
+    #[error("metadata connection: {0}")]
+    Refused(#[from] Refusal),
     /// Connecting or querying failed.
     #[error("PostgreSQL (metadata connection): {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -86,7 +98,22 @@ impl MetadataError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             MetadataError::Postgres(e) => e.code().map(tokio_postgres::error::SqlState::code),
-            MetadataError::Tls(_) | MetadataError::Timeout(_) => None,
+            _ => None,
+        }
+    }
+
+    /// Whether trying again may succeed without anyone changing anything:
+    /// the network or a server restarting, not a setting or the policy.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MetadataError::Postgres(e) => {
+                e.as_db_error().is_none()
+                    || e.code()
+                        .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
+            }
+            MetadataError::Transport(e) => e.is_transient(),
+            MetadataError::Timeout(_) => true,
+            MetadataError::Tls(_) | MetadataError::Refused(_) => false,
         }
     }
 }
@@ -132,6 +159,8 @@ struct Guard {
     requests: RequestLimit,
     /// Ends the task that drives the connection, closing its socket.
     cut: CancellationToken,
+    /// How the server authenticated the connection.
+    auth_method: Option<AuthMethod>,
 }
 
 impl Guard {
@@ -194,6 +223,12 @@ impl<C: GenericClient + Sync> Bounded<C> {
 }
 
 impl Client {
+    /// How the server authenticated this connection (what pg_hba.conf asks
+    /// of the role), if it asked.
+    pub fn auth_method(&self) -> Option<AuthMethod> {
+        self.guard.auth_method
+    }
+
     /// Whether the connection is gone, cut after a timeout included.
     pub fn is_closed(&self) -> bool {
         self.guard.cut.is_cancelled() || self.inner.is_closed()
@@ -227,38 +262,55 @@ impl Transaction<'_> {
 /// a task of its own.
 pub async fn connect(params: &ConnectParams) -> Result<Client, MetadataError> {
     let cut = CancellationToken::new();
-    let inner = tokio::time::timeout(params.connect_timeout, connect_raw(params, &cut))
-        .await
-        .map_err(|_| TimedOut {
-            request: "connecting (TCP, TLS and authentication)".to_owned(),
-            after: params.connect_timeout,
-        })??;
+    let tls = TlsSetup::new(params)?;
+    let (inner, auth_method) =
+        tokio::time::timeout(params.connect_timeout, connect_raw(params, tls, &cut))
+            .await
+            .map_err(|_| TimedOut {
+                request: "connecting (TCP, TLS and authentication)".to_owned(),
+                after: params.connect_timeout,
+            })??;
     Ok(Bounded {
         inner,
         guard: Guard {
             requests: params.requests.clone(),
             cut,
+            auth_method,
         },
     })
 }
 
 async fn connect_raw(
     params: &ConnectParams,
+    tls: Option<TlsSetup>,
     cut: &CancellationToken,
-) -> Result<tokio_postgres::Client, MetadataError> {
+) -> Result<(tokio_postgres::Client, Option<AuthMethod>), MetadataError> {
+    let target = format!("{}:{}", params.host, params.port);
+    // The same socket as the replication connection's: TCP with its
+    // keepalives (this connection may wait idle for a long time, between
+    // snapshot fetches or while the broker is away, and must be neither
+    // dropped by a NAT nor held open for hours by a dead peer), then TLS.
+    let (socket, channel) = transport::open(params, tls, &target).await?;
+    let tls = matches!(channel, Channel::Tls { .. });
+    let exchange = AuthExchange::new(params.auth.clone(), channel.clone(), target);
+    let (guarded, verdict) = AuthGuard::new(socket, exchange, &channel);
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&params.host)
-        .port(params.port)
         .user(&params.user)
         .dbname(&params.dbname)
         .application_name(&params.application_name)
-        .connect_timeout(params.connect_timeout)
-        .channel_binding(ChannelBinding::Prefer)
-        .ssl_mode(match params.sslmode {
-            SslMode::Disable => PgSslMode::Disable,
-            SslMode::Prefer => PgSslMode::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+        // TLS is up already: tokio-postgres takes the stream as it is (no
+        // SSLRequest of its own), and reads the channel binding from it.
+        .ssl_mode(if tls {
+            PgSslMode::Require
+        } else {
+            PgSslMode::Disable
+        })
+        .ssl_negotiation(SslNegotiation::Direct)
+        .channel_binding(match params.auth.channel_binding {
+            ChannelBindingMode::Disable => ChannelBinding::Disable,
+            ChannelBindingMode::Prefer => ChannelBinding::Prefer,
+            ChannelBindingMode::Require => ChannelBinding::Require,
         })
         // The same text forms as the replication connection's, so snapshot
         // rows read the same as streamed ones.
@@ -268,28 +320,18 @@ async fn connect_raw(
     if let Some(password) = params.password() {
         config.password(password);
     }
-    // The same keepalives as the replication connection: this connection
-    // may wait idle for a long time (between snapshot fetches, while the
-    // broker is away) and must be neither dropped by a NAT nor held open
-    // for hours by a dead peer.
-    match params.keepalives {
-        Some(k) => config
-            .keepalives(true)
-            .keepalives_idle(k.idle)
-            .keepalives_interval(k.interval)
-            .keepalives_retries(k.count),
-        None => config.keepalives(false),
-    };
-    // The two arms differ in the connection's stream type, so each spawns its own.
-    if let Some(tls) = TlsSetup::new(params)? {
-        let (client, connection) = config.connect(MakeRustlsConnect(tls)).await?;
-        tokio::spawn(drive(connection, cut.clone()));
-        Ok(client)
-    } else {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(drive(connection, cut.clone()));
-        Ok(client)
+    let connected = config.connect_raw(guarded, Established).await;
+    let mut verdict = verdict
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The guard's reason, when it refused, rather than the I/O error
+    // tokio-postgres saw.
+    if let Some(refusal) = verdict.refusal.take() {
+        return Err(refusal.into());
     }
+    let (client, connection) = connected?;
+    tokio::spawn(drive(connection, cut.clone()));
+    Ok((client, verdict.method))
 }
 
 /// Drives the connection until it ends or is cut (dropping it closes the

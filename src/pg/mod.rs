@@ -1,5 +1,8 @@
 //! Everything that talks to PostgreSQL.
+pub mod auth;
 pub mod conn;
+pub mod guard;
+pub mod hostcheck;
 pub mod lsn;
 pub mod metadata;
 pub mod params;
@@ -7,3 +10,4 @@ pub mod pgoutput;
 pub mod protocol;
 pub mod request;
 pub mod tls;
+pub mod transport;

@@ -6,6 +6,13 @@
 //! in libpq. `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
 //! `PGSSLMODE`, `PGSSLROOTCERT` and `PGAPPNAME` fill in what the URL leaves out.
 //!
+//! `require_auth` and `channel_binding` (with `PGREQUIREAUTH` and
+//! `PGCHANNELBINDING`) set the authentication policy ([`super::auth`]), and
+//! `sslrootcert=system` means `verify-full`, as in libpq 16: without an
+//! `sslmode` it becomes `verify-full`, and any other `sslmode` with it is an
+//! error (anyone can get a certificate the system trusts for a name they
+//! control, so only the name check makes the system's roots mean anything).
+//!
 //! TCP keepalives are on by default, with shorter timings than the operating
 //! system's (two hours idle on Linux): a NAT gateway or load balancer drops a
 //! connection that stays silent for minutes, and a connection that waits
@@ -20,6 +27,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::auth::{AuthParamError, AuthPolicy, ChannelBindingMode, RequireAuth};
 use super::request::RequestLimit;
 
 /// The default port of PostgreSQL.
@@ -65,6 +73,17 @@ pub enum SslMode {
 }
 
 impl SslMode {
+    /// The mode's name in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
     fn parse(value: &str) -> Result<Self, ParamsError> {
         Ok(match value {
             "disable" => SslMode::Disable,
@@ -123,6 +142,10 @@ pub struct ConnectParams {
     pub requests: RequestLimit,
     /// TCP keepalives on every connection; `None` with `keepalives=0`.
     pub keepalives: Option<Keepalives>,
+    /// What the connections may reveal while they log in: `require_auth`
+    /// and `channel_binding` from the URL, and
+    /// `--allow-password-to-unverified-server` (not part of the URL).
+    pub auth: AuthPolicy,
 }
 
 /// A connection URL that cannot be used.
@@ -158,6 +181,16 @@ pub enum ParamsError {
     /// No user in the URL nor in `PGUSER`/`USER`.
     #[error("the PostgreSQL URL names no user, and neither PGUSER nor USER is set")]
     NoUser,
+    /// A `require_auth` that does not parse.
+    #[error("the PostgreSQL URL has an unusable require_auth: {0}")]
+    RequireAuth(#[from] AuthParamError),
+    /// `sslrootcert=system` with an `sslmode` weaker than verify-full.
+    #[error(
+        "the PostgreSQL URL has weak sslmode {0:?} with sslrootcert=system (use \"verify-full\"): \
+         anyone can obtain a certificate the system trusts for a host name they control, so the \
+         system's roots are only worth checking together with the host name"
+    )]
+    WeakSslModeWithSystemRoots(&'static str),
 }
 
 impl ConnectParams {
@@ -202,6 +235,7 @@ impl ConnectParams {
         let mut application_name = None;
         let mut connect_timeout = None;
         let mut keepalives = KeepaliveParams::default();
+        let mut auth = AuthParams::default();
 
         for (key, value) in url.query_pairs() {
             let value = value.into_owned();
@@ -216,6 +250,8 @@ impl ConnectParams {
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => connect_timeout = Some(parse_timeout(&value)?),
                 k if k.starts_with("keepalives") => keepalives.set(k, &value)?,
+                "require_auth" => auth.require_auth = Some(value),
+                "channel_binding" => auth.channel_binding = Some(value),
                 "sslcert" | "sslkey" | "sslpassword" => {
                     return Err(ParamsError::Unsupported(format!(
                         "{key} (client certificates)"
@@ -224,7 +260,6 @@ impl ConnectParams {
                 "options"
                 | "target_session_attrs"
                 | "gssencmode"
-                | "channel_binding"
                 | "replication"
                 | "hostaddr"
                 | "passfile"
@@ -245,10 +280,13 @@ impl ConnectParams {
             .or_else(|| env("PGUSER"))
             .or_else(|| env("USER"))
             .ok_or(ParamsError::NoUser)?;
-        let sslmode = match sslmode {
-            Some(m) => m,
-            None => env("PGSSLMODE").map_or(Ok(SslMode::Prefer), |m| SslMode::parse(&m))?,
-        };
+        let sslmode = sslmode
+            .map(Ok)
+            .or_else(|| env("PGSSLMODE").map(|m| SslMode::parse(&m)))
+            .transpose()?;
+        let sslrootcert = sslrootcert.or_else(|| env("PGSSLROOTCERT").map(parse_root_certs));
+        let sslmode = resolve_sslmode(sslmode, sslrootcert.as_ref())?;
+        let auth = auth.policy(&env)?;
         Ok(ConnectParams {
             host,
             port,
@@ -258,13 +296,14 @@ impl ConnectParams {
                 .unwrap_or_else(|| user.clone()),
             user,
             sslmode,
-            sslrootcert: sslrootcert.or_else(|| env("PGSSLROOTCERT").map(parse_root_certs)),
+            sslrootcert,
             application_name: application_name
                 .or_else(|| env("PGAPPNAME"))
                 .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned()),
             connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             requests: RequestLimit::default(),
             keepalives: keepalives.on.then_some(keepalives.timings),
+            auth,
         })
     }
 
@@ -295,13 +334,7 @@ impl ConnectParams {
             self.user,
             self.port,
             self.dbname,
-            match self.sslmode {
-                SslMode::Disable => "disable",
-                SslMode::Prefer => "prefer",
-                SslMode::Require => "require",
-                SslMode::VerifyCa => "verify-ca",
-                SslMode::VerifyFull => "verify-full",
-            }
+            self.sslmode.as_str()
         )
     }
 }
@@ -320,6 +353,7 @@ impl fmt::Debug for ConnectParams {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.requests.timeout)
             .field("keepalives", &self.keepalives)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -419,6 +453,53 @@ fn parse_positive(param: &'static str, value: &str) -> Result<u32, ParamsError> 
             value: value.into(),
             expected: "a whole number greater than 0 (seconds; probes for keepalives_count)",
         })
+}
+
+/// The `sslmode` in effect: as given (URL, then `PGSSLMODE`), else `prefer`,
+/// except that `sslrootcert=system` makes it `verify-full` and refuses any
+/// other (libpq 16).
+fn resolve_sslmode(
+    given: Option<SslMode>,
+    roots: Option<&RootCerts>,
+) -> Result<SslMode, ParamsError> {
+    match (given, roots) {
+        (None | Some(SslMode::VerifyFull), Some(RootCerts::System)) => Ok(SslMode::VerifyFull),
+        (Some(weak), Some(RootCerts::System)) => {
+            Err(ParamsError::WeakSslModeWithSystemRoots(weak.as_str()))
+        }
+        (given, _) => Ok(given.unwrap_or(SslMode::Prefer)),
+    }
+}
+
+/// The `require_auth` and `channel_binding` parameters of a URL.
+#[derive(Default)]
+struct AuthParams {
+    require_auth: Option<String>,
+    channel_binding: Option<String>,
+}
+
+impl AuthParams {
+    /// The policy, with `PGREQUIREAUTH` and `PGCHANNELBINDING` filling gaps.
+    fn policy(self, env: impl Fn(&str) -> Option<String>) -> Result<AuthPolicy, ParamsError> {
+        let require_auth = self.require_auth.or_else(|| env("PGREQUIREAUTH"));
+        let channel_binding = match self.channel_binding.or_else(|| env("PGCHANNELBINDING")) {
+            None => ChannelBindingMode::default(),
+            Some(value) => ChannelBindingMode::parse(&value).ok_or(ParamsError::InvalidValue {
+                param: "channel_binding",
+                value,
+                expected: "disable, prefer or require",
+            })?,
+        };
+        Ok(AuthPolicy {
+            require_auth: require_auth
+                .as_deref()
+                .map(RequireAuth::parse)
+                .transpose()?
+                .unwrap_or_default(),
+            channel_binding,
+            allow_unverified_password: false,
+        })
+    }
 }
 
 fn parse_root_certs(value: String) -> RootCerts {
@@ -538,6 +619,104 @@ mod tests {
         ] {
             let err = ConnectParams::from_url_with_env(url, no_env).unwrap_err();
             assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_as_in_libpq_16() {
+        let parse = |url: &str, env: &[(&str, &str)]| {
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            ConnectParams::from_url_with_env(url, move |name| {
+                env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
+        };
+        // Without an sslmode it becomes verify-full, from the URL or PGSSLROOTCERT.
+        let p = parse("postgres://u@h/d?sslrootcert=system", &[]).unwrap();
+        assert_eq!(
+            (p.sslmode, p.sslrootcert),
+            (SslMode::VerifyFull, Some(RootCerts::System))
+        );
+        let p = parse("postgres://u@h/d", &[("PGSSLROOTCERT", "system")]).unwrap();
+        assert_eq!(p.sslmode, SslMode::VerifyFull);
+        assert!(
+            parse(
+                "postgres://u@h/d?sslrootcert=system&sslmode=verify-full",
+                &[]
+            )
+            .is_ok()
+        );
+        // Any weaker sslmode with it is an error, from the URL or PGSSLMODE.
+        for weak in ["disable", "prefer", "require", "verify-ca"] {
+            let err = parse(
+                &format!("postgres://u@h/d?sslrootcert=system&sslmode={weak}"),
+                &[],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, ParamsError::WeakSslModeWithSystemRoots(m) if m == weak),
+                "{weak}: {err}"
+            );
+            assert!(err.to_string().contains("verify-full"), "{err}");
+            let err = parse(
+                "postgres://u@h/d?sslrootcert=system",
+                &[("PGSSLMODE", weak)],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, ParamsError::WeakSslModeWithSystemRoots(_)),
+                "{err}"
+            );
+        }
+        // A file named system is ./system.
+        let p = parse("postgres://u@h/d?sslrootcert=./system", &[]).unwrap();
+        assert_eq!(p.sslmode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn require_auth_and_channel_binding_are_read_as_libpq_reads_them() {
+        let p = ConnectParams::from_url_with_env(
+            "postgres://u@h/d?require_auth=scram-sha-256,none&channel_binding=require",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(p.auth.require_auth.as_str(), Some("scram-sha-256,none"));
+        assert_eq!(p.auth.channel_binding, ChannelBindingMode::Require);
+        assert!(!p.auth.allow_unverified_password);
+        // The defaults: anything goes, binding preferred.
+        let p = ConnectParams::from_url_with_env("postgres://u@h/d", no_env).unwrap();
+        assert_eq!(p.auth, AuthPolicy::default());
+        assert_eq!(p.auth.channel_binding, ChannelBindingMode::Prefer);
+        // PGREQUIREAUTH and PGCHANNELBINDING fill in; the URL wins.
+        let env = |name: &str| match name {
+            "PGREQUIREAUTH" => Some("!password".to_owned()),
+            "PGCHANNELBINDING" => Some("disable".to_owned()),
+            _ => None,
+        };
+        let p = ConnectParams::from_url_with_env("postgres://u@h/d", env).unwrap();
+        assert_eq!(p.auth.require_auth.as_str(), Some("!password"));
+        assert_eq!(p.auth.channel_binding, ChannelBindingMode::Disable);
+        let p = ConnectParams::from_url_with_env("postgres://u@h/d?channel_binding=prefer", env)
+            .unwrap();
+        assert_eq!(p.auth.channel_binding, ChannelBindingMode::Prefer);
+        for (query, needle) in [
+            ("channel_binding=always", "channel_binding"),
+            (
+                "require_auth=kerberos",
+                "invalid require_auth value: \"kerberos\"",
+            ),
+            (
+                "require_auth=md5,!password",
+                "cannot be mixed with non-negative",
+            ),
+            ("require_auth=md5,md5", "specified more than once"),
+        ] {
+            let err =
+                ConnectParams::from_url_with_env(&format!("postgres://u@h/d?{query}"), no_env)
+                    .unwrap_err();
+            assert!(err.to_string().contains(needle), "{query}: {err}");
         }
     }
 

@@ -8,6 +8,15 @@
 //! whose body is handed on as a [`Bytes`] slice of the read buffer, so the
 //! pgoutput payload inside is never copied.
 //!
+//! A length is a claim by the peer, so it sizes nothing: the read buffer
+//! grows with the bytes that arrive, and each kind of message has a cap,
+//! checked on the header before any of the body is read. Until
+//! AuthenticationOk the caps are tight (libpq's 2000 bytes for an
+//! authentication request, 8 KiB for anything else), so whoever answers the
+//! connection cannot make walrelay hold more before the login; afterwards
+//! CopyData and DataRow may reach PostgreSQL's own 1 GB, errors, notices and
+//! row descriptions 1 MiB, and the rest libpq's 30000 bytes.
+//!
 //! Inside CopyData, the walsender sends XLogData (`w`) and primary keepalives
 //! (`k`); the client sends standby status updates (`r`). Their layouts, all
 //! big-endian:
@@ -28,9 +37,111 @@ use postgres_protocol::message::backend;
 use super::lsn::Lsn;
 use super::pgoutput::PG_EPOCH_UNIX_SECS;
 
-/// The largest backend message accepted. PostgreSQL's own limit for a
-/// CopyData row is 1 GB; anything beyond that is a corrupt stream.
+/// The largest backend message accepted at all: PostgreSQL's own limit for
+/// a CopyData row or a DataRow is 1 GB (`MaxAllocSize`).
 pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// The largest authentication request (`R`) before authentication completes:
+/// libpq's own limit. SCRAM's messages are a few hundred bytes.
+pub const MAX_AUTH_REQUEST_LEN: usize = 2000;
+
+/// The largest message of any other kind before authentication completes
+/// (an ErrorResponse saying why the login failed, a notice, a parameter
+/// status): a few KiB, so that whoever answers a connection cannot make
+/// walrelay buffer more than that before it has proved anything.
+pub const MAX_STARTUP_MESSAGE_LEN: usize = 8 * 1024;
+
+/// The largest error, notice, row description or notification once
+/// authenticated: libpq accepts these "long" kinds at any length; a
+/// megabyte is far beyond any that PostgreSQL sends to walrelay.
+pub const MAX_LONG_MESSAGE_LEN: usize = 1 << 20;
+
+/// The largest message of every other kind once authenticated (ReadyForQuery,
+/// CommandComplete, ParameterStatus, ...): libpq's limit for the kinds it
+/// does not expect to be long.
+pub const MAX_SHORT_MESSAGE_LEN: usize = 30_000;
+
+/// Whether the server has accepted the login yet. Before, every message is
+/// small, and a length that says otherwise is refused before a byte of its
+/// body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Between the startup message and AuthenticationOk.
+    #[default]
+    Authenticating,
+    /// After AuthenticationOk.
+    Authenticated,
+}
+
+/// The largest length (the field's value, which counts itself) a backend
+/// message with `tag` may have in `phase`.
+pub fn max_message_len(tag: u8, phase: Phase) -> usize {
+    match (phase, tag) {
+        (Phase::Authenticating, b'R') => MAX_AUTH_REQUEST_LEN,
+        (Phase::Authenticating, _) => MAX_STARTUP_MESSAGE_LEN,
+        // CopyData carries pgoutput messages, DataRow query results: a
+        // single column value can approach 1 GB.
+        (Phase::Authenticated, b'd' | b'D') => MAX_MESSAGE_LEN,
+        (Phase::Authenticated, b'E' | b'N' | b'A' | b'T' | b't' | b'V') => MAX_LONG_MESSAGE_LEN,
+        (Phase::Authenticated, _) => MAX_SHORT_MESSAGE_LEN,
+    }
+}
+
+/// A backend message header that cannot be right.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// A length below 4, which cannot even count itself.
+    #[error("PostgreSQL sent a message {:?} with the impossible length {len}", char::from(*.tag))]
+    TooShort {
+        /// The message's tag.
+        tag: u8,
+        /// Its length field.
+        len: u32,
+    },
+    /// A length beyond what the message's kind may have.
+    #[error(
+        "PostgreSQL sent a message {:?} claiming {len} bytes, but walrelay accepts at most {max} \
+         for that kind{}: the peer is not a PostgreSQL server speaking the protocol (or the stream \
+         is corrupt); the connection is dropped without reading it",
+        char::from(*.tag),
+        match .phase { Phase::Authenticating => " before authentication completes", Phase::Authenticated => "" }
+    )]
+    TooLong {
+        /// The message's tag.
+        tag: u8,
+        /// Its length field.
+        len: u32,
+        /// The limit for its kind.
+        max: usize,
+        /// Whether the login had completed.
+        phase: Phase,
+    },
+    /// A whole message whose body does not parse.
+    #[error("PostgreSQL sent a malformed message: {0}")]
+    Malformed(#[source] io::Error),
+}
+
+/// Checks a backend message header: the tag and the length field.
+pub fn check_header(tag: u8, len: u32, phase: Phase) -> Result<(), FrameError> {
+    if len < 4 {
+        return Err(FrameError::TooShort { tag, len });
+    }
+    let max = max_message_len(tag, phase);
+    if usize::try_from(len).map_or(true, |l| l > max) {
+        return Err(FrameError::TooLong {
+            tag,
+            len,
+            max,
+            phase,
+        });
+    }
+    Ok(())
+}
+
+/// Whether a whole backend message (tag, length, body) is AuthenticationOk.
+pub fn is_authentication_ok(message: &[u8]) -> bool {
+    message.len() == 9 && message[0] == b'R' && message[5..9] == [0, 0, 0, 0]
+}
 
 /// One message from the server.
 pub enum BackendMessage {
@@ -53,32 +164,38 @@ impl std::fmt::Debug for BackendMessage {
     }
 }
 
-/// Splits the server's byte stream into [`BackendMessage`]s.
+/// Splits the server's byte stream into [`BackendMessage`]s, refusing a
+/// length beyond what the message's kind may have (tighter until
+/// AuthenticationOk, which it watches for).
 #[derive(Debug, Default)]
-pub struct BackendCodec;
+pub struct BackendCodec {
+    phase: Phase,
+}
 
 impl BackendCodec {
+    /// The phase the next message is judged in.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
     /// Takes one whole message off the front of `buf`, or returns `None` (and
-    /// consumes nothing) when the buffer does not yet hold one.
-    pub fn decode(buf: &mut BytesMut) -> io::Result<Option<BackendMessage>> {
+    /// consumes nothing) when the buffer does not yet hold one. It never
+    /// reserves room for a message before its bytes arrive: the caller's
+    /// buffer grows with what is read, not with what a length claims.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<BackendMessage>, FrameError> {
         if buf.len() < 5 {
             return Ok(None);
         }
         let tag = buf[0];
-        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "backend message {:?} has invalid length {len}",
-                    char::from(tag)
-                ),
-            ));
-        }
-        let total = len + 1;
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        check_header(tag, len, self.phase)?;
+        // Within MAX_MESSAGE_LEN, so no overflow.
+        let total = len as usize + 1;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
             return Ok(None);
+        }
+        if is_authentication_ok(&buf[..total]) {
+            self.phase = Phase::Authenticated;
         }
         match tag {
             b'd' => {
@@ -90,7 +207,9 @@ impl BackendCodec {
                 buf.advance(total);
                 Ok(Some(BackendMessage::CopyBothResponse))
             }
-            _ => backend::Message::parse(buf).map(|m| m.map(BackendMessage::Other)),
+            _ => backend::Message::parse(buf)
+                .map(|m| m.map(BackendMessage::Other))
+                .map_err(FrameError::Malformed),
         }
     }
 }
@@ -234,16 +353,26 @@ mod tests {
         v
     }
 
+    /// A codec past authentication, as while streaming.
+    fn authenticated() -> BackendCodec {
+        let mut codec = BackendCodec::default();
+        let mut buf = BytesMut::from(&frame(b'R', &[0, 0, 0, 0])[..]);
+        assert!(codec.decode(&mut buf).unwrap().is_some());
+        assert_eq!(codec.phase(), Phase::Authenticated);
+        codec
+    }
+
     #[test]
     fn waits_for_a_whole_message_and_consumes_nothing_before() {
         let bytes = frame(b'd', b"kpayload");
+        let mut codec = authenticated();
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
-            assert!(BackendCodec::decode(&mut buf).unwrap().is_none());
+            assert!(codec.decode(&mut buf).unwrap().is_none());
             assert_eq!(buf.len(), cut, "consumed bytes of a partial message");
         }
         let mut buf = BytesMut::from(&bytes[..]);
-        match BackendCodec::decode(&mut buf).unwrap() {
+        match codec.decode(&mut buf).unwrap() {
             Some(BackendMessage::CopyData(body)) => assert_eq!(&body[..], b"kpayload"),
             other => panic!("{other:?}"),
         }
@@ -255,12 +384,13 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&frame(b'W', &[0, 0, 0]));
         buf.extend_from_slice(&frame(b'Z', b"I"));
+        let mut codec = authenticated();
         assert!(matches!(
-            BackendCodec::decode(&mut buf).unwrap(),
+            codec.decode(&mut buf).unwrap(),
             Some(BackendMessage::CopyBothResponse)
         ));
         assert!(matches!(
-            BackendCodec::decode(&mut buf).unwrap(),
+            codec.decode(&mut buf).unwrap(),
             Some(BackendMessage::Other(backend::Message::ReadyForQuery(_)))
         ));
         assert!(buf.is_empty());
@@ -269,9 +399,93 @@ mod tests {
     #[test]
     fn rejects_impossible_lengths() {
         let mut buf = BytesMut::from(&[b'd', 0, 0, 0, 3][..]);
-        assert!(BackendCodec::decode(&mut buf).is_err());
+        assert!(matches!(
+            authenticated().decode(&mut buf),
+            Err(FrameError::TooShort { len: 3, .. })
+        ));
         let mut buf = BytesMut::from(&[b'd', 0x7f, 0xff, 0xff, 0xff][..]);
-        assert!(BackendCodec::decode(&mut buf).is_err());
+        assert!(matches!(
+            authenticated().decode(&mut buf),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+
+    /// The header of a message of `tag` claiming `len` bytes, with no body yet.
+    fn header(tag: u8, len: usize) -> BytesMut {
+        let mut buf = BytesMut::with_capacity(64);
+        buf.put_u8(tag);
+        buf.put_u32(u32::try_from(len).unwrap());
+        buf
+    }
+
+    #[test]
+    fn a_claimed_length_reserves_nothing_before_its_bytes_arrive() {
+        // A peer that claims a 1 GB CopyData and sends a few bytes of it.
+        let mut buf = header(b'd', MAX_MESSAGE_LEN);
+        buf.extend_from_slice(b"wxyz");
+        let mut codec = authenticated();
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(
+            buf.capacity() < 64 * 1024,
+            "the buffer grew to {} bytes for 9 that arrived",
+            buf.capacity()
+        );
+        assert_eq!(buf.len(), 9, "nothing consumed");
+    }
+
+    #[test]
+    fn every_kind_has_a_cap_tight_until_the_login_completes() {
+        let mut codec = BackendCodec::default();
+        // Before AuthenticationOk: libpq's 2000 bytes for an authentication
+        // request, a few KiB for anything else, CopyData included.
+        for (tag, ok, refused) in [
+            (b'R', MAX_AUTH_REQUEST_LEN, MAX_AUTH_REQUEST_LEN + 1),
+            (b'E', MAX_STARTUP_MESSAGE_LEN, MAX_STARTUP_MESSAGE_LEN + 1),
+            (b'N', MAX_STARTUP_MESSAGE_LEN, MAX_STARTUP_MESSAGE_LEN + 1),
+            (b'S', MAX_STARTUP_MESSAGE_LEN, MAX_STARTUP_MESSAGE_LEN + 1),
+            (b'd', MAX_STARTUP_MESSAGE_LEN, MAX_STARTUP_MESSAGE_LEN + 1),
+        ] {
+            assert!(codec.decode(&mut header(tag, ok)).unwrap().is_none());
+            let err = codec.decode(&mut header(tag, refused)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    FrameError::TooLong {
+                        phase: Phase::Authenticating,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("before authentication completes"),
+                "{err}"
+            );
+        }
+        // An error or a notice is no AuthenticationOk: the phase stays.
+        let mut buf = BytesMut::from(&frame(b'R', &[0, 0, 0, 3])[..]);
+        codec.decode(&mut buf).unwrap();
+        assert_eq!(codec.phase(), Phase::Authenticating);
+
+        let mut codec = authenticated();
+        for (tag, ok, refused) in [
+            (b'd', MAX_MESSAGE_LEN, MAX_MESSAGE_LEN + 1),
+            (b'D', MAX_MESSAGE_LEN, MAX_MESSAGE_LEN + 1),
+            (b'E', MAX_LONG_MESSAGE_LEN, MAX_LONG_MESSAGE_LEN + 1),
+            (b'T', MAX_LONG_MESSAGE_LEN, MAX_LONG_MESSAGE_LEN + 1),
+            (b'S', MAX_SHORT_MESSAGE_LEN, MAX_SHORT_MESSAGE_LEN + 1),
+            (b'Z', MAX_SHORT_MESSAGE_LEN, MAX_SHORT_MESSAGE_LEN + 1),
+            (b'W', MAX_SHORT_MESSAGE_LEN, MAX_SHORT_MESSAGE_LEN + 1),
+        ] {
+            assert!(codec.decode(&mut header(tag, ok)).unwrap().is_none());
+            assert!(matches!(
+                codec.decode(&mut header(tag, refused)),
+                Err(FrameError::TooLong {
+                    phase: Phase::Authenticated,
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
@@ -332,7 +546,8 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = ReplicationMessage::parse(Bytes::from(bytes.clone()));
             let mut buf = BytesMut::from(&bytes[..]);
-            while let Ok(Some(_)) = BackendCodec::decode(&mut buf) {}
+            let mut codec = BackendCodec::default();
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
         }
 
         #[test]

@@ -8,9 +8,18 @@
 //! |---|---|---|---|
 //! | disable | never | - | - |
 //! | prefer | when offered | no | no |
-//! | require | always | only with `sslrootcert` | no |
+//! | require | always | when a root file exists (`sslrootcert`, `PGSSLROOTCERT` or `~/.postgresql/root.crt`) | no |
 //! | verify-ca | always | yes | no |
 //! | verify-full | always | yes | yes |
+//!
+//! The chain is verified by webpki against the trusted roots. The host name
+//! is checked as libpq checks it ([`super::hostcheck`]): rustls' own check
+//! would refuse a certificate that names the server only in its Common
+//! Name, which libpq accepts and PostgreSQL setups often have. A refused
+//! certificate's error says why: which roots it does not chain to, or which
+//! names it has and which host was expected. Whether the certificate was
+//! verified ([`TlsSetup::verified`]) decides what authentication may reveal
+//! ([`super::auth`]).
 //!
 //! SCRAM channel binding (`tls-server-end-point`) hashes the server's
 //! certificate with the hash of its signature algorithm (SHA-256 for MD5 and
@@ -18,22 +27,19 @@
 //! [`channel_binding`] computes it for both connections, or says why it
 //! cannot (Ed25519 and Ed448 sign without a separate hash, so no binding is
 //! defined for them).
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
+use super::hostcheck;
 use super::params::{ConnectParams, RootCerts, SslMode};
 
 /// TLS cannot be set up as the URL asks.
@@ -57,6 +63,18 @@ pub enum TlsError {
         /// The file.
         path: String,
     },
+    /// verify-ca or verify-full without sslrootcert, and the default file is missing.
+    #[error(
+        "root certificate file {path} does not exist, and sslmode={sslmode} needs one: provide \
+         the file, name one with sslrootcert (or PGSSLROOTCERT), use the system's trusted roots \
+         with sslrootcert=system, or change sslmode to disable server certificate verification"
+    )]
+    NoRootFile {
+        /// The default file looked for.
+        path: String,
+        /// The mode that needs it.
+        sslmode: &'static str,
+    },
     /// `sslrootcert=system` but the system trust store is empty.
     #[error("sslrootcert=system, but the system trust store holds no certificate")]
     NoSystemRoots,
@@ -77,6 +95,9 @@ pub struct TlsSetup {
     pub server_name: ServerName<'static>,
     /// Whether a server that answers `N` to SSLRequest is acceptable (prefer).
     pub optional: bool,
+    /// Whether the server's certificate is verified against trusted roots
+    /// (verify-ca, verify-full, and require with a root file).
+    pub verified: bool,
 }
 
 impl std::fmt::Debug for TlsSetup {
@@ -84,52 +105,37 @@ impl std::fmt::Debug for TlsSetup {
         f.debug_struct("TlsSetup")
             .field("server_name", &self.server_name)
             .field("optional", &self.optional)
+            .field("verified", &self.verified)
             .finish_non_exhaustive()
     }
 }
 
 impl TlsSetup {
-    /// Builds the TLS setup for `params`, reading root certificates as needed.
+    /// Builds the TLS setup for `params`, reading root certificates as needed;
+    /// the default root file is `$HOME/.postgresql/root.crt`.
     pub fn new(params: &ConnectParams) -> Result<Option<Self>, TlsError> {
-        let default_roots = || {
-            std::env::var_os("HOME")
-                .map(|home| std::path::Path::new(&home).join(".postgresql/root.crt"))
-                .filter(|p| p.exists())
-                .map(RootCerts::File)
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        Self::with_home(params, home.as_deref())
+    }
+
+    /// As [`TlsSetup::new`], with the home directory given (`None`: no
+    /// default root file).
+    pub fn with_home(
+        params: &ConnectParams,
+        home: Option<&Path>,
+    ) -> Result<Option<Self>, TlsError> {
+        let Some((check, optional)) = Check::for_params(params, home)? else {
+            return Ok(None);
         };
-        let (verifier, optional): (Arc<dyn ServerCertVerifier>, bool) = match params.sslmode {
-            SslMode::Disable => return Ok(None),
-            SslMode::Prefer => (Arc::new(AcceptAnyCertificate::new()), true),
-            // libpq verifies the chain in require mode when a root file is given.
-            SslMode::Require => match &params.sslrootcert {
-                Some(roots) => (Arc::new(ChainOnly(webpki_verifier(roots)?)), false),
-                None => (Arc::new(AcceptAnyCertificate::new()), false),
-            },
-            SslMode::VerifyCa | SslMode::VerifyFull => {
-                let roots = params
-                    .sslrootcert
-                    .clone()
-                    .or_else(default_roots)
-                    .ok_or_else(|| TlsError::ReadRoots {
-                        path: "~/.postgresql/root.crt".into(),
-                        source: io::Error::new(
-                            io::ErrorKind::NotFound,
-                            "no sslrootcert given and the default file does not exist",
-                        ),
-                    })?;
-                let verifier = webpki_verifier(&roots)?;
-                if params.sslmode == SslMode::VerifyCa {
-                    (Arc::new(ChainOnly(verifier)), false)
-                } else {
-                    (verifier, false)
-                }
-            }
-        };
+        let verified = !matches!(check, Check::Nothing);
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                provider: provider(),
+                check,
+            }))
             .with_no_client_auth();
         let server_name = ServerName::try_from(params.host.clone())
             .map_err(|_| TlsError::InvalidHost(params.host.clone()))?;
@@ -137,115 +143,193 @@ impl TlsSetup {
             config: Arc::new(config),
             server_name,
             optional,
+            verified,
         }))
     }
 }
+
+/// The default root certificate file under the home directory, as libpq's.
+const DEFAULT_ROOT_FILE: &str = ".postgresql/root.crt";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn webpki_verifier(roots: &RootCerts) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
-    let mut store = RootCertStore::empty();
-    match roots {
-        RootCerts::File(path) => {
-            let shown = path.display().to_string();
-            let pem = std::fs::read(path).map_err(|source| TlsError::ReadRoots {
-                path: shown.clone(),
-                source,
-            })?;
-            for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
-                // A certificate webpki cannot use as an anchor is skipped, as libpq
-                // skips what OpenSSL cannot load.
-                let _ = store.add(cert);
-            }
-            if store.is_empty() {
-                return Err(TlsError::NoRoots { path: shown });
-            }
-        }
-        RootCerts::System => {
-            let found = rustls_native_certs::load_native_certs();
-            store.add_parsable_certificates(found.certs);
-            if store.is_empty() {
-                return Err(TlsError::NoSystemRoots);
-            }
-        }
-    }
-    WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
-        .build()
-        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))
+/// The CA certificates a server's chain must lead to, and where they came from.
+#[derive(Debug)]
+struct TrustedRoots {
+    store: RootCertStore,
+    /// For errors: the file, or the system's trust store.
+    origin: String,
 }
 
-/// verify-ca: the chain must lead to a trusted root; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+impl TrustedRoots {
+    fn load(roots: &RootCerts) -> Result<Self, TlsError> {
+        let mut store = RootCertStore::empty();
+        let origin = match roots {
+            RootCerts::File(path) => {
+                let shown = path.display().to_string();
+                let pem = std::fs::read(path).map_err(|source| TlsError::ReadRoots {
+                    path: shown.clone(),
+                    source,
+                })?;
+                for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+                    // A certificate webpki cannot use as an anchor is skipped, as libpq
+                    // skips what OpenSSL cannot load.
+                    let _ = store.add(cert);
+                }
+                if store.is_empty() {
+                    return Err(TlsError::NoRoots { path: shown });
+                }
+                format!("{shown} (sslrootcert)")
+            }
+            RootCerts::System => {
+                let found = rustls_native_certs::load_native_certs();
+                store.add_parsable_certificates(found.certs);
+                if store.is_empty() {
+                    return Err(TlsError::NoSystemRoots);
+                }
+                "the system's trust store (sslrootcert=system)".to_owned()
+            }
+        };
+        Ok(TrustedRoots { store, origin })
+    }
+}
 
-impl ServerCertVerifier for ChainOnly {
+/// What is checked of the server's certificate beyond the handshake
+/// signature, which is always checked (so the session belongs to whoever
+/// holds the certificate's key).
+#[derive(Debug)]
+enum Check {
+    /// prefer, and require without a root file: encryption without
+    /// authentication, as libpq does.
+    Nothing,
+    /// verify-ca, and require with a root file: the chain leads to a trusted root.
+    Chain(TrustedRoots),
+    /// verify-full: the chain, and the certificate names the host (libpq's
+    /// rules, CN fallback included: [`super::hostcheck`]).
+    ChainAndHost(TrustedRoots, String),
+}
+
+impl Check {
+    /// What `params` asks for, and whether a server without TLS is acceptable
+    /// (prefer); `None` for sslmode=disable.
+    fn for_params(
+        params: &ConnectParams,
+        home: Option<&Path>,
+    ) -> Result<Option<(Self, bool)>, TlsError> {
+        let default_file = home.map(|h| h.join(DEFAULT_ROOT_FILE));
+        // libpq uses the default file only when it exists; a file named by
+        // sslrootcert or PGSSLROOTCERT must exist (stricter than libpq under
+        // require, which would quietly skip verification: a mistyped path
+        // must not turn verification off).
+        let roots = params.sslrootcert.clone().or_else(|| {
+            default_file
+                .clone()
+                .filter(|f| f.exists())
+                .map(RootCerts::File)
+        });
+        Ok(Some(match params.sslmode {
+            SslMode::Disable => return Ok(None),
+            SslMode::Prefer => (Check::Nothing, true),
+            // libpq verifies the chain under require when a root file exists.
+            SslMode::Require => match &roots {
+                Some(roots) => (Check::Chain(TrustedRoots::load(roots)?), false),
+                None => (Check::Nothing, false),
+            },
+            SslMode::VerifyCa | SslMode::VerifyFull => {
+                let Some(roots) = &roots else {
+                    return Err(TlsError::NoRootFile {
+                        path: default_file.map_or_else(
+                            || format!("~/{DEFAULT_ROOT_FILE} (HOME is not set)"),
+                            |f| f.display().to_string(),
+                        ),
+                        sslmode: params.sslmode.as_str(),
+                    });
+                };
+                let roots = TrustedRoots::load(roots)?;
+                if params.sslmode == SslMode::VerifyCa {
+                    (Check::Chain(roots), false)
+                } else {
+                    (Check::ChainAndHost(roots, params.host.clone()), false)
+                }
+            }
+        }))
+    }
+}
+
+/// The certificate verifier of both connections.
+#[derive(Debug)]
+struct Verifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check: Check,
+}
+
+/// A certificate the chain check refused, with where the trusted roots came from.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server's certificate does not chain to a CA in {origin}: {source}; point sslrootcert \
+     at the certificate of the CA that signed it"
+)]
+struct UntrustedChain {
+    origin: String,
+    #[source]
+    source: rustls::Error,
+}
+
+/// A TLS handshake failure as an operator should read it: rustls shows a
+/// refusal of our verifier with `Debug`, so its explanation is taken out.
+pub fn explain_handshake_error(error: &io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// A refusal rustls reports as an invalid certificate, with our explanation.
+fn refused(error: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(error))))
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // webpki checks the chain before the name, so a name error means the
-        // chain itself was good.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// prefer and require without roots: encryption without authentication, as
-/// libpq does. The handshake signature is still checked, so the session key
-/// belongs to whoever holds the certificate's key.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl AcceptAnyCertificate {
-    fn new() -> Self {
-        AcceptAnyCertificate(provider())
-    }
-}
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
         _: &ServerName<'_>,
         _: &[u8],
-        _: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let (roots, host) = match &self.check {
+            Check::Nothing => return Ok(ServerCertVerified::assertion()),
+            Check::Chain(roots) => (roots, None),
+            Check::ChainAndHost(roots, host) => (roots, Some(host)),
+        };
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots.store,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )
+        .map_err(|source| match source {
+            rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature,
+            ) => refused(UntrustedChain {
+                origin: roots.origin.clone(),
+                source,
+            }),
+            other => other,
+        })?;
+        if let Some(host) = host {
+            hostcheck::verify(end_entity, host).map_err(refused)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -259,7 +343,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -273,12 +357,14 @@ impl ServerCertVerifier for AcceptAnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -308,6 +394,9 @@ pub enum ChannelBindingError {
          binding; give the server a certificate signed with SHA-256, SHA-384 or SHA-512"
     )]
     UnsupportedHash(&'static str),
+    /// The handshake left no server certificate (rustls always keeps it).
+    #[error("the TLS session has no server certificate to bind to")]
+    NoCertificate,
     /// A signature algorithm walrelay does not know.
     #[error(
         "the server's certificate has signature algorithm {0}, for which walrelay knows no \
@@ -418,96 +507,6 @@ pub fn channel_binding(cert: &[u8]) -> Result<Vec<u8>, ChannelBindingError> {
     Ok(ring::digest::digest(digest, cert).as_ref().to_vec())
 }
 
-/// [`MakeTlsConnect`] for the tokio-postgres metadata connection, with the
-/// same verification as the replication connection.
-#[derive(Clone, Debug)]
-pub struct MakeRustlsConnect(pub TlsSetup);
-
-impl<S> MakeTlsConnect<S> for MakeRustlsConnect
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type TlsConnect = RustlsConnect;
-    type Error = io::Error;
-
-    fn make_tls_connect(&mut self, _domain: &str) -> io::Result<RustlsConnect> {
-        // The name comes from our own parameters, not tokio-postgres's, so both
-        // connections verify the same thing.
-        Ok(RustlsConnect(self.0.clone()))
-    }
-}
-
-/// One TLS handshake for tokio-postgres.
-#[derive(Debug)]
-pub struct RustlsConnect(TlsSetup);
-
-impl<S> TlsConnect<S> for RustlsConnect
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
-
-    fn connect(self, stream: S) -> Self::Future {
-        let connector = tokio_rustls::TlsConnector::from(self.0.config);
-        let name = self.0.server_name;
-        Box::pin(async move { connector.connect(name, stream).await.map(RustlsStream) })
-    }
-}
-
-/// A TLS stream for tokio-postgres.
-#[derive(Debug)]
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
-    fn channel_binding(&self) -> ChannelBinding {
-        let (_, session) = self.0.get_ref();
-        let Some(cert) = session.peer_certificates().and_then(|certs| certs.first()) else {
-            return ChannelBinding::none();
-        };
-        match channel_binding(cert) {
-            Ok(hash) => ChannelBinding::tls_server_end_point(hash),
-            Err(error) => {
-                // tokio-postgres then tells a server that offers
-                // SCRAM-SHA-256-PLUS that it could not bind, which the
-                // server refuses: say why.
-                tracing::warn!(error = %error, "cannot bind SCRAM to the TLS session of the metadata connection");
-                ChannelBinding::none()
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +590,135 @@ mod tests {
             channel_binding(b"not a certificate"),
             Err(ChannelBindingError::Certificate(_))
         ));
+    }
+
+    /// A CA, and a server certificate it signed with `sans` and Common Name `cn`.
+    fn ca_and_server(
+        sans: &[&str],
+        cn: &str,
+    ) -> (rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, Vec<u8>) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let mut server =
+            rcgen::CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        server.distinguished_name = rcgen::DistinguishedName::new();
+        server
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        server.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = server
+            .signed_by(&rcgen::KeyPair::generate().unwrap(), &ca)
+            .unwrap();
+        (ca, leaf.der().to_vec())
+    }
+
+    /// The verifier for `params` (with no home directory unless given).
+    fn verifier(params: &ConnectParams, home: Option<&Path>) -> Verifier {
+        let (check, _) = Check::for_params(params, home).unwrap().unwrap();
+        Verifier {
+            provider: provider(),
+            check,
+        }
+    }
+
+    /// Runs `verifier` on `cert` as a handshake would; a refusal as the
+    /// handshake error would show it.
+    fn verify(verifier: &Verifier, cert: &[u8]) -> Result<(), String> {
+        verifier
+            .verify_server_cert(
+                &CertificateDer::from(cert.to_vec()),
+                &[],
+                &ServerName::try_from("ignored").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| explain_handshake_error(&io::Error::new(io::ErrorKind::InvalidData, e)))
+    }
+
+    #[test]
+    fn verify_full_checks_the_host_as_libpq_does_and_says_why_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.crt");
+        let params = |host: &str, mode: &str| {
+            ConnectParams::from_url_with_env(
+                &format!(
+                    "postgres://u@{host}/d?sslmode={mode}&sslrootcert={}",
+                    ca_file.display()
+                ),
+                |_| None,
+            )
+            .unwrap()
+        };
+        // Only a Common Name: libpq accepts it, rustls' own check would not.
+        let (ca, cn_only) = ca_and_server(&[], "db.example.com");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let full = params("db.example.com", "verify-full");
+        assert!(TlsSetup::new(&full).unwrap().unwrap().verified);
+        verify(&verifier(&full, None), &cn_only).unwrap();
+        let other = params("other.example.com", "verify-full");
+        let err = verify(&verifier(&other, None), &cn_only).unwrap_err();
+        assert!(
+            err.contains("\"db.example.com\" (Common Name)")
+                && err.contains("\"other.example.com\""),
+            "{err}"
+        );
+        // verify-ca does not check the name.
+        let ca_only = params("other.example.com", "verify-ca");
+        verify(&verifier(&ca_only, None), &cn_only).unwrap();
+        // A certificate from another CA: the error names the roots.
+        let (_, foreign) = ca_and_server(&["db.example.com"], "db.example.com");
+        let err = verify(&verifier(&full, None), &foreign).unwrap_err();
+        assert!(
+            err.contains("does not chain to a CA in") && err.contains("ca.crt"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn require_verifies_the_chain_when_a_root_file_exists_as_libpq_does() {
+        let home = tempfile::tempdir().unwrap();
+        let params = |query: &str| {
+            ConnectParams::from_url_with_env(
+                &format!("postgres://u@db.example.com/d?{query}"),
+                |_| None,
+            )
+            .unwrap()
+        };
+        let setup = |query: &str, home: &Path| {
+            TlsSetup::with_home(&params(query), Some(home))
+                .unwrap()
+                .unwrap()
+        };
+        let (ca, good) = ca_and_server(&["elsewhere.example.com"], "elsewhere");
+        let (_, foreign) = ca_and_server(&["db.example.com"], "db.example.com");
+        let require = params("sslmode=require");
+        // No root file: encryption only.
+        assert!(!setup("sslmode=require", home.path()).verified);
+        verify(&verifier(&require, Some(home.path())), &foreign).unwrap();
+        // ~/.postgresql/root.crt exists: the chain is verified (not the name).
+        std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+        std::fs::write(home.path().join(DEFAULT_ROOT_FILE), ca.pem()).unwrap();
+        assert!(setup("sslmode=require", home.path()).verified);
+        let chain = verifier(&require, Some(home.path()));
+        verify(&chain, &good).unwrap();
+        assert!(verify(&chain, &foreign).is_err());
+        // prefer never verifies.
+        assert!(!setup("sslmode=prefer", home.path()).verified);
+        // verify-full without any root file says where it looked.
+        let empty = tempfile::tempdir().unwrap();
+        let err =
+            TlsSetup::with_home(&params("sslmode=verify-full"), Some(empty.path())).unwrap_err();
+        assert!(matches!(err, TlsError::NoRootFile { .. }), "{err}");
+        assert!(
+            err.to_string().contains(".postgresql/root.crt")
+                && err.to_string().contains("sslrootcert=system"),
+            "{err}"
+        );
     }
 
     #[test]

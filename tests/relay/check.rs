@@ -3,7 +3,10 @@ use std::time::Duration;
 
 use crate::support::kafka::Kafka;
 use crate::support::pg_versions;
-use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
+use crate::support::postgres::{
+    MD5_PASSWORD, MD5_USER, PLAIN_PASSWORD, PLAIN_USER, PgOptions, PgServer, SCRAM_PASSWORD,
+    SCRAM_USER,
+};
 use crate::support::walrelay::Walrelay;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -21,6 +24,14 @@ async fn check(url: &str, brokers: &str, extra: &[&str]) -> (Option<i32>, String
     (status.code(), output)
 }
 
+/// The URL query that verifies `pg`'s certificate and host name.
+fn verified(pg: &PgServer) -> String {
+    format!(
+        "sslmode=verify-full&sslrootcert={}",
+        pg.ca_cert_path().expect("TLS is on").display()
+    )
+}
+
 fn problems(output: &str) -> Vec<&str> {
     output
         .lines()
@@ -32,9 +43,15 @@ fn problems(output: &str) -> Vec<&str> {
 async fn a_sound_setup_passes() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 3);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=require");
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &verified(&pg));
     let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
     assert_eq!(code, Some(0), "{output}");
+    for line in [
+        "ok       tls: sslmode=verify-full",
+        "ok       authentication: SCRAM-SHA-256-PLUS",
+    ] {
+        assert!(output.contains(line), "no {line:?} in:\n{output}");
+    }
     assert!(
         problems(&output).is_empty() && output.contains("checks passed"),
         "{output}"
@@ -84,13 +101,14 @@ async fn every_problem_of_a_broken_setup_is_listed_with_its_fix() {
         "may not SELECT from public.events",
         "is active for PID",
         "topic \"absent\" does not exist",
+        "tls: sslmode=disable: no TLS",
     ] {
         assert!(
             found.iter().any(|l| l.contains(needle)),
             "no problem {needle:?} in:\n{output}"
         );
     }
-    assert_eq!(found.len(), 6, "{output}");
+    assert_eq!(found.len(), 7, "{output}");
     assert!(
         output.contains("fix: apply sql/003_publication.sql"),
         "{output}"
@@ -132,7 +150,7 @@ async fn a_row_filter_or_a_column_list_that_hides_events_is_reported_with_its_fi
     })
     .await;
     let kafka = Kafka::start(1, 3);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &verified(&pg));
     pg.psql("ALTER PUBLICATION walrelay_events SET TABLE events WHERE (event_type <> 'Internal');")
         .await;
     let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
@@ -205,4 +223,60 @@ async fn a_row_filter_or_a_column_list_that_hides_events_is_reported_with_its_fi
     pg.psql(fix).await;
     let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
     assert_eq!(code, Some(0), "{output}");
+}
+
+#[tokio::test]
+async fn an_unverified_server_and_a_password_weaker_than_scram_are_reported_with_their_fix() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    let verify_full = "fix: use sslmode=verify-full with sslrootcert=";
+    // Every sslmode below verify-ca: the server could be anyone.
+    for mode in ["disable", "prefer", "require"] {
+        let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &format!("sslmode={mode}"));
+        let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
+        assert_eq!(code, Some(2), "{mode}: {output}");
+        let found = problems(&output);
+        assert!(
+            found.len() == 1 && found[0].contains(&format!("tls: sslmode={mode}: ")),
+            "{mode}: {output}"
+        );
+        assert!(output.contains(verify_full), "{mode}: {output}");
+    }
+    // verify-ca verifies the chain: no finding.
+    let ca = pg.ca_cert_path().unwrap();
+    let url = pg.url(
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        &format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+    );
+    let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("ok       tls: sslmode=verify-ca"),
+        "{output}"
+    );
+
+    // md5 and cleartext, as the server asked for them during check's own
+    // login (verified, so that walrelay answers at all).
+    for (user, password, method) in [
+        (MD5_USER, MD5_PASSWORD, "md5"),
+        (PLAIN_USER, PLAIN_PASSWORD, "password (cleartext)"),
+    ] {
+        let url = pg.url(user, Some(password), &verified(&pg));
+        let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
+        assert!(!output.contains(password), "password leaked:\n{output}");
+        assert_eq!(code, Some(2), "{user}: {output}");
+        let found = problems(&output);
+        assert!(
+            found.len() == 1
+                && found[0].contains(&format!(
+                    "authentication: PostgreSQL asked for {method} authentication"
+                )),
+            "{user}: {output}"
+        );
+        assert!(
+            output.contains("fix: use scram-sha-256 for this role in pg_hba.conf"),
+            "{user}: {output}"
+        );
+    }
 }

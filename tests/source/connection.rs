@@ -1,11 +1,16 @@
-//! The replication connection against a real server: every authentication
-//! method, every sslmode, and the errors an operator meets first.
+//! Both connections against a real server: every authentication method,
+//! every sslmode, the authentication policy, and the errors an operator
+//! meets first.
+use walrelay::pg::auth::{AuthError, AuthMethod};
 use walrelay::pg::conn::{ConnError, ReplicationConnection};
+use walrelay::pg::guard::Refusal;
+use walrelay::pg::metadata::{self, MetadataError};
 use walrelay::pg::params::ConnectParams;
+use walrelay::pg::transport::TransportError;
 
 use crate::support::postgres::{
     MD5_PASSWORD, MD5_USER, PLAIN_PASSWORD, PLAIN_USER, PgOptions, PgServer, SCRAM_PASSWORD,
-    SCRAM_USER, TRUST_USER,
+    SCRAM_USER, TEST_ROLES, TRUST_USER,
 };
 
 fn params(url: &str) -> ConnectParams {
@@ -31,48 +36,189 @@ async fn server_sees_tls(pg: &PgServer, conn: &ReplicationConnection) -> bool {
     row.get(0)
 }
 
+/// Whether the metadata connection `client` runs over TLS, as the server sees it.
+async fn metadata_sees_tls(client: &metadata::Client) -> bool {
+    client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
+/// Opens both connections with `p`; panics naming `what` unless both log in
+/// and the server sees TLS as `tls` says. Returns how the server
+/// authenticated the metadata connection.
+async fn both_log_in(pg: &PgServer, p: &ConnectParams, tls: bool, what: &str) -> AuthMethod {
+    let mut conn = ReplicationConnection::connect(p)
+        .await
+        .unwrap_or_else(|e| panic!("replication connection, {what}: {e}"));
+    let system = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
+    assert!(system.timeline >= 1);
+    assert_eq!(system.dbname.as_deref(), Some("walrelay_test"));
+    assert_eq!(server_sees_tls(pg, &conn).await, tls, "{what}");
+    let client = metadata::connect(p)
+        .await
+        .unwrap_or_else(|e| panic!("metadata connection, {what}: {e}"));
+    assert_eq!(metadata_sees_tls(&client).await, tls, "{what}");
+    client.auth_method().expect("the server said how")
+}
+
+/// Both connections' errors with `p`, each required to be a refusal by the
+/// authentication policy.
+async fn both_refused(p: &ConnectParams, what: &str) -> (AuthError, AuthError) {
+    let repl = match ReplicationConnection::connect(p).await {
+        Err(ConnError::Auth(e)) => e,
+        Err(other) => panic!("replication connection, {what}: {other}"),
+        Ok(_) => panic!("replication connection, {what}: logged in"),
+    };
+    let meta = match metadata::connect(p).await {
+        Err(MetadataError::Refused(Refusal::Auth(e))) => e,
+        Err(other) => panic!("metadata connection, {what}: {other}"),
+        Ok(_) => panic!("metadata connection, {what}: logged in"),
+    };
+    (repl, meta)
+}
+
 #[tokio::test]
-async fn every_auth_method_logs_in_with_and_without_tls() {
+async fn every_auth_method_logs_in_over_a_verified_connection_or_by_opt_in() {
     let pg = PgServer::start_default().await;
     let ca = pg.ca_cert_path().expect("TLS is on");
     let ca = ca.to_str().unwrap();
-    let roles = [
-        (SCRAM_USER, Some(SCRAM_PASSWORD)),
-        (MD5_USER, Some(MD5_PASSWORD)),
-        (PLAIN_USER, Some(PLAIN_PASSWORD)),
-        (TRUST_USER, None),
-    ];
+    // (mode, TLS, certificate verified)
     let modes = [
-        ("sslmode=disable".to_owned(), false),
-        ("sslmode=prefer".to_owned(), true),
-        ("sslmode=require".to_owned(), true),
-        (format!("sslmode=verify-ca&sslrootcert={ca}"), true),
-        (format!("sslmode=verify-full&sslrootcert={ca}"), true),
+        ("sslmode=disable".to_owned(), false, false),
+        ("sslmode=prefer".to_owned(), true, false),
+        ("sslmode=require".to_owned(), true, false),
+        (format!("sslmode=verify-ca&sslrootcert={ca}"), true, true),
+        (format!("sslmode=verify-full&sslrootcert={ca}"), true, true),
     ];
-    for (user, password) in roles {
-        for (mode, tls) in &modes {
-            let url = pg.url(user, password, mode);
-            let mut conn = connect(&url)
-                .await
-                .unwrap_or_else(|e| panic!("{user} with {mode}: {e}"));
-            let system = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
-            assert!(system.timeline >= 1);
-            assert_eq!(system.dbname.as_deref(), Some("walrelay_test"));
-            assert_eq!(
-                server_sees_tls(&pg, &conn).await,
-                *tls,
-                "{user} with {mode}"
+    for role in TEST_ROLES {
+        for (mode, tls, verified) in &modes {
+            let url = pg.url(role.name, role.password, mode);
+            let what = format!("{} with {mode}", role.name);
+            let expected = match (role.method, tls) {
+                ("md5", _) => AuthMethod::Md5,
+                ("password", _) => AuthMethod::Password,
+                ("trust", _) => AuthMethod::None,
+                // PostgreSQL offers SCRAM-SHA-256-PLUS over TLS: bound.
+                (_, true) => AuthMethod::ScramSha256Plus,
+                (_, false) => AuthMethod::ScramSha256,
+            };
+            if !expected.weaker_than_scram() || *verified {
+                let method = both_log_in(&pg, &params(&url), *tls, &what).await;
+                assert_eq!(method, expected, "{what}");
+                continue;
+            }
+            // A password over an unverified connection: refused by both,
+            // before anything is sent.
+            let (repl, meta) = both_refused(&params(&url), &what).await;
+            for e in [repl, meta] {
+                assert!(
+                    matches!(e, AuthError::PasswordToUnverifiedServer { .. }),
+                    "{what}: {e}"
+                );
+            }
+            // Nor with only one half of the opt-in.
+            let named = format!("{url}&require_auth={}", role.method);
+            let mut flagged = params(&url);
+            flagged.auth.allow_unverified_password = true;
+            for (p, half) in [
+                (params(&named), "require_auth"),
+                (flagged, "--allow-password-to-unverified-server"),
+            ] {
+                let (repl, meta) = both_refused(&p, &what).await;
+                for e in [repl, meta] {
+                    assert!(
+                        matches!(e, AuthError::PasswordToUnverifiedServer { .. }),
+                        "{what}, only {half}: {e}"
+                    );
+                }
+            }
+            // Both: require_auth naming the method, and the flag.
+            let mut opted_in = params(&named);
+            opted_in.auth.allow_unverified_password = true;
+            let method = both_log_in(&pg, &opted_in, *tls, &what).await;
+            assert_eq!(method, expected, "{what}, opted in");
+        }
+    }
+}
+
+#[tokio::test]
+async fn require_auth_and_channel_binding_hold_against_a_real_server() {
+    let pg = PgServer::start_default().await;
+    let ca = pg.ca_cert_path().unwrap();
+    let verified = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    // channel_binding=require: SCRAM over TLS binds and logs in ...
+    let url = pg.url(
+        SCRAM_USER,
+        Some(SCRAM_PASSWORD),
+        "sslmode=require&channel_binding=require",
+    );
+    let method = both_log_in(&pg, &params(&url), true, "channel_binding=require").await;
+    assert_eq!(method, AuthMethod::ScramSha256Plus);
+    // ... md5 and trust do not even over a verified connection, nor SCRAM without TLS.
+    for (user, password, query) in [
+        (MD5_USER, Some(MD5_PASSWORD), verified.as_str()),
+        (TRUST_USER, None, verified.as_str()),
+        (SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable"),
+    ] {
+        let url = pg.url(user, password, &format!("{query}&channel_binding=require"));
+        let (repl, meta) = both_refused(&params(&url), user).await;
+        for e in [repl, meta] {
+            assert!(
+                matches!(e, AuthError::ChannelBindingRequired { .. }),
+                "{user}: {e}"
             );
         }
     }
+    // require_auth=scram-sha-256 refuses md5 and trust, as libpq does.
+    for (user, password, reason) in [
+        (
+            MD5_USER,
+            Some(MD5_PASSWORD),
+            "server requested a hashed password",
+        ),
+        (
+            PLAIN_USER,
+            Some(PLAIN_PASSWORD),
+            "server requested a cleartext password",
+        ),
+        (TRUST_USER, None, "server did not complete authentication"),
+    ] {
+        let url = pg.url(
+            user,
+            password,
+            &format!("{verified}&require_auth=scram-sha-256"),
+        );
+        let (repl, meta) = both_refused(&params(&url), user).await;
+        for e in [repl, meta] {
+            assert!(
+                matches!(&e, AuthError::RequireAuth { reason: r, .. } if *r == reason),
+                "{user}: {e}"
+            );
+        }
+    }
+    // require_auth=!none refuses trust; none allows it.
+    let url = pg.url(TRUST_USER, None, &format!("{verified}&require_auth=!none"));
+    both_refused(&params(&url), "!none").await;
+    let url = pg.url(TRUST_USER, None, &format!("{verified}&require_auth=none"));
+    both_log_in(&pg, &params(&url), true, "none").await;
 }
 
 #[tokio::test]
 async fn a_wrong_password_is_the_servers_error_without_the_password() {
     let pg = PgServer::start_default().await;
     let wrong = "not-the-Password-93";
+    // Verified, so that md5 and password may be answered at all.
+    let verified = format!(
+        "sslmode=verify-full&sslrootcert={}",
+        pg.ca_cert_path().unwrap().display()
+    );
     for user in [SCRAM_USER, MD5_USER, PLAIN_USER] {
-        let Err(err) = connect(&pg.url(user, Some(wrong), "sslmode=require")).await else {
+        let Err(err) = connect(&pg.url(user, Some(wrong), &verified)).await else {
             panic!("{user} logged in with a wrong password");
         };
         assert_eq!(err.sqlstate(), Some("28P01"), "{user}: {err}");
@@ -129,7 +275,13 @@ async fn verification_rejects_an_unknown_ca_and_a_foreign_host_name() {
         &format!("sslmode=verify-ca&sslrootcert={}", other_ca.display()),
     );
     let err = connect(&url).await.expect_err("an unknown CA is refused");
-    assert!(matches!(err, ConnError::TlsHandshake { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ConnError::Transport(TransportError::TlsHandshake { .. })
+        ),
+        "{err}"
+    );
     assert!(!err.is_transient(), "{err}");
 
     // The right CA, the wrong name: verify-full refuses, verify-ca accepts.
@@ -144,7 +296,13 @@ async fn verification_rejects_an_unknown_ca_and_a_foreign_host_name() {
     let err = connect(&foreign("verify-full"))
         .await
         .expect_err("wrong host refused");
-    assert!(matches!(err, ConnError::TlsHandshake { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ConnError::Transport(TransportError::TlsHandshake { .. })
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("certificate"), "{err}");
     connect(&foreign("verify-ca"))
         .await
@@ -161,7 +319,10 @@ async fn a_server_without_tls_fails_require_and_serves_prefer_in_plain() {
     let err = connect(&pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=require"))
         .await
         .expect_err("require without server TLS");
-    assert!(matches!(err, ConnError::TlsRefused { .. }), "{err}");
+    assert!(
+        matches!(err, ConnError::Transport(TransportError::TlsRefused { .. })),
+        "{err}"
+    );
     let conn = connect(&pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=prefer"))
         .await
         .unwrap();
@@ -197,7 +358,7 @@ async fn server_errors_carry_their_sqlstate() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, ConnError::Connect { .. }) && err.is_transient(),
+        matches!(err, ConnError::Transport(TransportError::Connect { .. })) && err.is_transient(),
         "{err}"
     );
 }
@@ -280,18 +441,35 @@ async fn noisy_login_proxy(pg: &PgServer) -> u16 {
 async fn notices_and_parameter_statuses_during_login_are_not_taken_for_answers() {
     let pg = PgServer::start_default().await;
     let proxy = noisy_login_proxy(&pg).await;
-    for (user, password) in [
-        (SCRAM_USER, Some(SCRAM_PASSWORD)),
-        (MD5_USER, Some(MD5_PASSWORD)),
-        (PLAIN_USER, Some(PLAIN_PASSWORD)),
-        (TRUST_USER, None),
-    ] {
-        let url = pg.url(user, password, &format!("sslmode=disable&port={proxy}"));
-        let mut conn = connect(&url)
+    for role in TEST_ROLES {
+        // A plain-TCP proxy: md5 and password need the user's opt-in
+        // (require_auth naming the method, and the flag).
+        let url = pg.url(
+            role.name,
+            role.password,
+            &format!(
+                "sslmode=disable&port={proxy}&require_auth={}",
+                match role.method {
+                    "trust" => "none",
+                    method => method,
+                }
+            ),
+        );
+        let user = role.name;
+        let mut p = params(&url);
+        p.auth.allow_unverified_password = true;
+        let mut conn = ReplicationConnection::connect(&p)
             .await
             .unwrap_or_else(|e| panic!("{user} through the noisy proxy: {e}"));
         let system = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
         assert_eq!(system.dbname.as_deref(), Some("walrelay_test"), "{user}");
+        // The metadata connection skips them too (tokio-postgres alone
+        // would take them for a wrong answer and give up).
+        let client = metadata::connect(&p).await.unwrap_or_else(|e| {
+            panic!("{user}'s metadata connection through the noisy proxy: {e}")
+        });
+        let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
     }
     // A wrong password is still the server's error, noise or not.
     let url = pg.url(

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod bank;
+pub mod hostile;
 pub mod kafka;
 pub mod oracle;
 pub mod pg_versions;

@@ -151,6 +151,8 @@ pub struct PgOptions {
     /// behaviour; `None` runs the test run's version (`$WALRELAY_TEST_PG_VERSION`,
     /// else the system's: see `pg_versions`).
     pub version: Option<u32>,
+    /// The names in the server's certificate.
+    pub cert_names: CertNames,
 }
 
 impl Default for PgOptions {
@@ -160,6 +162,26 @@ impl Default for PgOptions {
             tls: true,
             extra_conf: Vec::new(),
             version: None,
+            cert_names: CertNames::default(),
+        }
+    }
+}
+
+/// The names a test server's certificate carries.
+#[derive(Debug, Clone)]
+pub struct CertNames {
+    /// subjectAltName entries: DNS names, or IP addresses where they parse as one.
+    pub subject_alt_names: Vec<&'static str>,
+    /// The subject's Common Name.
+    pub common_name: &'static str,
+}
+
+impl Default for CertNames {
+    /// `localhost` and `127.0.0.1` as subjectAltNames, `localhost` as CN.
+    fn default() -> Self {
+        CertNames {
+            subject_alt_names: vec!["localhost", SERVER_ADDR],
+            common_name: "localhost",
         }
     }
 }
@@ -225,7 +247,9 @@ impl PgServer {
                 .arg(&data_dir),
         );
 
-        let ca_cert_path = opts.tls.then(|| write_tls_files(dir.path(), run_as));
+        let ca_cert_path = opts
+            .tls
+            .then(|| write_tls_files(dir.path(), run_as, &opts.cert_names));
         write_server_file(&data_dir.join("pg_hba.conf"), &hba_conf(), run_as);
         // Our settings live in their own file so a retry on another port, or a
         // restart, needs no editing of postgresql.conf.
@@ -966,9 +990,10 @@ fn roles_sql() -> String {
     sql
 }
 
-/// A CA and a server certificate for `localhost` and `127.0.0.1` signed by
-/// it, written to `dir`; returns the CA certificate's path.
-fn write_tls_files(dir: &Path, run_as: Option<u32>) -> PathBuf {
+/// A CA and a server certificate with `names` (by default for `localhost`
+/// and `127.0.0.1`) signed by it, written to `dir`; returns the CA
+/// certificate's path.
+fn write_tls_files(dir: &Path, run_as: Option<u32>, names: &CertNames) -> PathBuf {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
     ca_params
         .distinguished_name
@@ -980,12 +1005,18 @@ fn write_tls_files(dir: &Path, run_as: Option<u32>) -> PathBuf {
 
     // rcgen makes "127.0.0.1" an IP address SAN, which is what a client
     // verifying `host=127.0.0.1` looks for.
-    let mut server_params =
-        CertificateParams::new(vec!["localhost".to_owned(), SERVER_ADDR.to_owned()])
-            .expect("server certificate parameters");
+    let mut server_params = CertificateParams::new(
+        names
+            .subject_alt_names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .expect("server certificate parameters");
+    server_params.distinguished_name = rcgen::DistinguishedName::new();
     server_params
         .distinguished_name
-        .push(DnType::CommonName, "localhost");
+        .push(DnType::CommonName, names.common_name);
     server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server_params.use_authority_key_identifier_extension = true;
@@ -1232,7 +1263,7 @@ mod tests {
             wal_level: "replica",
             tls: false,
             extra_conf: vec!["wal_sender_timeout = '7s'".to_owned()],
-            version: None,
+            ..PgOptions::default()
         })
         .await;
         assert_eq!(pg.psql("SHOW wal_level").await, "replica");
