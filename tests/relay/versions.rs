@@ -20,8 +20,14 @@ const OTHER_TRANSACTIONS: u32 = 20_000;
 /// Transactions written through a replication origin.
 const REPLICATED: i64 = 5;
 
+/// The URL of `pg`: verified TLS where the server serves it (so that `check`
+/// finds no problem with the channel), none where the test turned TLS off.
 fn url(pg: &PgServer) -> String {
-    pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable")
+    let params = match pg.ca_cert_path() {
+        Some(ca) => format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+        None => "sslmode=disable".to_owned(),
+    };
+    pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &params)
 }
 
 /// PostgreSQL 16's pgoutput can leave out transactions replayed from a
@@ -204,7 +210,6 @@ async fn check_setup(pg: &PgServer, kafka: &Kafka, extra: &[&str]) -> (Option<i3
 #[tokio::test]
 async fn a_slot_invalidated_for_its_wal_stops_walrelay_with_the_cause_and_the_way_out() {
     let pg = PgServer::start(PgOptions {
-        tls: false,
         extra_conf: vec!["max_slot_wal_keep_size = '1MB'".to_owned()],
         ..PgOptions::default()
     })
@@ -310,7 +315,6 @@ async fn a_walrelay_that_cannot_stream_shows_since_when_the_slot_is_unused() {
 async fn a_slot_left_unused_past_the_idle_timeout_is_reported_before_and_explained_after() {
     let pg = PgServer::start(PgOptions {
         version: pg_versions::at_least(18, "idle_replication_slot_timeout"),
-        tls: false,
         extra_conf: vec!["idle_replication_slot_timeout = '1h'".to_owned()],
         ..PgOptions::default()
     })
