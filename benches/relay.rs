@@ -28,6 +28,9 @@
     clippy::cast_sign_loss
 )]
 
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/support/pg_versions.rs"]
+mod pg_versions;
 #[allow(dead_code, clippy::wildcard_imports)]
 #[path = "../tests/support/postgres.rs"]
 mod postgres;

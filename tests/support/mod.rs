@@ -6,6 +6,7 @@
 
 pub mod kafka;
 pub mod oracle;
+pub mod pg_versions;
 pub mod postgres;
 pub mod walrelay;
 pub mod workload;

@@ -1,7 +1,8 @@
 //! A real, throwaway Postgres cluster for one test.
 //!
 //! ```text
-//! first start in a target dir:  initdb ──► $CARGO_TARGET_TMPDIR/pg-template-<version>-u<uid>
+//! which binaries:               PgOptions::version, $WALRELAY_TEST_PG_VERSION, the system's (pg_versions.rs)
+//! first start in a target dir:  initdb ──► $CARGO_TARGET_TMPDIR/pg-template-<version>-<build>-u<uid>
 //! every start:                  cp -a template ──► /dev/shm/walrelay-pg-XXXX/data
 //!                               write TLS files, pg_hba.conf, harness.conf (port, wal_level, ...)
 //!                               pg_ctl start -w   (new port and again if the port was taken)
@@ -54,6 +55,8 @@ use tempfile::TempDir;
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 use walrelay::pg::lsn::Lsn;
+
+use super::pg_versions;
 
 /// The database every test cluster has, with `sql/*.sql` applied.
 pub const DATABASE: &str = "walrelay_test";
@@ -144,6 +147,10 @@ pub struct PgOptions {
     pub tls: bool,
     /// More `postgresql.conf` lines, applied last so they win.
     pub extra_conf: Vec<String>,
+    /// The PostgreSQL major to run (14-18), for a test about one version's
+    /// behaviour; `None` runs the test run's version (`$WALRELAY_TEST_PG_VERSION`,
+    /// else the system's: see `pg_versions`).
+    pub version: Option<u32>,
 }
 
 impl Default for PgOptions {
@@ -152,6 +159,7 @@ impl Default for PgOptions {
             wal_level: "logical",
             tls: true,
             extra_conf: Vec::new(),
+            version: None,
         }
     }
 }
@@ -160,6 +168,8 @@ impl Default for PgOptions {
 /// every file it had.
 pub struct PgServer {
     bin_dir: PathBuf,
+    /// The `psql` for the harness's SQL: the npm packages have none.
+    psql: PathBuf,
     /// Holds data dir, sockets, log and TLS files; removed on drop.
     dir: TempDir,
     data_dir: PathBuf,
@@ -196,7 +206,7 @@ impl PgServer {
     pub async fn start(opts: PgOptions) -> Self {
         static CLEANED: std::sync::Once = std::sync::Once::new();
         let started = Instant::now();
-        let bin_dir = bin_dir();
+        let bin_dir = pg_versions::server_bin_dir(opts.version);
         let run_as = running_as_root().then_some(NOBODY);
         CLEANED.call_once(|| clean_stale_dirs(&bin_dir));
         let (template, template_fresh) = template(&bin_dir, run_as).await;
@@ -226,6 +236,7 @@ impl PgServer {
         writeln!(conf, "\ninclude = 'harness.conf'").expect("append to postgresql.conf");
 
         let mut server = Self {
+            psql: pg_versions::psql_path(&bin_dir),
             bin_dir,
             log_path: dir.path().join("server.log"),
             data_dir,
@@ -317,9 +328,16 @@ impl PgServer {
         self.dir.path()
     }
 
-    /// The directory of the Postgres binaries in use (`psql`, `pg_ctl`, ...).
+    /// The directory of the server binaries in use (`initdb`, `pg_ctl`,
+    /// `postgres`; `psql` only where the system installed them: see
+    /// [`psql_path`](Self::psql_path)).
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
+    }
+
+    /// A `psql` that talks to this server.
+    pub fn psql_path(&self) -> &Path {
+        &self.psql
     }
 
     /// The server's log file.
@@ -330,6 +348,11 @@ impl PgServer {
     /// `server_version_num`, e.g. 150014.
     pub fn version_num(&self) -> u32 {
         self.version_num
+    }
+
+    /// The major version, e.g. 15.
+    pub fn major(&self) -> u32 {
+        self.version_num / 10_000
     }
 
     /// `postgres://user[:password]@127.0.0.1:PORT/walrelay_test[?params]`,
@@ -500,7 +523,7 @@ impl PgServer {
     /// psql as the superuser over the unix socket (trusted), ignoring the
     /// caller's `~/.psqlrc` and `PG*` variables.
     fn psql_command(&self, database: &str) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join("psql"));
+        let mut cmd = Command::new(&self.psql);
         clear_pg_env(cmd.as_std_mut());
         cmd.arg("-X")
             .args(["-v", "ON_ERROR_STOP=1"])
@@ -580,43 +603,9 @@ fn stop_immediately(bin_dir: &Path, dir: &Path, data: &Path, run_as: Option<u32>
     .is_ok_and(|s| s.success())
 }
 
-/// `$WALRELAY_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin` with an
-/// `initdb` (Debian's layout; `/usr/bin` has only client wrappers there).
-fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("WALRELAY_PG_BIN") {
-        let dir = PathBuf::from(dir);
-        assert!(
-            dir.join("initdb").is_file(),
-            "WALRELAY_PG_BIN={} has no initdb; point it at a directory with initdb, pg_ctl, postgres and psql",
-            dir.display()
-        );
-        return dir;
-    }
-    let newest = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            // "15", or "9.6" for old releases: the number before any dot.
-            let name = entry.file_name().into_string().ok()?;
-            let major: u32 = name.split('.').next()?.parse().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").is_file().then_some((major, bin))
-        })
-        .max_by_key(|(major, _)| *major);
-    match newest {
-        Some((_, bin)) => bin,
-        None => panic!(
-            "no PostgreSQL server binaries: found no /usr/lib/postgresql/*/bin/initdb. \
-             Install them with `apt-get install -y postgresql`, or set WALRELAY_PG_BIN \
-             to a directory holding initdb, pg_ctl, postgres and psql."
-        ),
-    }
-}
-
 /// Whether this process runs as root, in which case the server must run as
 /// `nobody`.
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     effective_uid() == 0
 }
 
@@ -636,18 +625,20 @@ fn effective_uid() -> u32 {
 /// The initdb'd template for these binaries, made on first use. Returns its
 /// path and whether this call ran initdb (for the timing note).
 async fn template(bin_dir: &Path, run_as: Option<u32>) -> (PathBuf, bool) {
-    let version = run_std(std::process::Command::new(bin_dir.join("initdb")).arg("--version"));
-    // "initdb (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)" → "15.14": data
-    // directories of one release are interchangeable.
-    let version = version
-        .split_whitespace()
-        .nth(2)
-        .expect("initdb --version names a version");
+    // "15.14": data directories of one release are interchangeable.
+    let version = pg_versions::initdb_version(bin_dir);
     // The owner is part of the name: a template made for `nobody` is no use
-    // to an ordinary user, and the other way round.
+    // to an ordinary user, and the other way round. So is the build (Debian's
+    // 15.18 and npm's 15.18 may differ in compile options): by its path.
     let uid = run_as.unwrap_or_else(effective_uid);
+    let build = {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bin_dir.hash(&mut hasher);
+        hasher.finish() & 0xffff_ffff
+    };
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let template = cache.join(format!("pg-template-{version}-u{uid}"));
+    let template = cache.join(format!("pg-template-{version}-{build:08x}-u{uid}"));
     if template.join("PG_VERSION").is_file() {
         return (template, false);
     }
@@ -1137,7 +1128,7 @@ mod tests {
         // No lock file and fresh: maybe being made right now, or an older harness's.
         let unlocked = make(false);
 
-        clean_stale_dirs(&bin_dir());
+        clean_stale_dirs(&pg_versions::server_bin_dir(None));
         assert!(!abandoned.exists());
         assert!(live.exists() && unlocked.exists());
         fs::remove_dir_all(live).unwrap();
@@ -1177,12 +1168,38 @@ mod tests {
         assert_eq!(row.get::<_, String>(0), SUPERUSER);
     }
 
+    /// What a test about one version's behaviour relies on: it gets that
+    /// major whatever the run's version is.
+    #[tokio::test]
+    async fn a_test_gets_the_major_it_asks_for() {
+        let other = if pg_versions::run_major() == 17 {
+            16
+        } else {
+            17
+        };
+        let pg = PgServer::start(PgOptions {
+            version: Some(other),
+            tls: false,
+            ..PgOptions::default()
+        })
+        .await;
+        assert_eq!(pg.major(), other);
+        assert_eq!(
+            pg.psql("SELECT current_setting('server_version_num')::int / 10000")
+                .await,
+            other.to_string()
+        );
+        // The harness's psql and schema work with it, as with the default.
+        assert_eq!(pg.psql("SELECT count(*) FROM events").await, "0");
+    }
+
     #[tokio::test]
     async fn options_reach_the_server() {
         let pg = PgServer::start(PgOptions {
             wal_level: "replica",
             tls: false,
             extra_conf: vec!["wal_sender_timeout = '7s'".to_owned()],
+            version: None,
         })
         .await;
         assert_eq!(pg.psql("SHOW wal_level").await, "replica");
@@ -1292,7 +1309,7 @@ mod tests {
                 pg.port(),
                 ca.display()
             );
-            let mut cmd = Command::new(pg.bin_dir().join("psql"));
+            let mut cmd = Command::new(pg.psql_path());
             clear_pg_env(cmd.as_std_mut());
             let output = cmd
                 .args([
