@@ -77,6 +77,12 @@ pub struct Metrics {
     pub slot_retained_wal: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
+    /// Promotions walrelay followed: it resumed on a new primary's timeline.
+    pub failovers: IntCounter,
+    /// Per physical slot of `synchronized_standby_slots`: the primary's WAL
+    /// position minus the slot's `restart_lsn`, WAL the failover slot may not
+    /// be decoded past until that standby has it.
+    pub standby_sync_lag: IntGaugeVec,
     health: Arc<Health>,
 }
 
@@ -290,6 +296,15 @@ impl Metrics {
             http_connections_rejected: counter(
                 "walrelay_http_connections_rejected_total",
                 "Connections to the metrics endpoint closed unserved because too many were open.",
+            ),
+            failovers: counter(
+                "walrelay_failovers_total",
+                "Promotions followed: walrelay resumed from its slot on a new primary's timeline.",
+            ),
+            standby_sync_lag: gauge_vec(
+                "walrelay_standby_sync_lag_bytes",
+                "WAL the primary holds that the standby of this synchronized_standby_slots slot has not confirmed; the failover slot is not decoded past it.",
+                "slot",
             ),
             registry,
             health: Arc::new(Health::default()),
@@ -561,6 +576,7 @@ mod tests {
             "walrelay_slot_wal_status",
             "walrelay_slot_retained_wal_bytes",
             "walrelay_http_connections_rejected_total",
+            "walrelay_failovers_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

@@ -837,7 +837,9 @@ impl ReplicationConnection {
     /// `TIMELINE_HISTORY tli`: where each timeline before `tli` ended on the
     /// way to it (the server's `N.history` file), oldest first.
     pub async fn timeline_history(&mut self, tli: u32) -> Result<Vec<TimelineSwitch>, ConnError> {
-        let rows = self.simple_query(&format!("TIMELINE_HISTORY {tli}")).await?;
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await?;
         let content = rows
             .into_iter()
             .next()

@@ -270,8 +270,8 @@ impl ConnectParams {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ParamsError> {
         let (rewritten, authority_hosts) = split_host_list(text);
-        let url = url::Url::parse(rewritten.as_deref().unwrap_or(text))
-            .map_err(ParamsError::Syntax)?;
+        let url =
+            url::Url::parse(rewritten.as_deref().unwrap_or(text)).map_err(ParamsError::Syntax)?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(ParamsError::Scheme(url.scheme().to_owned()));
         }
@@ -332,28 +332,15 @@ impl ConnectParams {
                         "{key} (client certificates)"
                     )));
                 }
-                "options"
-                | "gssencmode"
-                | "channel_binding"
-                | "replication"
-                | "hostaddr"
-                | "passfile"
-                | "service" => {
+                "options" | "gssencmode" | "channel_binding" | "replication" | "hostaddr"
+                | "passfile" | "service" => {
                     return Err(ParamsError::Unsupported(key.into_owned()));
                 }
                 _ => return Err(ParamsError::UnknownParam(key.into_owned())),
             }
         }
 
-        let hosts = host_list(
-            host.or_else(|| env("PGHOST")).as_deref(),
-            port.or_else(|| env("PGPORT")).as_deref(),
-        )?;
-        let target_session_attrs = match target_session_attrs {
-            Some(t) => t,
-            None => env("PGTARGETSESSIONATTRS")
-                .map_or(Ok(TargetSessionAttrs::Any), |t| TargetSessionAttrs::parse(&t))?,
-        };
+        let (hosts, target_session_attrs) = targets(host, port, target_session_attrs, &env)?;
         let user = user
             .or_else(|| env("PGUSER"))
             .or_else(|| env("USER"))
@@ -395,6 +382,7 @@ impl ConnectParams {
 
     /// These parameters for one host of the list: a connection with them
     /// goes to `target`, and its TLS verification names it.
+    #[must_use]
     pub fn at(&self, target: &HostPort) -> ConnectParams {
         ConnectParams {
             host: target.host.clone(),
@@ -464,6 +452,27 @@ impl fmt::Debug for ConnectParams {
     }
 }
 
+/// The hosts and what they must be, from the URL's values or else the
+/// environment's (`PGHOST`, `PGPORT`, `PGTARGETSESSIONATTRS`).
+fn targets(
+    hosts: Option<String>,
+    ports: Option<String>,
+    attrs: Option<TargetSessionAttrs>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(Vec<HostPort>, TargetSessionAttrs), ParamsError> {
+    let hosts = host_list(
+        hosts.or_else(|| env("PGHOST")).as_deref(),
+        ports.or_else(|| env("PGPORT")).as_deref(),
+    )?;
+    let attrs = match attrs {
+        Some(t) => t,
+        None => env("PGTARGETSESSIONATTRS").map_or(Ok(TargetSessionAttrs::Any), |t| {
+            TargetSessionAttrs::parse(&t)
+        })?,
+    };
+    Ok((hosts, attrs))
+}
+
 /// A URL whose authority lists several hosts (`h1:5432,h2:5433`), which
 /// the `url` crate cannot parse: the URL with `localhost` in their place,
 /// and the list as written. `(None, None)` for any other text.
@@ -494,13 +503,13 @@ fn decode_host_list(list: &str) -> Result<(String, String), ParamsError> {
     let mut ports = Vec::new();
     for entry in list.split(',') {
         let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
-            let (host, after) = rest.split_once(']').ok_or_else(|| {
-                ParamsError::InvalidValue {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| ParamsError::InvalidValue {
                     param: "host",
                     value: entry.into(),
                     expected: "an IPv6 address in brackets, [::1]:5432",
-                }
-            })?;
+                })?;
             (host, after.strip_prefix(':').unwrap_or(after))
         } else {
             entry.split_once(':').unwrap_or((entry, ""))
@@ -804,19 +813,29 @@ mod tests {
             ConnectParams::from_url_with_env(&format!("postgres://u@x/d?{query}"), no_env)
                 .map(|p| targets(&p))
         };
-        assert_eq!(
-            url("host=h1,h2&port=5433").unwrap(),
-            ["h1:5433", "h2:5433"]
-        );
+        assert_eq!(url("host=h1,h2&port=5433").unwrap(), ["h1:5433", "h2:5433"]);
         assert_eq!(
             url("host=h1,h2,h3&port=1,,3").unwrap(),
             ["h1:1", "h2:5432", "h3:3"]
         );
         assert_eq!(url("host=,h2").unwrap(), ["localhost:5432", "h2:5432"]);
         let err = url("host=h1,h2,h3&port=1,2").unwrap_err();
-        assert!(matches!(err, ParamsError::PortCount { ports: 2, hosts: 3 }), "{err}");
-        assert!(url("host=h1,/tmp").unwrap_err().to_string().contains("Unix-domain"));
-        assert!(url("host=h1,h2&port=1,0").unwrap_err().to_string().contains("port"));
+        assert!(
+            matches!(err, ParamsError::PortCount { ports: 2, hosts: 3 }),
+            "{err}"
+        );
+        assert!(
+            url("host=h1,/tmp")
+                .unwrap_err()
+                .to_string()
+                .contains("Unix-domain")
+        );
+        assert!(
+            url("host=h1,h2&port=1,0")
+                .unwrap_err()
+                .to_string()
+                .contains("port")
+        );
     }
 
     #[test]
@@ -838,8 +857,12 @@ mod tests {
             "PGPORT" => Some("1,2".to_owned()),
             _ => None,
         };
-        let err = ConnectParams::from_url_with_env("postgresql://?user=u&dbname=d", env).unwrap_err();
-        assert!(matches!(err, ParamsError::PortCount { ports: 2, hosts: 3 }), "{err}");
+        let err =
+            ConnectParams::from_url_with_env("postgresql://?user=u&dbname=d", env).unwrap_err();
+        assert!(
+            matches!(err, ParamsError::PortCount { ports: 2, hosts: 3 }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -868,7 +891,10 @@ mod tests {
             no_env,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("any, primary or read-write"), "{err}");
+        assert!(
+            err.to_string().contains("any, primary or read-write"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -882,11 +908,9 @@ mod tests {
             p.redacted_url(),
             "postgres://u:********@h:5432/d?sslmode=prefer"
         );
-        let p = ConnectParams::from_url_with_env(
-            &format!("postgres://u:{secret}@h1,h2:7/d"),
-            no_env,
-        )
-        .unwrap();
+        let p =
+            ConnectParams::from_url_with_env(&format!("postgres://u:{secret}@h1,h2:7/d"), no_env)
+                .unwrap();
         assert!(!format!("{p:?}").contains(secret));
         assert!(!p.redacted_url().contains(secret));
         // A URL too broken to parse is not echoed either.

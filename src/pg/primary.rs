@@ -146,7 +146,10 @@ impl fmt::Display for NoPrimary {
 /// Tries `attempt` on each host of `params` in order, and returns the
 /// first success with the parameters of its host; `attempt` says why a host
 /// is skipped otherwise.
-pub async fn choose<T, F, Fut>(params: &ConnectParams, mut attempt: F) -> Result<(T, ConnectParams), NoPrimary>
+pub async fn choose<T, F, Fut>(
+    params: &ConnectParams,
+    mut attempt: F,
+) -> Result<(T, ConnectParams), NoPrimary>
 where
     F: FnMut(ConnectParams) -> Fut,
     Fut: Future<Output = Result<T, SkipReason>>,
@@ -176,7 +179,8 @@ where
 
 /// The query that tells a primary from a standby, as libpq asks it for
 /// `target_session_attrs`; it runs on both kinds of connection.
-const ROLE_QUERY: &str = "SELECT pg_is_in_recovery()::text, current_setting('transaction_read_only')";
+const ROLE_QUERY: &str =
+    "SELECT pg_is_in_recovery()::text, current_setting('transaction_read_only')";
 
 /// What the answer to [`ROLE_QUERY`] says of a server, for `attrs`.
 fn judge(attrs: TargetSessionAttrs, in_recovery: bool, read_only: bool) -> Result<(), SkipReason> {
@@ -330,8 +334,9 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("no primary among the 2 PostgreSQL hosts (target_session_attrs=read-write)")
-                && text.contains("a:1: password authentication failed")
+            text.contains(
+                "no primary among the 2 PostgreSQL hosts (target_session_attrs=read-write)"
+            ) && text.contains("a:1: password authentication failed")
                 && text.contains("b:2: read-only"),
             "{text}"
         );

@@ -7,6 +7,7 @@ mod crash;
 mod delivery;
 mod demo;
 mod endpoint;
+mod failover;
 mod faults;
 mod oracle;
 mod poison;
