@@ -519,8 +519,62 @@ async fn one_standby(
             "GRANT pg_read_all_settings TO the role of --standby-url, or check by hand that primary_conninfo names a dbname",
         ),
     });
+    out.push(own_standby_slots_finding(client, target, &slot_name).await?);
     out.push(synced_slot_finding(client, &config.slot, target).await?);
     Ok(out)
+}
+
+/// The standby's own `synchronized_standby_slots`, which takes effect when
+/// it is promoted: a listed slot that does not exist there (physical slots
+/// are not synchronized), or the standby's own `primary_slot_name` (a copy of
+/// the primary's configuration), holds walrelay back on the new primary
+/// until a standby streams from that slot or the setting is changed.
+async fn own_standby_slots_finding(
+    client: &Client,
+    target: &str,
+    own_slot: &str,
+) -> Result<Finding, MetadataError> {
+    const SUBJECT: &str = "standby";
+    let listed = standby_slot_names(
+        &setting(client, "synchronized_standby_slots")
+            .await?
+            .unwrap_or_default(),
+    );
+    let existing: Vec<String> = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let stale: Vec<&String> = listed
+        .iter()
+        .filter(|name| !existing.contains(name) || *name == own_slot)
+        .collect();
+    Ok(if stale.is_empty() {
+        Finding::ok(
+            SUBJECT,
+            format!(
+                "{target}: its own synchronized_standby_slots holds nothing back once it is promoted"
+            ),
+        )
+    } else {
+        Finding::problem(
+            SUBJECT,
+            format!(
+                "{target}: its own synchronized_standby_slots lists {stale:?} (a copy of the \
+                 primary's setting?), which no standby of it streams from (its own \
+                 primary_slot_name, or a slot missing there: physical slots are not \
+                 synchronized): once it is promoted, the new primary sends walrelay nothing \
+                 until a standby streams from that slot or the setting is changed"
+            ),
+            "on the standby: ALTER SYSTEM SET synchronized_standby_slots = ''; SELECT pg_reload_conf(); \
+             (it has no effect while it is a standby) and set it on the promoted server once its \
+             own standbys stream from their slots",
+        )
+    })
 }
 
 /// Whether the standby holds a sync-ready copy of walrelay's slot.

@@ -599,6 +599,51 @@ async fn verify_failover_chain(
     Ok(())
 }
 
+/// After a followed failover, on the new primary: says whether the slot
+/// there is the synchronized copy (`synced`) or one made on it since, and
+/// warns about each missing piece of the failover chain, since the next
+/// failover depends on it (the new primary usually has no standby yet). Only
+/// logs: the stream goes on meanwhile, and `--failover-slot require` is for
+/// the start.
+async fn review_after_failover(
+    config: RunConfig,
+    host: ConnectParams,
+    shutdown: CancellationToken,
+) {
+    let review = async {
+        let client = metadata::connect(&host).await?;
+        match slot::failover_flags(&client, &config.slot).await? {
+            Some(flags) if flags.synced => {
+                tracing::info!(slot = %config.slot, failover = flags.failover,
+                "the slot on the promoted server is the copy synchronized from the former primary (synced)");
+            }
+            Some(flags) => {
+                tracing::warn!(slot = %config.slot, failover = flags.failover,
+                "the slot on the promoted server was not synchronized from the former primary: it was made on this server since its promotion");
+            }
+            None => {}
+        }
+        for finding in failover::chain_findings(&client, &config, Some(true))
+            .await?
+            .iter()
+            .filter(|f| f.is_problem())
+        {
+            tracing::warn!(
+                fix = finding.fix.as_deref().unwrap_or_default(),
+                "failover chain on the promoted server: {}",
+                finding.found
+            );
+        }
+        Ok::<(), MetadataError>(())
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        result = review => if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot check the failover chain on the promoted server");
+        }
+    }
+}
+
 /// Waits until `topic` is known to exist; `Ok(false)` when shutdown came first.
 async fn ensure_topic(
     sink: &Sink,
@@ -672,11 +717,7 @@ impl Session<'_> {
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
         if let Some(switch) = switch {
-            tracing::warn!(from_timeline = switch.from, to_timeline = switch.to,
-                switchpoint = %switch.switchpoint, resume = %slot_confirmed,
-                confirmed = %self.sink.confirmed(), host = %host.target(),
-                "followed a failover: resuming from the slot on the promoted server (transactions between resume and confirmed are published again)");
-            self.metrics.failovers.inc();
+            self.announce_failover(switch, slot_confirmed, &host);
         }
         *self.streamed = system;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
@@ -755,6 +796,21 @@ impl Session<'_> {
             (result, _) => result?,
         }
         closed.map_err(RunError::from)
+    }
+
+    /// Logs and counts a followed failover, and has the new primary's side
+    /// of the chain reviewed in the background.
+    fn announce_failover(&self, switch: Switch, slot_confirmed: Lsn, host: &ConnectParams) {
+        tracing::warn!(from_timeline = switch.from, to_timeline = switch.to,
+            switchpoint = %switch.switchpoint, resume = %slot_confirmed,
+            confirmed = %self.sink.confirmed(), host = %host.target(),
+            "followed a failover: resuming from the slot on the promoted server (transactions between resume and confirmed are published again)");
+        self.metrics.failovers.inc();
+        tokio::spawn(review_after_failover(
+            self.config.clone(),
+            host.clone(),
+            self.shutdown.child_token(),
+        ));
     }
 
     /// Connects to the primary among every host, again: one of the cluster

@@ -15,7 +15,7 @@ use crate::support::kafka::Kafka;
 use crate::support::postgres::{
     PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER, SUPERUSER_PASSWORD,
 };
-use crate::support::walrelay::{Walrelay, metric};
+use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
 use crate::support::workload::{EventId, check, write_mixed};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -284,6 +284,12 @@ async fn a_promoted_standby_takes_over_with_the_synchronized_slot_and_nothing_is
             && line.contains("resume="),
         "{line}"
     );
+    // It recognised the slot as the copy synchronized from the old primary.
+    stderr_eventually(
+        &relay,
+        "the slot on the promoted server is the copy synchronized from the former primary",
+    )
+    .await;
     assert!(relay.exited().is_none(), "{}", relay.stderr_text());
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
@@ -316,6 +322,16 @@ async fn events_only_the_crashed_primary_had_are_never_published() {
                 == "1"
         })
         .await;
+    // The metric shows the standby holding the stream back, by at least the
+    // frozen transactions' WAL.
+    let frozen_wal = current_lsn(&primary).await.0 - frozen[0].txn.lsn_from.0;
+    wait_for_metric(
+        metrics,
+        &format!("walrelay_standby_sync_lag_bytes{{slot=\"{STANDBY_SLOT}\"}}"),
+        |lag| lag >= frozen_wal,
+        WAIT,
+    )
+    .await;
     let received = Lsn(metric(metrics, "walrelay_received_lsn"));
     assert!(
         received < frozen[0].txn.lsn_from,
@@ -347,12 +363,39 @@ async fn without_synchronized_standby_slots_check_says_so_and_walrelay_stops_at_
     let (primary, standby) = pair(false, &[]).await;
     let kafka = Kafka::start(1, 4);
     let url = hosts_url(SCRAM_USER, SCRAM_PASSWORD, &[&primary, &standby]);
+    // Under --failover-slot require, run refuses to start.
+    let mut strict = Walrelay::start(&url, &kafka.bootstrap(), &["--failover-slot", "require"]);
+    assert_eq!(
+        strict.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        strict.stderr_text()
+    );
+    assert!(
+        strict.stderr_text().contains(
+            "--failover-slot require, but the failover chain is incomplete: \
+             synchronized_standby_slots is empty"
+        ),
+        "{}",
+        strict.stderr_text()
+    );
     let (relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
-    let (code, output) = run_check(&url, &kafka.bootstrap(), &[]).await;
+    // check names the missing setting on the primary, and with the
+    // standby's URL, the standby that it leaves out.
+    let standby_url = format!(
+        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
+        standby.port()
+    );
+    let (code, output) =
+        run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
     assert_eq!(code, Some(2), "{output}");
     assert!(
         output.contains("PROBLEM  failover: synchronized_standby_slots is empty")
-            && output.contains("fix: ALTER SYSTEM SET synchronized_standby_slots"),
+            && output.contains("fix: ALTER SYSTEM SET synchronized_standby_slots")
+            && output.contains(&format!(
+                "its primary_slot_name \"{STANDBY_SLOT}\" is not in the primary's synchronized_standby_slots"
+            ))
+            && output.contains(&format!("on the primary: add '{STANDBY_SLOT}' to synchronized_standby_slots")),
         "{output}"
     );
     assert!(
@@ -402,13 +445,43 @@ async fn without_synchronized_standby_slots_check_says_so_and_walrelay_stops_at_
 #[tokio::test]
 async fn a_slot_lost_in_a_failover_is_not_recreated_and_the_missing_setting_is_named() {
     // The standby does not synchronize slots: the one setup step missing.
-    let (primary, standby) = pair(true, &["sync_replication_slots = off"]).await;
+    let (primary, standby) = pair(
+        true,
+        &["sync_replication_slots = off", "hot_standby_feedback = off"],
+    )
+    .await;
     let kafka = Kafka::start(1, 4);
     let url = hosts_url(SCRAM_USER, SCRAM_PASSWORD, &[&primary, &standby]);
     let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
     let mut seqs = HashMap::new();
     write_mixed(&mut primary.client().await, "a", 3, 10, 0, &mut seqs).await;
     wait_confirmed(&primary, "walrelay", current_lsn(&primary).await).await;
+
+    // check, given the standby, names each missing piece with its fix.
+    let standby_url = format!(
+        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
+        standby.port()
+    );
+    let (code, output) =
+        run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
+    assert_eq!(code, Some(2), "{output}");
+    let standby_at = format!("PROBLEM  standby: 127.0.0.1:{}:", standby.port());
+    for needle in [
+        format!("{standby_at} sync_replication_slots is off"),
+        format!("{standby_at} hot_standby_feedback is off"),
+        format!("{standby_at} slot \"walrelay\" is not on the standby"),
+        "fix: on the standby: ALTER SYSTEM SET sync_replication_slots = on".to_owned(),
+    ] {
+        assert!(output.contains(&needle), "no {needle:?} in:\n{output}");
+    }
+    for needle in ["primary_slot_name", "primary_conninfo", "wal_level"] {
+        assert!(
+            !output
+                .lines()
+                .any(|l| l.starts_with("PROBLEM") && l.contains(needle)),
+            "{needle} is set right, yet:\n{output}"
+        );
+    }
     primary.stop().await;
     standby.promote().await;
 
@@ -417,7 +490,8 @@ async fn a_slot_lost_in_a_failover_is_not_recreated_and_the_missing_setting_is_n
     let stderr = relay.stderr_text();
     assert!(
         stderr.contains("while walrelay followed its promotion from timeline 1")
-            && stderr.contains("sync_replication_slots was not on on this server"),
+            && stderr.contains("sync_replication_slots was not on on this server")
+            && stderr.contains("hot_standby_feedback was not on on this server"),
         "{stderr}"
     );
     stop(&mut relay).await;
@@ -447,6 +521,169 @@ async fn a_slot_lost_in_a_failover_is_not_recreated_and_the_missing_setting_is_n
     // Told to, it makes a new slot and publishes the table first.
     let (mut relay, _) =
         Walrelay::run(&url, &kafka.bootstrap(), &["--new-slot-on-timeline", "2"]).await;
+    assert_topic_is_the_table(&standby, &kafka, &relay.stderr_text()).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn an_existing_slot_without_failover_is_reported_then_made_a_failover_slot() {
+    let pg = PgServer::start(PgOptions {
+        tls: false,
+        version: Some(17),
+        ..PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 2);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let failover = async || {
+        pg.psql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'walrelay'")
+            .await
+    };
+    // --failover-slot off: an ordinary slot, left so.
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &["--failover-slot", "off"]).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    assert_eq!(failover().await, "f");
+
+    // check reports it with its fix (no standby: nothing else to report).
+    let (code, output) = run_check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(2), "{output}");
+    let problems: Vec<&str> = output
+        .lines()
+        .filter(|l| l.starts_with("PROBLEM"))
+        .collect();
+    assert!(
+        problems.len() == 1
+            && problems[0].contains("slot \"walrelay\" is not a failover slot")
+            && output.contains("ALTER_REPLICATION_SLOT walrelay (FAILOVER true)"),
+        "{output}"
+    );
+
+    // run (auto) makes it one, and streams on from it.
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    assert!(
+        relay
+            .stderr_text()
+            .contains("made the slot a failover slot"),
+        "{}",
+        relay.stderr_text()
+    );
+    assert_eq!(failover().await, "t");
+    let committed = write_mixed(&mut pg.client().await, "m", 3, 10, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    let (code, output) = run_check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(0), "{output}");
+}
+
+#[tokio::test]
+async fn failover_slots_required_on_a_server_without_them_is_refused() {
+    let pg = PgServer::start(PgOptions {
+        tls: false,
+        version: Some(16),
+        ..PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 2);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let mut relay = Walrelay::start(&url, &kafka.bootstrap(), &["--failover-slot", "require"]);
+    assert_eq!(
+        relay.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        relay.stderr_text()
+    );
+    assert!(
+        relay
+            .stderr_text()
+            .contains("--failover-slot require, but PostgreSQL 16 has no failover slots"),
+        "{}",
+        relay.stderr_text()
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots").await,
+        "0",
+        "nothing was created"
+    );
+    let (code, output) = run_check(&url, &kafka.bootstrap(), &["--failover-slot", "require"]).await;
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("PROBLEM  failover: PostgreSQL 16 cannot keep the slot on standbys"),
+        "{output}"
+    );
+    // Under auto, the same server is fine.
+    let (code, output) = run_check(&url, &kafka.bootstrap(), &[]).await;
+    assert_eq!(code, Some(0), "{output}");
+}
+
+#[tokio::test]
+async fn a_promoted_standby_that_kept_the_primarys_standby_slots_setting_is_named_until_reset() {
+    // The standby's configuration is a copy of the primary's, setting
+    // included: on the promoted server it names the slot the standby
+    // streamed from on the old primary, which no standby streams from there
+    // (the harness's cold copy carries the slot itself; pg_basebackup's
+    // copy would not, and the slot would be missing: held back all the same).
+    let inherited = format!("synchronized_standby_slots = '{STANDBY_SLOT}'");
+    let (primary, standby) = pair(true, &[&inherited]).await;
+    let kafka = Kafka::start(1, 4);
+    let url = hosts_url(SCRAM_USER, SCRAM_PASSWORD, &[&primary, &standby]);
+    let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    let mut seqs = HashMap::new();
+    write_mixed(&mut primary.client().await, "a", 3, 10, 0, &mut seqs).await;
+    let confirmed = wait_confirmed(&primary, "walrelay", current_lsn(&primary).await).await;
+    standby.wait_for_synced_slot("walrelay", confirmed).await;
+
+    // check sees it coming, on the standby.
+    let standby_url = format!(
+        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
+        standby.port()
+    );
+    let (_, output) = run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
+    assert!(
+        output.contains(&format!(
+            "its own synchronized_standby_slots lists [\"{STANDBY_SLOT}\"] (a copy of the primary's setting?)"
+        )) && output.contains("ALTER SYSTEM SET synchronized_standby_slots = ''"),
+        "{output}"
+    );
+
+    primary.stop().await;
+    standby.promote().await;
+    relay.wait_for_stderr("followed a failover", WAIT).await;
+    // The new primary holds walrelay back; walrelay says why.
+    stderr_eventually(
+        &relay,
+        &format!("failover chain on the promoted server: standby slot \"{STANDBY_SLOT}\" of synchronized_standby_slots is not active"),
+    )
+    .await;
+    let mut client = standby.client().await;
+    write_mixed(&mut client, "b", 3, 10, 0, &mut seqs).await;
+    standby
+        .wait_for("the walsender to wait for the missing standby", || async {
+            standby
+                .psql(
+                    "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_activity a \
+                     ON a.pid = s.active_pid \
+                     WHERE s.slot_name = 'walrelay' AND a.wait_event = 'WaitForStandbyConfirmation'",
+                )
+                .await
+                == "1"
+        })
+        .await;
+    // A listed slot no standby streams from shows as lag.
+    wait_for_metric(
+        metrics,
+        &format!("walrelay_standby_sync_lag_bytes{{slot=\"{STANDBY_SLOT}\"}}"),
+        |lag| lag > 0,
+        WAIT,
+    )
+    .await;
+
+    // The fix the message gives: everything flows again.
+    standby
+        .psql("ALTER SYSTEM SET synchronized_standby_slots = ''")
+        .await;
+    standby.psql("SELECT pg_reload_conf()").await;
+    wait_confirmed(&standby, "walrelay", current_lsn(&standby).await).await;
     assert_topic_is_the_table(&standby, &kafka, &relay.stderr_text()).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
