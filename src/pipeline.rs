@@ -612,7 +612,8 @@ async fn review_after_failover(
 ) {
     let review = async {
         let client = metadata::connect(&host).await?;
-        match slot::failover_flags(&client, &config.slot).await? {
+        let flags = slot::failover_flags(&client, &config.slot).await?;
+        match flags {
             Some(flags) if flags.synced => {
                 tracing::info!(slot = %config.slot, failover = flags.failover,
                 "the slot on the promoted server is the copy synchronized from the former primary (synced)");
@@ -623,7 +624,7 @@ async fn review_after_failover(
             }
             None => {}
         }
-        for finding in failover::chain_findings(&client, &config, Some(true))
+        for finding in failover::chain_findings(&client, &config, flags.map(|f| f.failover))
             .await?
             .iter()
             .filter(|f| f.is_problem())

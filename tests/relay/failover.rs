@@ -13,7 +13,7 @@ use walrelay::pg::lsn::Lsn;
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{
-    PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER, SUPERUSER_PASSWORD,
+    PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER_PASSWORD,
 };
 use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
 use crate::support::workload::{EventId, check, write_mixed};
@@ -108,6 +108,26 @@ async fn crash_and_promote(primary: &PgServer, standby: &PgServer, receiver: nix
         .await;
     PgServer::signal_process(receiver, Signal::SIGCONT);
     standby.wait_until_promoted().await;
+}
+
+/// Waits until `pg`'s walsender for walrelay waits for a standby of
+/// `synchronized_standby_slots` before it decodes further.
+async fn held_back(pg: &PgServer) {
+    pg.wait_for("walrelay's walsender to wait for the standby", || async {
+        pg.psql(
+            "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_activity a \
+             ON a.pid = s.active_pid \
+             WHERE s.slot_name = 'walrelay' AND a.wait_event = 'WaitForStandbyConfirmation'",
+        )
+        .await
+            == "1"
+    })
+    .await;
+}
+
+/// The standby lag metric of the test standby's slot.
+fn lag_metric() -> String {
+    format!("walrelay_standby_sync_lag_bytes{{slot=\"{STANDBY_SLOT}\"}}")
 }
 
 /// Ends a walrelay that stopped on an error (or stays up halted).
@@ -239,10 +259,7 @@ async fn a_promoted_standby_takes_over_with_the_synchronized_slot_and_nothing_is
 
     // The whole chain is there: check says so, the standby's side included
     // (its one problem: the running walrelay holds the slot).
-    let standby_url = format!(
-        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
-        standby.port()
-    );
+    let standby_url = standby.superuser_url();
     let (code, output) =
         run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
     assert_eq!(code, Some(2), "{output}");
@@ -290,6 +307,33 @@ async fn a_promoted_standby_takes_over_with_the_synchronized_slot_and_nothing_is
         "the slot on the promoted server is the copy synchronized from the former primary",
     )
     .await;
+
+    // The old primary comes back as it was (not rebuilt as a standby): a
+    // primary on timeline 1, first in the host list, that takes writes the
+    // promoted server never sees. walrelay never streams from it.
+    primary.restart().await;
+    primary
+        .psql("ALTER SYSTEM SET synchronized_standby_slots = ''")
+        .await;
+    primary.psql("SELECT pg_reload_conf()").await;
+    write_mixed(
+        &mut primary.client().await,
+        "split",
+        3,
+        5,
+        0,
+        &mut HashMap::new(),
+    )
+    .await;
+    assert!(standby.terminate_walsender("walrelay").await);
+    relay
+        .wait_for_stderr("older than timeline 2 walrelay already streamed from", WAIT)
+        .await;
+    let mut client = standby.client().await;
+    write_mixed(&mut client, "c", 3, 5, 0, &mut seqs).await;
+    wait_confirmed(&standby, "walrelay", current_lsn(&standby).await).await;
+    // Exactly the promoted server's table: none of the split-brain events.
+    assert_topic_is_the_table(&standby, &kafka, &relay.stderr_text()).await;
     assert!(relay.exited().is_none(), "{}", relay.stderr_text());
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
@@ -310,28 +354,11 @@ async fn events_only_the_crashed_primary_had_are_never_published() {
     let receiver = freeze_replication(&standby).await;
     let frozen = write_mixed(&mut client, "frozen", 5, 10, 0, &mut seqs).await;
     // The primary holds walrelay back: its walsender waits for the standby.
-    primary
-        .wait_for("walrelay's walsender to wait for the standby", || async {
-            primary
-                .psql(
-                    "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_activity a \
-                     ON a.pid = s.active_pid \
-                     WHERE s.slot_name = 'walrelay' AND a.wait_event = 'WaitForStandbyConfirmation'",
-                )
-                .await
-                == "1"
-        })
-        .await;
+    held_back(&primary).await;
     // The metric shows the standby holding the stream back, by at least the
     // frozen transactions' WAL.
     let frozen_wal = current_lsn(&primary).await.0 - frozen[0].txn.lsn_from.0;
-    wait_for_metric(
-        metrics,
-        &format!("walrelay_standby_sync_lag_bytes{{slot=\"{STANDBY_SLOT}\"}}"),
-        |lag| lag >= frozen_wal,
-        WAIT,
-    )
-    .await;
+    wait_for_metric(metrics, &lag_metric(), |lag| lag >= frozen_wal, WAIT).await;
     let received = Lsn(metric(metrics, "walrelay_received_lsn"));
     assert!(
         received < frozen[0].txn.lsn_from,
@@ -382,10 +409,7 @@ async fn without_synchronized_standby_slots_check_says_so_and_walrelay_stops_at_
     let (relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
     // check names the missing setting on the primary, and with the
     // standby's URL, the standby that it leaves out.
-    let standby_url = format!(
-        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
-        standby.port()
-    );
+    let standby_url = standby.superuser_url();
     let (code, output) =
         run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
     assert_eq!(code, Some(2), "{output}");
@@ -458,10 +482,7 @@ async fn a_slot_lost_in_a_failover_is_not_recreated_and_the_missing_setting_is_n
     wait_confirmed(&primary, "walrelay", current_lsn(&primary).await).await;
 
     // check, given the standby, names each missing piece with its fix.
-    let standby_url = format!(
-        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
-        standby.port()
-    );
+    let standby_url = standby.superuser_url();
     let (code, output) =
         run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
     assert_eq!(code, Some(2), "{output}");
@@ -634,10 +655,7 @@ async fn a_promoted_standby_that_kept_the_primarys_standby_slots_setting_is_name
     standby.wait_for_synced_slot("walrelay", confirmed).await;
 
     // check sees it coming, on the standby.
-    let standby_url = format!(
-        "postgres://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/walrelay_test?sslmode=disable",
-        standby.port()
-    );
+    let standby_url = standby.superuser_url();
     let (_, output) = run_check(&url, &kafka.bootstrap(), &["--standby-url", &standby_url]).await;
     assert!(
         output.contains(&format!(
@@ -657,26 +675,9 @@ async fn a_promoted_standby_that_kept_the_primarys_standby_slots_setting_is_name
     .await;
     let mut client = standby.client().await;
     write_mixed(&mut client, "b", 3, 10, 0, &mut seqs).await;
-    standby
-        .wait_for("the walsender to wait for the missing standby", || async {
-            standby
-                .psql(
-                    "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_activity a \
-                     ON a.pid = s.active_pid \
-                     WHERE s.slot_name = 'walrelay' AND a.wait_event = 'WaitForStandbyConfirmation'",
-                )
-                .await
-                == "1"
-        })
-        .await;
+    held_back(&standby).await;
     // A listed slot no standby streams from shows as lag.
-    wait_for_metric(
-        metrics,
-        &format!("walrelay_standby_sync_lag_bytes{{slot=\"{STANDBY_SLOT}\"}}"),
-        |lag| lag > 0,
-        WAIT,
-    )
-    .await;
+    wait_for_metric(metrics, &lag_metric(), |lag| lag > 0, WAIT).await;
 
     // The fix the message gives: everything flows again.
     standby
