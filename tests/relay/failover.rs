@@ -130,6 +130,29 @@ fn lag_metric() -> String {
     format!("walrelay_standby_sync_lag_bytes{{slot=\"{STANDBY_SLOT}\"}}")
 }
 
+/// One PostgreSQL of major `version`, a Kafka, and walrelay's URL.
+async fn single(version: u32) -> (PgServer, Kafka, String) {
+    let pg = PgServer::start(PgOptions {
+        tls: false,
+        version: Some(version),
+        ..PgOptions::default()
+    })
+    .await;
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    (pg, Kafka::start(1, 2), url)
+}
+
+/// `run --failover-slot require` exits 1 saying `why`.
+async fn refused_to_start(url: &str, kafka: &Kafka, why: &str) {
+    let mut relay = Walrelay::start(url, &kafka.bootstrap(), &["--failover-slot", "require"]);
+    let status = relay.wait(WAIT).await;
+    let stderr = relay.stderr_text();
+    assert!(
+        status.code() == Some(1) && stderr.contains(why),
+        "{status}:\n{stderr}"
+    );
+}
+
 /// Ends a walrelay that stopped on an error (or stays up halted).
 async fn stop(relay: &mut Walrelay) {
     if relay.exited().is_none() {
@@ -395,21 +418,13 @@ async fn without_synchronized_standby_slots_check_says_so_and_walrelay_stops_at_
     let kafka = Kafka::start(1, 4);
     let url = hosts_url(SCRAM_USER, SCRAM_PASSWORD, &[&primary, &standby]);
     // Under --failover-slot require, run refuses to start.
-    let mut strict = Walrelay::start(&url, &kafka.bootstrap(), &["--failover-slot", "require"]);
-    assert_eq!(
-        strict.wait(WAIT).await.code(),
-        Some(1),
-        "{}",
-        strict.stderr_text()
-    );
-    assert!(
-        strict.stderr_text().contains(
-            "--failover-slot require, but the failover chain is incomplete: \
-             synchronized_standby_slots is empty"
-        ),
-        "{}",
-        strict.stderr_text()
-    );
+    refused_to_start(
+        &url,
+        &kafka,
+        "--failover-slot require, but the failover chain is incomplete: \
+         synchronized_standby_slots is empty",
+    )
+    .await;
     let (relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
     // check names the missing setting on the primary, and with the
     // standby's URL, the standby that it leaves out.
@@ -552,14 +567,7 @@ async fn a_slot_lost_in_a_failover_is_not_recreated_and_the_missing_setting_is_n
 
 #[tokio::test]
 async fn an_existing_slot_without_failover_is_reported_then_made_a_failover_slot() {
-    let pg = PgServer::start(PgOptions {
-        tls: false,
-        version: Some(17),
-        ..PgOptions::default()
-    })
-    .await;
-    let kafka = Kafka::start(1, 2);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let (pg, kafka, url) = single(17).await;
     let failover = async || {
         pg.psql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'walrelay'")
             .await
@@ -603,28 +611,13 @@ async fn an_existing_slot_without_failover_is_reported_then_made_a_failover_slot
 
 #[tokio::test]
 async fn failover_slots_required_on_a_server_without_them_is_refused() {
-    let pg = PgServer::start(PgOptions {
-        tls: false,
-        version: Some(16),
-        ..PgOptions::default()
-    })
+    let (pg, kafka, url) = single(16).await;
+    refused_to_start(
+        &url,
+        &kafka,
+        "--failover-slot require, but PostgreSQL 16 has no failover slots",
+    )
     .await;
-    let kafka = Kafka::start(1, 2);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
-    let mut relay = Walrelay::start(&url, &kafka.bootstrap(), &["--failover-slot", "require"]);
-    assert_eq!(
-        relay.wait(WAIT).await.code(),
-        Some(1),
-        "{}",
-        relay.stderr_text()
-    );
-    assert!(
-        relay
-            .stderr_text()
-            .contains("--failover-slot require, but PostgreSQL 16 has no failover slots"),
-        "{}",
-        relay.stderr_text()
-    );
     assert_eq!(
         pg.psql("SELECT count(*) FROM pg_replication_slots").await,
         "0",
