@@ -8,10 +8,12 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use crate::config::RunConfig;
+use crate::failover;
 use crate::metrics::Metrics;
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, PublicationState, Restriction};
 use crate::pg::params::SslMode;
+use crate::pg::primary;
 use crate::sink::{Sink, SinkError, producer_config};
 use crate::slot;
 
@@ -30,7 +32,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn ok(subject: &'static str, found: impl Into<String>) -> Self {
+    pub(crate) fn ok(subject: &'static str, found: impl Into<String>) -> Self {
         Finding {
             subject,
             found: found.into(),
@@ -38,7 +40,11 @@ impl Finding {
         }
     }
 
-    fn problem(subject: &'static str, found: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn problem(
+        subject: &'static str,
+        found: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Finding {
             subject,
             found: found.into(),
@@ -68,11 +74,19 @@ impl fmt::Display for Finding {
 /// Runs every check and returns the findings in order.
 pub async fn findings(config: &RunConfig) -> Vec<Finding> {
     let mut out = Vec::new();
-    match metadata::connect(&config.postgres).await {
-        Ok(client) => {
+    match primary::metadata(&config.postgres).await {
+        Ok((client, host)) => {
             out.push(Finding::ok(
                 "postgres",
-                format!("connected to {}", config.postgres.redacted_url()),
+                format!(
+                    "connected to {} (the primary{})",
+                    host.redacted_url(),
+                    if config.postgres.hosts.len() > 1 {
+                        format!(" of {}", config.postgres.redacted_url())
+                    } else {
+                        String::new()
+                    }
+                ),
             ));
             out.push(tls_finding(config));
             out.extend(auth_finding(&client));
@@ -87,8 +101,11 @@ pub async fn findings(config: &RunConfig) -> Vec<Finding> {
         Err(e) => {
             out.push(Finding::problem(
                 "postgres",
-                format!("cannot connect to {}: {e}", config.postgres.redacted_url()),
-                "check --postgres-url, the password and pg_hba.conf",
+                format!(
+                    "no usable primary at {}: {e}",
+                    config.postgres.redacted_url()
+                ),
+                "check --postgres-url, the password and pg_hba.conf; walrelay streams from a primary only",
             ));
             out.push(tls_finding(config));
         }
@@ -255,13 +272,23 @@ async fn postgres_findings(
 
     out.push(table_finding(client, config).await?);
     out.extend(role_findings(client, config).await?);
+    // The checkpoint's timeline: public, unlike IDENTIFY_SYSTEM, which needs
+    // the REPLICATION attribute whose absence is reported above.
+    let timeline: Option<i32> = client
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .ok()
+        .map(|row| row.get(0));
+    let timeline = timeline.and_then(|t| u32::try_from(t).ok()).unwrap_or(1);
+    let flags = slot::failover_flags(client, &config.slot).await?;
     out.push(idle_timeout_finding(
         crate::source::server_major(&version),
         slot::idle_timeout(client).await?,
         config.expected_max_downtime,
         slot_state.as_ref(),
     ));
-    out.push(slot_finding(config, slot_state));
+    out.push(slot_finding(config, slot_state, timeline));
+    out.extend(failover::chain_findings(client, config, flags.map(|f| f.failover)).await?);
     Ok(())
 }
 
@@ -480,10 +507,25 @@ fn idle_timeout_finding(
     }
 }
 
-fn slot_finding(config: &RunConfig, state: Option<slot::SlotState>) -> Finding {
+fn slot_finding(config: &RunConfig, state: Option<slot::SlotState>, timeline: u32) -> Finding {
     let name = &config.slot;
     let Some(state) = state else {
-        return if config.create_slot {
+        return if config.create_slot
+            && timeline > 1
+            && config.new_slot_on_timeline != Some(timeline)
+        {
+            Finding::problem(
+                "slot",
+                format!(
+                    "{name:?} does not exist, and this server was promoted or restored (timeline \
+                     {timeline}): a missing slot may be one a failover lost, so run will not create it"
+                ),
+                format!(
+                    "if the slot was lost, fix the failover setup first (README, \"Failover\"); \
+                     then, or on a first start on this cluster, run with --new-slot-on-timeline {timeline}"
+                ),
+            )
+        } else if config.create_slot {
             Finding::ok(
                 "slot",
                 format!("{name:?} does not exist yet; run will create it"),

@@ -405,6 +405,37 @@ pub struct RunArgs {
     /// long, or such an outage invalidates the slot.
     #[arg(long, env = "WALRELAY_EXPECTED_MAX_DOWNTIME")]
     pub expected_max_downtime: Option<String>,
+    /// Make the slot a failover slot, which standbys synchronize so that it
+    /// survives a promotion (PostgreSQL 17+): create it so and alter an
+    /// existing one, where the server supports it (auto); also refuse to run
+    /// on an older server or with a broken failover chain (require); or
+    /// leave the slot as it is (off) [default: auto].
+    #[arg(long, env = "WALRELAY_FAILOVER_SLOT", value_enum)]
+    pub failover_slot: Option<FailoverSlot>,
+    /// A standby's URL (libpq form; every host listed is checked): check,
+    /// and run at start, verify its side of the failover chain too
+    /// (sync_replication_slots, hot_standby_feedback, primary_slot_name,
+    /// dbname in primary_conninfo, the synchronized slot).
+    #[arg(long, env = "WALRELAY_STANDBY_URL", hide_env_values = true)]
+    pub standby_url: Option<PostgresUrl>,
+    /// On a server whose timeline is above 1 (promoted or restored at some
+    /// time), create a missing slot only if this is its timeline: there, a
+    /// missing slot may be one a failover lost. For a first start on such a
+    /// server; a later promotion makes it stale by itself.
+    #[arg(long, env = "WALRELAY_NEW_SLOT_ON_TIMELINE")]
+    pub new_slot_on_timeline: Option<u32>,
+}
+
+/// Whether the slot is a failover slot (PostgreSQL 17+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverSlot {
+    /// A failover slot where the server supports it; a broken chain is a warning.
+    Auto,
+    /// A failover slot or no start: PostgreSQL 17+ and a sound chain.
+    Require,
+    /// Leave the slot as it is.
+    Off,
 }
 
 /// Whether to publish the rows that exist when the slot is created.
@@ -476,6 +507,9 @@ struct FileConfig {
     take_over_stale_slot: Option<bool>,
     stale_slot_grace: Option<String>,
     expected_max_downtime: Option<String>,
+    failover_slot: Option<FailoverSlot>,
+    standby_url: Option<PostgresUrl>,
+    new_slot_on_timeline: Option<u32>,
 }
 
 impl FileConfig {
@@ -490,8 +524,9 @@ impl FileConfig {
         let file: FileConfig = toml::from_str(&text).map_err(|e| error(e.message().to_owned()))?;
         let secret = if file
             .postgres_url
-            .as_ref()
-            .is_some_and(PostgresUrl::has_password)
+            .iter()
+            .chain(&file.standby_url)
+            .any(PostgresUrl::has_password)
         {
             Some("a password (postgres_url)")
         } else if file
@@ -907,6 +942,12 @@ pub struct RunConfig {
     /// The longest outage of every walrelay `check` compares
     /// `idle_replication_slot_timeout` with; `None`: not given.
     pub expected_max_downtime: Option<Duration>,
+    /// Whether the slot is a failover slot.
+    pub failover_slot: FailoverSlot,
+    /// A standby to check the failover chain on.
+    pub standby: Option<ConnectParams>,
+    /// The timeline, above 1, on which a missing slot may be created.
+    pub new_slot_on_timeline: Option<u32>,
 }
 
 impl RunArgs {
@@ -1048,8 +1089,19 @@ impl RunArgs {
             .or(file.expected_max_downtime)
             .map(|text| parse_duration("expected-max-downtime", &text, Duration::from_secs(1)))
             .transpose()?;
+        let standby = self
+            .standby_url
+            .or(file.standby_url)
+            .map(|url| standby_params(&url, &postgres))
+            .transpose()?;
         Ok(RunConfig {
             expected_max_downtime,
+            failover_slot: self
+                .failover_slot
+                .or(file.failover_slot)
+                .unwrap_or(FailoverSlot::Auto),
+            standby,
+            new_slot_on_timeline: self.new_slot_on_timeline.or(file.new_slot_on_timeline),
             take_over_stale_slot: self
                 .take_over_stale_slot
                 .or(file.take_over_stale_slot)
@@ -1100,6 +1152,9 @@ pub enum ConfigError {
     /// The connection URL.
     #[error("--postgres-url: {0}")]
     PostgresUrl(#[from] ParamsError),
+    /// The standby's URL.
+    #[error("--standby-url: {0}")]
+    StandbyUrl(#[source] ParamsError),
     /// The password file.
     #[error("--postgres-password-file: cannot read {path}: {source}")]
     PasswordFile {
@@ -1197,6 +1252,22 @@ impl SourceArgs {
         }
         Ok(self.publication.clone())
     }
+}
+
+/// The standby's connection parameters: its URL's, with the password and
+/// request timeout of the primary's when it names none of its own.
+fn standby_params(
+    url: &PostgresUrl,
+    primary: &ConnectParams,
+) -> Result<ConnectParams, ConfigError> {
+    let mut params = ConnectParams::from_url(url.expose()).map_err(ConfigError::StandbyUrl)?;
+    if params.password().is_none() {
+        if let Some(password) = primary.password() {
+            params.set_password(password.to_owned());
+        }
+    }
+    params.requests = primary.requests.clone();
+    Ok(params)
 }
 
 /// The environment variable of `--kafka-property`: one `key=value` per line.

@@ -280,6 +280,9 @@ pub async fn run(
         take_over_stale_slot: false,
         stale_slot_grace: crate::config::DEFAULT_STALE_SLOT_GRACE,
         expected_max_downtime: None,
+        failover_slot: crate::config::FailoverSlot::Auto,
+        standby: None,
+        new_slot_on_timeline: None,
     };
     eprintln!(
         "walrelay demo\n  PostgreSQL  {} (database {DATABASE}, table events; psql -h 127.0.0.1 -p {} -U postgres {DATABASE})\n  Kafka       mock cluster at {brokers}, topic events\n  metrics     http://{metrics_addr}/metrics\n  Ctrl-C stops the demo.\n",

@@ -8,6 +8,7 @@ pub mod config;
 pub mod confirm;
 pub mod demo;
 pub mod event;
+pub mod failover;
 pub mod kafka_properties;
 pub mod metrics;
 pub mod monitor;

@@ -88,6 +88,12 @@ pub struct Metrics {
     /// Events whose metadata held a malformed trace context header, left
     /// out, by header (traceparent, tracestate).
     pub trace_context_invalid: IntCounterVec,
+    /// Promotions walrelay followed: it resumed on a new primary's timeline.
+    pub failovers: IntCounter,
+    /// Per physical slot of `synchronized_standby_slots`: the primary's WAL
+    /// position minus the slot's `restart_lsn`, WAL the failover slot may not
+    /// be decoded past until that standby has it.
+    pub standby_sync_lag: IntGaugeVec,
     health: Arc<Health>,
     progress: Arc<Progress>,
 }
@@ -410,6 +416,15 @@ impl Metrics {
                  its header, by header (traceparent, tracestate).",
                 "header",
             ),
+            failovers: counter(
+                "walrelay_failovers_total",
+                "Promotions followed: walrelay resumed from its slot on a new primary's timeline.",
+            ),
+            standby_sync_lag: gauge_vec(
+                "walrelay_standby_sync_lag_bytes",
+                "WAL the primary holds that the standby of this synchronized_standby_slots slot has not confirmed; the failover slot is not decoded past it.",
+                "slot",
+            ),
             registry,
             health: Arc::new(Health::default()),
             progress: Arc::new(Progress::default()),
@@ -712,6 +727,7 @@ mod tests {
             "walrelay_slot_idle_timeout_seconds",
             "walrelay_http_connections_rejected_total",
             "walrelay_trace_context_invalid_total",
+            "walrelay_failovers_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

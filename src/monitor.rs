@@ -12,8 +12,10 @@
 //! database. That keeps the walsender moving, and with it the keepalives
 //! whose WAL end walrelay confirms when nothing is in flight, in setups where
 //! the events database itself is silent while others write heavily.
+use std::collections::HashSet;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, SLOT_WAL_STATUSES};
@@ -26,9 +28,10 @@ pub const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// The prefix of the heartbeat messages.
 pub const HEARTBEAT_PREFIX: &str = "walrelay.heartbeat";
 
-/// Polls the slot and beats the heart until `shutdown`.
+/// Polls the slot and beats the heart until `shutdown`, on the primary
+/// `postgres` names: the host the replication connection streams from.
 pub async fn run(
-    postgres: ConnectParams,
+    mut postgres: watch::Receiver<ConnectParams>,
     slot: String,
     heartbeat: Option<Duration>,
     metrics: Metrics,
@@ -37,6 +40,7 @@ pub async fn run(
     let mut client: Option<crate::pg::metadata::Client> = None;
     let mut poll = tokio::time::interval(SLOT_POLL_INTERVAL);
     let mut beat = heartbeat.map(tokio::time::interval);
+    let mut standby_slots = HashSet::new();
     loop {
         let beat_due = async {
             match beat.as_mut() {
@@ -52,11 +56,16 @@ pub async fn run(
             _ = poll.tick() => false,
             () = beat_due => true,
         };
+        // A failover moved the primary: follow it.
+        if postgres.has_changed().unwrap_or(false) {
+            client = None;
+        }
         if client
             .as_ref()
             .is_none_or(crate::pg::metadata::Client::is_closed)
         {
-            client = match metadata::connect(&postgres).await {
+            let host = postgres.borrow_and_update().clone();
+            client = match metadata::connect(&host).await {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::debug!(error = %e, "slot monitor cannot connect; will retry");
@@ -69,7 +78,10 @@ pub async fn run(
             beat_once(c).await
         } else {
             match poll_slot(c, &slot, &metrics).await {
-                Ok(()) => poll_inactivity(c, &slot, &metrics).await,
+                Ok(()) => match poll_inactivity(c, &slot, &metrics).await {
+                    Ok(()) => poll_standby_slots(c, &metrics, &mut standby_slots).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             }
         };
@@ -87,6 +99,53 @@ async fn beat_once(client: &crate::pg::metadata::Client) -> Result<(), MetadataE
             &[&HEARTBEAT_PREFIX],
         )
         .await?;
+    Ok(())
+}
+
+/// Sets `walrelay_standby_sync_lag_bytes` for each slot of
+/// `synchronized_standby_slots` (PostgreSQL 17+): how much WAL the primary
+/// has that the slot's standby has not confirmed. The walsender decodes a
+/// failover slot no further than every one of them, so a stuck standby holds
+/// walrelay back by exactly this. A listed slot that does not exist, or
+/// whose standby never connected, counts from the start of the WAL.
+async fn poll_standby_slots(
+    client: &crate::pg::metadata::Client,
+    metrics: &Metrics,
+    exported: &mut HashSet<String>,
+) -> Result<(), MetadataError> {
+    let setting: Option<String> = client
+        .query_one(
+            "SELECT current_setting('synchronized_standby_slots', true)",
+            &[],
+        )
+        .await?
+        .get(0);
+    let listed = crate::failover::standby_slot_names(&setting.unwrap_or_default());
+    let rows = if listed.is_empty() {
+        Vec::new()
+    } else {
+        client
+            .query(
+                "SELECT name, (pg_current_wal_lsn() - coalesce(s.restart_lsn, '0/0'))::bigint
+                   FROM unnest($1::text[]) AS name
+                   LEFT JOIN pg_replication_slots s ON s.slot_name = name",
+                &[&listed],
+            )
+            .await?
+    };
+    let mut now = HashSet::new();
+    for row in rows {
+        let (name, lag): (String, i64) = (row.get(0), row.get(1));
+        metrics
+            .standby_sync_lag
+            .with_label_values(&[&name])
+            .set(lag.max(0));
+        now.insert(name);
+    }
+    for gone in exported.difference(&now) {
+        let _ = metrics.standby_sync_lag.remove_label_values(&[gone]);
+    }
+    *exported = now;
     Ok(())
 }
 

@@ -22,12 +22,17 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{OnUnexpectedChange, RunConfig, SnapshotMode};
+use tokio::sync::watch;
+
+use crate::config::{FailoverSlot, OnUnexpectedChange, RunConfig, SnapshotMode};
 use crate::confirm::SessionState;
+use crate::failover::{self, FAILOVER_SLOTS_SINCE, FollowError, Switch};
 use crate::metrics::Metrics;
-use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction};
+use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction, SystemId};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
+use crate::pg::params::ConnectParams;
+use crate::pg::primary::{self, NoPrimary};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
 use crate::slot::{self, HolderWatch, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotError};
@@ -109,6 +114,51 @@ pub enum RunError {
          than {0:?} after the stream started; reconnecting"
     )]
     SlotPosition(Duration),
+    /// No host of the URL is a primary walrelay may stream from.
+    #[error(transparent)]
+    NoPrimary(#[from] NoPrimary),
+    /// A promotion walrelay cannot follow.
+    #[error(transparent)]
+    Follow(#[from] FollowError),
+    /// The slot is missing on a server that was promoted.
+    #[error(
+        "replication slot {slot:?} does not exist on this server, which was promoted (it is on \
+         timeline {timeline}) {when}. walrelay does not create a new slot here silently: it would \
+         start from now, and the events committed since the slot's last confirmed position would \
+         never be published. What this server shows missing from the failover setup: {}. If the \
+         slot was lost in a failover: publish the events since the last one in Kafka from the \
+         table, fix the setup (README, \"Failover\"; `walrelay check --standby-url ...` checks \
+         it), and start walrelay once with --new-slot-on-timeline {timeline} (with --snapshot \
+         initial, the default, it publishes every row of the table first: nothing is lost, \
+         consumers drop the duplicates by seq_nr). If walrelay never ran on this cluster before \
+         (it was promoted or restored before walrelay was set up), start it with \
+         --new-slot-on-timeline {timeline}",
+        .missing.join("; ")
+    )]
+    SlotMissingOnPromoted {
+        /// The slot.
+        slot: String,
+        /// The server's timeline.
+        timeline: u32,
+        /// When walrelay found it missing.
+        when: String,
+        /// The setup steps the server shows missing.
+        missing: Vec<String>,
+    },
+    /// `--failover-slot require` on a server without failover slots.
+    #[error(
+        "--failover-slot require, but PostgreSQL {0} has no failover slots (they came with \
+         PostgreSQL {FAILOVER_SLOTS_SINCE}): upgrade, or use --failover-slot auto and accept that a \
+         failover loses the slot (see the README)"
+    )]
+    FailoverUnsupported(u32),
+    /// `--failover-slot require` and the failover chain is incomplete.
+    #[error(
+        "--failover-slot require, but the failover chain is incomplete: {}; \
+         `walrelay check` lists every problem with its fix",
+        .0.join("; ")
+    )]
+    FailoverChain(Vec<String>),
     /// An UPDATE, DELETE or TRUNCATE of the events table.
     #[error(
         "the append-only events table saw a {} in the transaction committed at {}; walrelay does not \
@@ -124,6 +174,7 @@ impl RunError {
     fn is_transient(&self) -> bool {
         match self {
             RunError::Conn(e) => e.is_transient(),
+            RunError::NoPrimary(e) => e.is_transient(),
             RunError::Metadata(e) | RunError::Setup(SetupError::Metadata(e)) => e.is_transient(),
             RunError::Sink(SinkError::Unreachable(_)) | RunError::SlotPosition(_) => true,
             _ => false,
@@ -187,7 +238,7 @@ pub async fn run(
 
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
-    let (confirmed, initial) = loop {
+    let prepared = loop {
         let prepared = tokio::select! {
             biased;
             // SIGTERM or SIGINT, also while waiting for another instance's
@@ -209,6 +260,12 @@ pub async fn run(
         }
     };
     backoff.reset();
+    let Prepared {
+        confirmed,
+        initial,
+        primary,
+        system,
+    } = prepared;
     Metrics::set_lsn(&metrics.confirmed_lsn, confirmed);
     if initial.is_none() {
         // Every transaction before the slot's position was acknowledged by
@@ -225,115 +282,144 @@ pub async fn run(
         config.mapping.seq_header(),
     )?;
 
+    // The host the replication connection streams from, which every
+    // metadata connection follows.
+    let (primary, followed) = watch::channel(primary);
     let monitor = tokio::spawn(crate::monitor::run(
-        config.postgres.clone(),
+        followed,
         config.slot.clone(),
         config.heartbeat_interval,
         metrics.clone(),
         shutdown.child_token(),
     ));
-    let result = stream(config, &sink, &metrics, &shutdown, &mut backoff, initial).await;
+    let sessions = Sessions {
+        config,
+        sink: &sink,
+        metrics: &metrics,
+        shutdown: &shutdown,
+        primary,
+        streamed: system,
+    };
+    let result = sessions.stream(&mut backoff, initial).await;
     monitor.abort();
     metrics.health().set_streaming(false);
     tracing::info!(confirmed = %sink.confirmed(), "stopped");
     result
 }
 
-/// Sessions, one after another, until shutdown or a definite error.
-async fn stream(
-    config: &RunConfig,
-    sink: &Sink,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-    backoff: &mut Backoff,
-    initial: Option<InitialSnapshot>,
-) -> Result<(), RunError> {
-    let mut known_topics = HashSet::new();
-    if let Some(topic) = config.mapping.topic.fixed() {
-        if !ensure_topic(sink, topic, metrics, shutdown).await? {
-            return Ok(());
-        }
-        known_topics.insert(topic.to_owned());
-    }
-    if let Some(topic) = &config.dead_letter_topic {
-        if !ensure_topic(sink, topic, metrics, shutdown).await? {
-            return Ok(());
-        }
-    }
-    if let Some(initial) = initial {
-        let known = &mut known_topics;
-        let ensure = async |topic: &str| -> Result<bool, SinkError> {
-            if known.contains(topic) {
-                return Ok(true);
-            }
-            let exists = ensure_topic(sink, topic, metrics, shutdown).await?;
-            if exists {
-                known.insert(topic.to_owned());
-            }
-            Ok(exists)
-        };
-        let publish = snapshot::publish(config, sink, metrics, initial, ensure);
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => {
-                tracing::warn!("stopped during the initial snapshot; the next start begins it again");
+/// What the sessions share: the run's parts, the host streamed from, and
+/// the cluster and timeline last streamed from.
+struct Sessions<'a> {
+    config: &'a RunConfig,
+    sink: &'a Sink,
+    metrics: &'a Metrics,
+    shutdown: &'a CancellationToken,
+    /// The primary's host, for the metadata connections.
+    primary: watch::Sender<ConnectParams>,
+    /// The cluster and timeline of the last session that streamed.
+    streamed: SystemId,
+}
+
+impl Sessions<'_> {
+    /// Sessions, one after another, until shutdown or a definite error.
+    async fn stream(
+        mut self,
+        backoff: &mut Backoff,
+        initial: Option<InitialSnapshot>,
+    ) -> Result<(), RunError> {
+        let (config, sink, metrics, shutdown) =
+            (self.config, self.sink, self.metrics, self.shutdown);
+        let mut known_topics = HashSet::new();
+        if let Some(topic) = config.mapping.topic.fixed() {
+            if !ensure_topic(sink, topic, metrics, shutdown).await? {
                 return Ok(());
             }
-            published = publish => { published?; }
+            known_topics.insert(topic.to_owned());
         }
-        // Acknowledged whole, unless a shutdown cut it short.
-        if !shutdown.is_cancelled() {
-            metrics.progress().vouch(sink.confirmed());
+        if let Some(topic) = &config.dead_letter_topic {
+            if !ensure_topic(sink, topic, metrics, shutdown).await? {
+                return Ok(());
+            }
         }
-    }
-    let mut standby_since: Option<tokio::time::Instant> = None;
-    let mut holder = HolderWatch::default();
-    loop {
-        let session = Session {
-            config,
-            sink,
-            metrics,
-            shutdown,
-            known_topics: &mut known_topics,
-        };
-        let started = tokio::time::Instant::now();
-        let result = session.run().await;
-        backoff.session_ended(started.elapsed());
-        metrics.health().set_streaming(false);
-        let delay = match result {
-            Ok(()) => return Ok(()),
-            Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_MISSING) => {
-                return Err(RunError::SlotVanished {
-                    slot: config.slot.clone(),
-                    confirmed: sink.confirmed(),
-                });
-            }
-            Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_UNUSABLE) => {
-                return Err(explain_unusable(config, RunError::Conn(e)).await);
-            }
-            Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_IN_USE) => {
-                // Another process streams from the slot: stand by and take
-                // over as soon as it lets go.
-                if standby_since.is_none() {
-                    tracing::info!(slot = %config.slot, error = %e, "the slot is in use by another process; standing by");
-                    standby_since = Some(tokio::time::Instant::now());
+        if let Some(initial) = initial {
+            let known = &mut known_topics;
+            let ensure = async |topic: &str| -> Result<bool, SinkError> {
+                if known.contains(topic) {
+                    return Ok(true);
                 }
-                metrics.standby.set(1);
-                if let Err(e) = check_stale_holder(config, &mut holder).await {
-                    tracing::debug!(error = %e, "cannot check the slot's holder");
+                let exists = ensure_topic(sink, topic, metrics, shutdown).await?;
+                if exists {
+                    known.insert(topic.to_owned());
                 }
-                STANDBY_RETRY
+                Ok(exists)
+            };
+            let publish = snapshot::publish(config, sink, metrics, initial, ensure);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    tracing::warn!("stopped during the initial snapshot; the next start begins it again");
+                    return Ok(());
+                }
+                published = publish => { published?; }
             }
-            Err(e) if e.is_transient() => {
-                let delay = backoff.next();
-                tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
-                metrics.reconnects.with_label_values(&["postgres"]).inc();
-                delay
+            // Acknowledged whole, unless a shutdown cut it short.
+            if !shutdown.is_cancelled() {
+                metrics.progress().vouch(sink.confirmed());
             }
-            Err(e) => return Err(e),
-        };
-        if sleep_or_shutdown(delay, shutdown).await {
-            return Ok(());
+        }
+        let mut standby_since: Option<tokio::time::Instant> = None;
+        let mut holder = HolderWatch::default();
+        loop {
+            let session = Session {
+                config,
+                sink,
+                metrics,
+                shutdown,
+                known_topics: &mut known_topics,
+                primary: &self.primary,
+                streamed: &mut self.streamed,
+            };
+            let started = tokio::time::Instant::now();
+            let result = session.run().await;
+            backoff.session_ended(started.elapsed());
+            metrics.health().set_streaming(false);
+            let delay = match result {
+                Ok(()) => return Ok(()),
+                Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_MISSING) => {
+                    return Err(RunError::SlotVanished {
+                        slot: config.slot.clone(),
+                        confirmed: sink.confirmed(),
+                    });
+                }
+                Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_UNUSABLE) => {
+                    let host = self.primary.borrow().clone();
+                    return Err(explain_unusable(config, &host, RunError::Conn(e)).await);
+                }
+                Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_IN_USE) => {
+                    // Another process streams from the slot: stand by and take
+                    // over as soon as it lets go.
+                    if standby_since.is_none() {
+                        tracing::info!(slot = %config.slot, error = %e, "the slot is in use by another process; standing by");
+                        standby_since = Some(tokio::time::Instant::now());
+                    }
+                    metrics.standby.set(1);
+                    let host = self.primary.borrow().clone();
+                    if let Err(e) = check_stale_holder(config, &host, &mut holder).await {
+                        tracing::debug!(error = %e, "cannot check the slot's holder");
+                    }
+                    STANDBY_RETRY
+                }
+                Err(e) if e.is_transient() => {
+                    let delay = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
+                    metrics.reconnects.with_label_values(&["postgres"]).inc();
+                    delay
+                }
+                Err(e) => return Err(e),
+            };
+            if sleep_or_shutdown(delay, shutdown).await {
+                return Ok(());
+            }
         }
     }
 }
@@ -341,8 +427,8 @@ async fn stream(
 /// Why the server refused to stream from the slot: its invalidation with
 /// the cause and the way out (read on a metadata connection), or `error`
 /// as the server gave it when the slot shows no problem or cannot be read.
-async fn explain_unusable(config: &RunConfig, error: RunError) -> RunError {
-    let Ok(client) = metadata::connect(&config.postgres).await else {
+async fn explain_unusable(config: &RunConfig, host: &ConnectParams, error: RunError) -> RunError {
+    let Ok(client) = metadata::connect(host).await else {
         return error;
     };
     match slot::inspect(&client, &config.slot).await {
@@ -354,12 +440,13 @@ async fn explain_unusable(config: &RunConfig, error: RunError) -> RunError {
 }
 
 /// One look at the slot's holder from a standby (see [`HolderWatch`]), over
-/// a metadata connection of its own.
+/// a metadata connection of its own to `host`.
 async fn check_stale_holder(
     config: &RunConfig,
+    host: &ConnectParams,
     watch: &mut HolderWatch,
 ) -> Result<(), MetadataError> {
-    let client = metadata::connect(&config.postgres).await?;
+    let client = metadata::connect(host).await?;
     watch
         .check(
             &client,
@@ -370,23 +457,50 @@ async fn check_stale_holder(
         .await
 }
 
-/// Checks the server and the publication, makes sure the slot exists, and
-/// returns its confirmed position, with the snapshot to publish first when
-/// this start created the slot.
+/// What a start found: where the slot stands, the snapshot to publish
+/// first when this start created the slot, and which server it is on.
+struct Prepared {
+    confirmed: Lsn,
+    initial: Option<InitialSnapshot>,
+    /// The primary's host.
+    primary: ConnectParams,
+    /// Its cluster and timeline.
+    system: SystemId,
+}
+
+/// Finds the primary among the URL's hosts, checks the server, the
+/// publication and the failover chain, makes sure the slot exists (a
+/// failover slot where that is asked for and possible), and returns its
+/// confirmed position, with the snapshot to publish first when this start
+/// created the slot.
 ///
 /// The slots are looked at and changed under the first-start lock (see
 /// [`snapshot`]), so that an instance starting while another publishes its
 /// initial snapshot waits for it instead of taking its marker for the trace
 /// of an interrupted start. The lock goes with the returned snapshot, and is
 /// released with the metadata connection otherwise.
-async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
-    let client = metadata::connect(&config.postgres).await?;
+async fn prepare_source(config: &RunConfig) -> Result<Prepared, RunError> {
+    // Both connections go to the same primary: the replication connection
+    // chooses it, the metadata connection follows.
+    let ((mut repl, system), primary) = primary::replication(&config.postgres, None).await?;
+    let major = repl.server_major();
+    if config.failover_slot == FailoverSlot::Require && major < FAILOVER_SLOTS_SINCE {
+        return Err(RunError::FailoverUnsupported(major));
+    }
+    let failover_slot = config.failover_slot != FailoverSlot::Off && major >= FAILOVER_SLOTS_SINCE;
+    let client = metadata::connect(&primary).await?;
     let needed = config.mapping.needed_columns();
     metadata::verify_source(&client, &config.publication, &config.table, &needed).await?;
     snapshot::lock_first_start(&client, &config.slot).await?;
     let marker = snapshot::marker_name(&config.slot);
     let interrupted = slot::inspect(&client, &marker).await?.is_some();
     let existing = slot::inspect(&client, &config.slot).await?;
+    let prepared = |confirmed, initial| Prepared {
+        confirmed,
+        initial,
+        primary: primary.clone(),
+        system: system.clone(),
+    };
     if interrupted {
         // A previous start died before its initial snapshot was acknowledged
         // (it held the lock until then): begin again, from a new slot.
@@ -401,21 +515,41 @@ async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapsh
         if let Some(problem) = state.problem(&config.slot, &config.postgres.dbname) {
             return Err(problem.into());
         }
+        let is_failover = ensure_failover_slot(config, &client, &mut repl, failover_slot).await?;
+        verify_failover_chain(config, &client, Some(is_failover)).await?;
         let confirmed = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-        tracing::info!(slot = %config.slot, confirmed = %confirmed, "resuming from the slot");
-        return Ok((confirmed, None));
+        tracing::info!(slot = %config.slot, confirmed = %confirmed, timeline = system.timeline,
+            host = %primary.target(), failover_slot = is_failover, "resuming from the slot");
+        // The slot's state is read; nothing else goes over this connection.
+        let _ = repl.close().await;
+        return Ok(prepared(confirmed, None));
     }
     if !config.create_slot {
         return Err(RunError::NoSlot(config.slot.clone()));
     }
-    let mut repl = ReplicationConnection::connect(&config.postgres).await?;
+    if system.timeline > 1 && config.new_slot_on_timeline != Some(system.timeline) {
+        return Err(RunError::SlotMissingOnPromoted {
+            slot: config.slot.clone(),
+            timeline: system.timeline,
+            when: "when walrelay started".to_owned(),
+            missing: failover::missing_steps(&client, &config.slot).await?,
+        });
+    }
+    verify_failover_chain(config, &client, None).await?;
+    let create = async |repl: &mut ReplicationConnection, snapshot| {
+        if failover_slot {
+            repl.create_failover_slot(&config.slot, snapshot).await
+        } else {
+            repl.create_logical_slot(&config.slot, false, snapshot)
+                .await
+        }
+    };
     if config.snapshot == SnapshotMode::Never {
-        let created = repl
-            .create_logical_slot(&config.slot, false, SnapshotAction::Discard)
-            .await?;
-        tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
+        let created = create(&mut repl, SnapshotAction::Discard).await?;
+        tracing::info!(slot = %created.name, consistent_point = %created.consistent_point, failover_slot,
             "created the replication slot; events committed from here on are published (--snapshot never)");
-        return Ok((created.consistent_point, None));
+        let _ = repl.close().await;
+        return Ok(prepared(created.consistent_point, None));
     }
     // The marker first: from here until the snapshot is acknowledged, a
     // crash leaves it behind and the next start begins again.
@@ -424,13 +558,118 @@ async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapsh
         conn::quote_ident(&marker)
     ))
     .await?;
-    let created = repl
-        .create_logical_slot(&config.slot, false, SnapshotAction::Export)
-        .await?;
-    tracing::info!(slot = %created.name, consistent_point = %created.consistent_point,
+    let created = create(&mut repl, SnapshotAction::Export).await?;
+    tracing::info!(slot = %created.name, consistent_point = %created.consistent_point, failover_slot,
         "created the replication slot; the rows already in the table are published first");
     let snapshot = InitialSnapshot::import(client, repl, &created).await?;
-    Ok((created.consistent_point, Some(snapshot)))
+    Ok(prepared(created.consistent_point, Some(snapshot)))
+}
+
+/// Makes an existing slot a failover slot when `wanted` and it is not one
+/// yet (`ALTER_REPLICATION_SLOT`); returns whether it is one. A slot that
+/// was synchronized from a former primary says so: this server was promoted.
+async fn ensure_failover_slot(
+    config: &RunConfig,
+    client: &metadata::Client,
+    repl: &mut ReplicationConnection,
+    wanted: bool,
+) -> Result<bool, RunError> {
+    let Some(flags) = slot::failover_flags(client, &config.slot).await? else {
+        return Ok(false);
+    };
+    if flags.synced {
+        tracing::info!(slot = %config.slot,
+            "the slot was synchronized from a former primary (synced): this server was promoted, and the slot came with it");
+    }
+    if flags.failover || !wanted {
+        return Ok(flags.failover);
+    }
+    match repl.enable_failover(&config.slot).await {
+        Ok(()) => {
+            tracing::info!(slot = %config.slot, "made the slot a failover slot (ALTER_REPLICATION_SLOT ... FAILOVER true): standbys with sync_replication_slots keep it from now on");
+            Ok(true)
+        }
+        Err(e) if config.failover_slot == FailoverSlot::Require || e.is_transient() => {
+            Err(e.into())
+        }
+        Err(e) => {
+            tracing::warn!(slot = %config.slot, error = %e,
+                "cannot make the slot a failover slot; a failover would lose it. Fix: ALTER_REPLICATION_SLOT on a replication connection as a role that may");
+            Ok(false)
+        }
+    }
+}
+
+/// Checks the failover chain at start (`walrelay check` lists the same):
+/// each problem is a warning, or with `--failover-slot require` an error.
+async fn verify_failover_chain(
+    config: &RunConfig,
+    client: &metadata::Client,
+    slot_failover: Option<bool>,
+) -> Result<(), RunError> {
+    let findings = failover::chain_findings(client, config, slot_failover).await?;
+    let problems: Vec<String> = findings
+        .iter()
+        .filter(|f| f.is_problem())
+        .map(|f| f.found.clone())
+        .collect();
+    if config.failover_slot == FailoverSlot::Require && !problems.is_empty() {
+        return Err(RunError::FailoverChain(problems));
+    }
+    for finding in findings.iter().filter(|f| f.is_problem()) {
+        tracing::warn!(
+            fix = finding.fix.as_deref().unwrap_or_default(),
+            "failover chain: {}",
+            finding.found
+        );
+    }
+    Ok(())
+}
+
+/// After a followed failover, on the new primary: says whether the slot
+/// there is the synchronized copy (`synced`) or one made on it since, and
+/// warns about each missing piece of the failover chain, since the next
+/// failover depends on it (the new primary usually has no standby yet). Only
+/// logs: the stream goes on meanwhile, and `--failover-slot require` is for
+/// the start.
+async fn review_after_failover(
+    config: RunConfig,
+    host: ConnectParams,
+    shutdown: CancellationToken,
+) {
+    let review = async {
+        let client = metadata::connect(&host).await?;
+        let flags = slot::failover_flags(&client, &config.slot).await?;
+        match flags {
+            Some(flags) if flags.synced => {
+                tracing::info!(slot = %config.slot, failover = flags.failover,
+                "the slot on the promoted server is the copy synchronized from the former primary (synced)");
+            }
+            Some(flags) => {
+                tracing::warn!(slot = %config.slot, failover = flags.failover,
+                "the slot on the promoted server was not synchronized from the former primary: it was made on this server since its promotion");
+            }
+            None => {}
+        }
+        for finding in failover::chain_findings(&client, &config, flags.map(|f| f.failover))
+            .await?
+            .iter()
+            .filter(|f| f.is_problem())
+        {
+            tracing::warn!(
+                fix = finding.fix.as_deref().unwrap_or_default(),
+                "failover chain on the promoted server: {}",
+                finding.found
+            );
+        }
+        Ok::<(), MetadataError>(())
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        result = review => if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot check the failover chain on the promoted server");
+        }
+    }
 }
 
 /// Waits until `topic` is known to exist; `Ok(false)` when shutdown came first.
@@ -464,6 +703,10 @@ struct Session<'a> {
     metrics: &'a Metrics,
     shutdown: &'a CancellationToken,
     known_topics: &'a mut HashSet<String>,
+    /// Where the primary's host is published for the metadata connections.
+    primary: &'a watch::Sender<ConnectParams>,
+    /// The cluster and timeline last streamed from.
+    streamed: &'a mut SystemId,
 }
 
 /// What the session loop does after a step.
@@ -474,7 +717,7 @@ enum Flow {
 
 impl Session<'_> {
     async fn run(mut self) -> Result<(), RunError> {
-        let mut repl = ReplicationConnection::connect(&self.config.postgres).await?;
+        let (mut repl, system, host, switch) = self.connect().await?;
         let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
@@ -482,15 +725,25 @@ impl Session<'_> {
         let options = source::pgoutput_options(repl.server_version(), &self.config.publication);
         let started = repl
             .start_logical(&self.config.slot, Lsn::ZERO, &options)
-            .await?;
+            .await;
+        let started = match (started, switch) {
+            (Err(e), Some(switch)) if e.sqlstate() == Some(SLOT_MISSING) => {
+                return Err(self.slot_lost(&host, switch).await);
+            }
+            (started, _) => started?,
+        };
         // The slot is held now, so nobody else moves it: where it stands is
         // where the server resumes, and the least any status update may say
         // (a standby that takes over would otherwise report the position it
         // read when it started, moving the slot back). Bounded, so that the
         // first status update still goes out before wal_sender_timeout.
-        let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed())
+        let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed(&host))
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
+        if let Some(switch) = switch {
+            self.announce_failover(switch, slot_confirmed, &host);
+        }
+        *self.streamed = system;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
         let mut stream = started.report(self.sink.feedback().clone(), interval);
@@ -573,9 +826,79 @@ impl Session<'_> {
         closed.map_err(RunError::from)
     }
 
-    /// The slot's confirmed position, read on the metadata connection.
-    async fn slot_confirmed(&self) -> Result<Lsn, RunError> {
-        let client = metadata::connect(&self.config.postgres).await?;
+    /// Logs and counts a followed failover, and has the new primary's side
+    /// of the chain reviewed in the background.
+    fn announce_failover(&self, switch: Switch, slot_confirmed: Lsn, host: &ConnectParams) {
+        tracing::warn!(from_timeline = switch.from, to_timeline = switch.to,
+            switchpoint = %switch.switchpoint, resume = %slot_confirmed,
+            confirmed = %self.sink.confirmed(), host = %host.target(),
+            "followed a failover: resuming from the slot on the promoted server (transactions between resume and confirmed are published again)");
+        self.metrics.failovers.inc();
+        tokio::spawn(review_after_failover(
+            self.config.clone(),
+            host.clone(),
+            self.shutdown.child_token(),
+        ));
+    }
+
+    /// Connects to the primary among every host, again: one of the cluster
+    /// streamed from, on its timeline or a newer one, which the metadata
+    /// connections then follow. A newer timeline means the server was
+    /// promoted; it is checked before anything is confirmed to it, so that
+    /// a position past its branch point never reaches it.
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            ReplicationConnection,
+            SystemId,
+            ConnectParams,
+            Option<Switch>,
+        ),
+        RunError,
+    > {
+        let ((mut repl, system), host) =
+            primary::replication(&self.config.postgres, Some(self.streamed)).await?;
+        self.primary.send_if_modified(|followed| {
+            let changed = *followed != host;
+            if changed {
+                tracing::info!(host = %host.target(), "the primary is now this host");
+                followed.clone_from(&host);
+            }
+            changed
+        });
+        let switch = if system.timeline > self.streamed.timeline {
+            let history = repl.timeline_history(system.timeline).await?;
+            failover::follow(self.streamed, &system, &history, self.sink.confirmed())?
+        } else {
+            None
+        };
+        Ok((repl, system, host, switch))
+    }
+
+    /// The error for a slot missing on the server walrelay followed a
+    /// promotion to: with what that server shows missing from the setup.
+    async fn slot_lost(&self, host: &ConnectParams, switch: Switch) -> RunError {
+        let missing = match metadata::connect(host).await {
+            Ok(client) => failover::missing_steps(&client, &self.config.slot).await,
+            Err(e) => Err(e),
+        };
+        RunError::SlotMissingOnPromoted {
+            slot: self.config.slot.clone(),
+            timeline: switch.to,
+            when: format!(
+                "while walrelay followed its promotion from timeline {} (walrelay had \
+                 confirmed {} there)",
+                switch.from,
+                self.sink.confirmed()
+            ),
+            missing: missing.unwrap_or_else(|e| vec![format!("(cannot tell: {e})")]),
+        }
+    }
+
+    /// The slot's confirmed position, read on a metadata connection to `host`.
+    async fn slot_confirmed(&self, host: &ConnectParams) -> Result<Lsn, RunError> {
+        let client = metadata::connect(host).await?;
         let state = slot::inspect(&client, &self.config.slot).await?;
         Ok(state
             .and_then(|s| s.confirmed_flush_lsn)

@@ -125,6 +125,43 @@ pub async fn idle_timeout(
         .map(Duration::from_secs))
 }
 
+/// A slot's failover flags (PostgreSQL 17+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailoverFlags {
+    /// Whether standbys with `sync_replication_slots` keep a copy of it.
+    pub failover: bool,
+    /// Whether it is such a copy (on a standby), or was one before its
+    /// server was promoted.
+    pub synced: bool,
+    /// Whether it is temporary: on a standby, a synchronized copy that is
+    /// not yet sync-ready, which promotion drops.
+    pub temporary: bool,
+}
+
+/// The failover flags of slot `name`; `None` when it does not exist or the
+/// server predates failover slots (PostgreSQL 16 and older).
+pub async fn failover_flags(
+    client: &crate::pg::metadata::Client,
+    name: &str,
+) -> Result<Option<FailoverFlags>, MetadataError> {
+    // Read through to_jsonb: the columns exist from PostgreSQL 17 on.
+    let row = client
+        .query_opt(
+            "SELECT (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool, temporary
+               FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.and_then(|row| {
+        let (failover, synced): (Option<bool>, Option<bool>) = (row.get(0), row.get(1));
+        Some(FailoverFlags {
+            failover: failover?,
+            synced: synced?,
+            temporary: row.get(2),
+        })
+    }))
+}
+
 /// What is wrong with an existing slot, for walrelay's purposes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlotProblem {

@@ -9,10 +9,11 @@ use std::future::Future;
 use std::io::{self, Write};
 
 use crate::event::{Event, Mapping, TableName, ValueKind};
-use crate::pg::conn::{self, ConnError, Feedback, ReplicationConnection, SnapshotAction};
+use crate::pg::conn::{self, ConnError, Feedback, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::pg::params::ConnectParams;
+use crate::pg::primary::{self, NoPrimary};
 use crate::source::{self, Source, SourceError, Step};
 
 /// What `tail` reads.
@@ -43,6 +44,9 @@ pub enum TailError {
     /// The stream could not be followed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// No host of the URL is a primary.
+    #[error(transparent)]
+    NoPrimary(#[from] NoPrimary),
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
@@ -55,7 +59,9 @@ pub async fn run<W: Write>(
     mut out: W,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TailError> {
-    let client = metadata::connect(&options.postgres).await?;
+    // The primary among the URL's hosts, for both connections.
+    let ((mut repl, _), host) = primary::replication(&options.postgres, None).await?;
+    let client = metadata::connect(&host).await?;
     metadata::verify_source(
         &client,
         &options.publication,
@@ -65,7 +71,6 @@ pub async fn run<W: Write>(
     .await?;
     drop(client);
 
-    let mut repl = ReplicationConnection::connect(&options.postgres).await?;
     let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
     let anchor = source::anchor(&mut repl, &options.table)
         .await?

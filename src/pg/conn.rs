@@ -304,6 +304,43 @@ pub struct SystemId {
     pub dbname: Option<String>,
 }
 
+/// Where a timeline ended, from a timeline history file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimelineSwitch {
+    /// The timeline that ended.
+    pub timeline: u32,
+    /// The first position that is not part of it on the way to the newer
+    /// one: WAL before it is shared, WAL from it on differs.
+    pub switchpoint: Lsn,
+}
+
+/// Reads a timeline history file: `parent-tli <tab> switchpoint <tab>
+/// reason` per line; comments and blank lines are skipped.
+pub fn parse_timeline_history(content: &str) -> Vec<TimelineSwitch> {
+    content
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let timeline = fields.next()?.parse().ok()?;
+            let switchpoint = fields.next()?.parse().ok()?;
+            Some(TimelineSwitch {
+                timeline,
+                switchpoint,
+            })
+        })
+        .collect()
+}
+
+/// The major version of a `server_version` text: `17` for `17.4 (Debian
+/// 17.4-1)`, `14` for `14.11`; 0 when it does not parse.
+pub fn major_version(server_version: &str) -> u32 {
+    server_version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|major| major.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A replication connection, before streaming.
 #[derive(Debug)]
 pub struct ReplicationConnection {
@@ -679,8 +716,34 @@ impl ReplicationConnection {
                 SnapshotAction::Discard => "NOEXPORT_SNAPSHOT",
             }
         );
+        self.create_slot(name, &query).await
+    }
+
+    /// `CREATE_REPLICATION_SLOT name LOGICAL pgoutput (SNAPSHOT ..., FAILOVER true)`
+    /// (PostgreSQL 17+): a slot that standbys with `sync_replication_slots`
+    /// keep a copy of, so that it survives their promotion. The snapshot is
+    /// exported by the same command, so the slot's consistent point and the
+    /// snapshot are one moment, as with [`Self::create_logical_slot`].
+    pub async fn create_failover_slot(
+        &mut self,
+        name: &str,
+        snapshot: SnapshotAction,
+    ) -> Result<CreatedSlot, ConnError> {
+        let query = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT {}, FAILOVER true)",
+            quote_ident(name),
+            match snapshot {
+                SnapshotAction::Export => "'export'",
+                SnapshotAction::Discard => "'nothing'",
+            }
+        );
+        self.create_slot(name, &query).await
+    }
+
+    /// Runs a `CREATE_REPLICATION_SLOT` and reads its answer.
+    async fn create_slot(&mut self, name: &str, query: &str) -> Result<CreatedSlot, ConnError> {
         let rows = self
-            .simple_query_within(self.requests.timeout.max(SLOT_CREATION_TIMEOUT), &query)
+            .simple_query_within(self.requests.timeout.max(SLOT_CREATION_TIMEOUT), query)
             .await?;
         let row = rows.into_iter().next().ok_or_else(|| {
             ConnError::Protocol("CREATE_REPLICATION_SLOT returned no row".to_owned())
@@ -699,6 +762,36 @@ impl ReplicationConnection {
             consistent_point,
             snapshot_name: cols.next().flatten(),
         })
+    }
+
+    /// `ALTER_REPLICATION_SLOT name (FAILOVER true)` (PostgreSQL 17+). The
+    /// slot must not be in use by another process (SQLSTATE 55006).
+    pub async fn enable_failover(&mut self, name: &str) -> Result<(), ConnError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+            quote_ident(name)
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// `TIMELINE_HISTORY tli`: where each timeline before `tli` ended on the
+    /// way to it (the server's `N.history` file), oldest first.
+    pub async fn timeline_history(&mut self, tli: u32) -> Result<Vec<TimelineSwitch>, ConnError> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await?;
+        let content = rows
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().nth(1).flatten())
+            .ok_or_else(|| ConnError::Protocol("TIMELINE_HISTORY returned no file".into()))?;
+        Ok(parse_timeline_history(&content))
+    }
+
+    /// The server's major version (17 for `17.4 (Debian ...)`), 0 if unknown.
+    pub fn server_major(&self) -> u32 {
+        major_version(&self.server_version)
     }
 
     /// `START_REPLICATION SLOT s LOGICAL start (options)`: from here on the
@@ -1074,6 +1167,29 @@ impl ReplicationStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeline_histories_and_versions_parse() {
+        let history = "1\t0/3000158\tno recovery target specified\n\n\
+                       2\t1/A0000A0\tbefore 2026-01-01 00:00:00+00\n";
+        assert_eq!(
+            parse_timeline_history(history),
+            [
+                TimelineSwitch {
+                    timeline: 1,
+                    switchpoint: Lsn(0x0300_0158)
+                },
+                TimelineSwitch {
+                    timeline: 2,
+                    switchpoint: Lsn(0x1_0A00_00A0)
+                },
+            ]
+        );
+        assert_eq!(major_version("17.4 (Debian 17.4-1.pgdg120+2)"), 17);
+        assert_eq!(major_version("15.14"), 15);
+        assert_eq!(major_version("18beta1"), 18);
+        assert_eq!(major_version(""), 0);
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {

@@ -107,9 +107,14 @@ impl MetadataError {
     pub fn is_transient(&self) -> bool {
         match self {
             MetadataError::Postgres(e) => {
+                // Class 57 (operator intervention: a restart, a shutdown), 08
+                // (connection exception), 53 (insufficient resources: too many
+                // connections, out of memory or disk).
                 e.as_db_error().is_none()
-                    || e.code()
-                        .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
+                    || e.code().is_some_and(|c| {
+                        let c = c.code();
+                        c.starts_with("57") || c.starts_with("08") || c.starts_with("53")
+                    })
             }
             MetadataError::Transport(e) => e.is_transient(),
             MetadataError::Timeout(_) => true,

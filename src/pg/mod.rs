@@ -7,6 +7,7 @@ pub mod lsn;
 pub mod metadata;
 pub mod params;
 pub mod pgoutput;
+pub mod primary;
 pub mod protocol;
 pub mod request;
 pub mod tls;

@@ -1,10 +1,22 @@
 //! Connection parameters, from a libpq connection URL.
 //!
 //! The accepted form is libpq's URI:
-//! `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`
+//! `postgres[ql]://[user[:password]@][host][:port][,host[:port]...][/dbname][?param=value&...]`
 //! with percent-encoding. Query parameters override the parts before them, as
 //! in libpq. `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
-//! `PGSSLMODE`, `PGSSLROOTCERT` and `PGAPPNAME` fill in what the URL leaves out.
+//! `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME` and `PGTARGETSESSIONATTRS` fill
+//! in what the URL leaves out.
+//!
+//! Several hosts (`h1:5432,h2:5432` in the URL, `host=h1,h2&port=5432,5433`
+//! as parameters, or lists in `PGHOST`/`PGPORT`) follow libpq's rules: one
+//! port applies to every host, otherwise there must be as many ports as
+//! hosts, and an empty entry means the default (`localhost`, 5432). They are
+//! tried in order, each within `connect_timeout`, until one is what
+//! `target_session_attrs` asks for (see [`super::primary`]). walrelay
+//! streams from a primary only, so `any` (libpq's default) skips servers in
+//! recovery as `primary` does, `read-write` also skips a primary whose
+//! `default_transaction_read_only` is on, and `read-only`, `standby` and
+//! `prefer-standby` are refused.
 //!
 //! `require_auth` and `channel_binding` (with `PGREQUIREAUTH` and
 //! `PGCHANNELBINDING`) set the authentication policy ([`super::auth`]), and
@@ -116,13 +128,81 @@ pub enum RootCerts {
     System,
 }
 
-/// Everything needed to open a connection to one PostgreSQL server.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ConnectParams {
+/// One entry of the URL's host list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
     /// Host name or IP address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Which server of the host list a connection may use, as libpq's
+/// `target_session_attrs`; walrelay accepts the values that pick a primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TargetSessionAttrs {
+    /// libpq's default. walrelay streams from a primary only, so a server in
+    /// recovery is skipped all the same.
+    #[default]
+    Any,
+    /// A server not in recovery.
+    Primary,
+    /// A server not in recovery whose `transaction_read_only` is off.
+    ReadWrite,
+}
+
+impl TargetSessionAttrs {
+    fn parse(value: &str) -> Result<Self, ParamsError> {
+        Ok(match value {
+            "any" => TargetSessionAttrs::Any,
+            "primary" => TargetSessionAttrs::Primary,
+            "read-write" => TargetSessionAttrs::ReadWrite,
+            "read-only" | "standby" | "prefer-standby" => {
+                return Err(ParamsError::StandbyTarget(value.to_owned()));
+            }
+            other => {
+                return Err(ParamsError::InvalidValue {
+                    param: "target_session_attrs",
+                    value: other.into(),
+                    expected: "any, primary or read-write",
+                });
+            }
+        })
+    }
+
+    /// The value as libpq spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::ReadWrite => "read-write",
+        }
+    }
+}
+
+/// Everything needed to open a connection to one PostgreSQL server, or to
+/// choose one among the URL's hosts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectParams {
+    /// Host name or IP address a connection goes to: the first of `hosts`,
+    /// or the one [`ConnectParams::at`] picked.
+    pub host: String,
+    /// That host's TCP port.
+    pub port: u16,
+    /// Every host of the URL, in order; one after [`ConnectParams::at`].
+    pub hosts: Vec<HostPort>,
+    /// What a server of `hosts` must be to be used.
+    pub target_session_attrs: TargetSessionAttrs,
     /// The role to log in as.
     pub user: String,
     /// The password, if any; see [`ConnectParams::password`].
@@ -191,6 +271,23 @@ pub enum ParamsError {
          system's roots are only worth checking together with the host name"
     )]
     WeakSslModeWithSystemRoots(&'static str),
+    /// A port list that fits the host list neither as one nor pairwise.
+    #[error(
+        "the PostgreSQL URL has {ports} port numbers for {hosts} hosts; give one port for all \
+         hosts, or one per host (an empty entry means 5432)"
+    )]
+    PortCount {
+        /// Entries in the port list.
+        ports: usize,
+        /// Entries in the host list.
+        hosts: usize,
+    },
+    /// `target_session_attrs` asks for a standby.
+    #[error(
+        "the PostgreSQL URL has target_session_attrs={0}, but walrelay streams from a primary \
+         only (a standby's changes reach it through its primary); use read-write, primary or any"
+    )]
+    StandbyTarget(String),
 }
 
 impl ConnectParams {
@@ -205,22 +302,25 @@ impl ConnectParams {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ParamsError> {
-        let url = url::Url::parse(text).map_err(ParamsError::Syntax)?;
+        let (rewritten, authority_hosts) = split_host_list(text);
+        let url =
+            url::Url::parse(rewritten.as_deref().unwrap_or(text)).map_err(ParamsError::Syntax)?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(ParamsError::Scheme(url.scheme().to_owned()));
         }
-        let decode = |part: &str, what: &'static str| {
-            percent_encoding::percent_decode_str(part)
-                .decode_utf8()
-                .map(std::borrow::Cow::into_owned)
-                .map_err(|_| ParamsError::Encoding(what))
+        let (mut host, mut port) = match authority_hosts {
+            Some(list) => {
+                let (hosts, ports) = decode_host_list(&list)?;
+                (Some(hosts), Some(ports))
+            }
+            None => (
+                url.host_str().filter(|h| !h.is_empty()).map(|h| {
+                    // IPv6 literals come back in brackets.
+                    h.trim_start_matches('[').trim_end_matches(']').to_owned()
+                }),
+                url.port().map(|p| p.to_string()),
+            ),
         };
-
-        let mut host = url.host_str().filter(|h| !h.is_empty()).map(|h| {
-            // IPv6 literals come back in brackets.
-            h.trim_start_matches('[').trim_end_matches(']').to_owned()
-        });
-        let mut port = url.port();
         let mut user = Some(url.username())
             .filter(|u| !u.is_empty())
             .map(|u| decode(u, "user"))
@@ -236,12 +336,16 @@ impl ConnectParams {
         let mut connect_timeout = None;
         let mut keepalives = KeepaliveParams::default();
         let mut auth = AuthParams::default();
+        let mut target_session_attrs = None;
 
         for (key, value) in url.query_pairs() {
             let value = value.into_owned();
             match &*key {
                 "host" => host = Some(value),
-                "port" => port = Some(parse_port(&value)?),
+                "port" => port = Some(value),
+                "target_session_attrs" => {
+                    target_session_attrs = Some(TargetSessionAttrs::parse(&value)?);
+                }
                 "user" => user = Some(value),
                 "password" => password = Some(value),
                 "dbname" => dbname = Some(value),
@@ -257,25 +361,14 @@ impl ConnectParams {
                         "{key} (client certificates)"
                     )));
                 }
-                "options"
-                | "target_session_attrs"
-                | "gssencmode"
-                | "replication"
-                | "hostaddr"
-                | "passfile"
-                | "service" => {
+                "options" | "gssencmode" | "replication" | "hostaddr" | "passfile" | "service" => {
                     return Err(ParamsError::Unsupported(key.into_owned()));
                 }
                 _ => return Err(ParamsError::UnknownParam(key.into_owned())),
             }
         }
 
-        let host = resolve_host(host.or_else(|| env("PGHOST")))?;
-        let port = match port {
-            Some(0) => return Err(invalid_port("0")),
-            Some(p) => p,
-            None => env("PGPORT").map_or(Ok(DEFAULT_PORT), |p| parse_port(&p))?,
-        };
+        let (hosts, target_session_attrs) = targets(host, port, target_session_attrs, &env)?;
         let user = user
             .or_else(|| env("PGUSER"))
             .or_else(|| env("USER"))
@@ -288,8 +381,10 @@ impl ConnectParams {
         let sslmode = resolve_sslmode(sslmode, sslrootcert.as_ref())?;
         let auth = auth.policy(&env)?;
         Ok(ConnectParams {
-            host,
-            port,
+            host: hosts[0].host.clone(),
+            port: hosts[0].port,
+            hosts,
+            target_session_attrs,
             password: password.or_else(|| env("PGPASSWORD")),
             dbname: dbname
                 .or_else(|| env("PGDATABASE"))
@@ -317,22 +412,46 @@ impl ConnectParams {
         self.password = Some(password);
     }
 
+    /// These parameters for one host of the list: a connection with them
+    /// goes to `target`, and its TLS verification names it.
+    #[must_use]
+    pub fn at(&self, target: &HostPort) -> ConnectParams {
+        ConnectParams {
+            host: target.host.clone(),
+            port: target.port,
+            hosts: vec![target.clone()],
+            ..self.clone()
+        }
+    }
+
+    /// The host a connection with these parameters goes to.
+    pub fn target(&self) -> HostPort {
+        HostPort {
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+
     /// The URL without its password, for logs and error messages.
     pub fn redacted_url(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let hosts = self
+            .hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let secret = if self.password.is_some() {
             ":********"
         } else {
             ""
         };
+        let attrs = match self.target_session_attrs {
+            TargetSessionAttrs::Any => String::new(),
+            other => format!("&target_session_attrs={}", other.as_str()),
+        };
         format!(
-            "postgres://{}{secret}@{host}:{}/{}?sslmode={}",
+            "postgres://{}{secret}@{hosts}/{}?sslmode={}{attrs}",
             self.user,
-            self.port,
             self.dbname,
             self.sslmode.as_str()
         )
@@ -344,6 +463,8 @@ impl fmt::Debug for ConnectParams {
         f.debug_struct("ConnectParams")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("hosts", &self.hosts)
+            .field("target_session_attrs", &self.target_session_attrs)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "********"))
             .field("dbname", &self.dbname)
@@ -358,16 +479,123 @@ impl fmt::Debug for ConnectParams {
     }
 }
 
-/// The host to connect to: a TCP host name or address, `localhost` by default.
-fn resolve_host(host: Option<String>) -> Result<String, ParamsError> {
-    match host {
-        Some(h) if h.starts_with('/') => Err(ParamsError::Unsupported(
-            "a Unix-domain socket host (use a TCP host name or address)".into(),
-        )),
-        Some(h) if h.contains(',') => Err(ParamsError::Unsupported("several hosts".into())),
-        Some(h) => Ok(h),
-        None => Ok("localhost".to_owned()),
+/// The hosts and what they must be, from the URL's values or else the
+/// environment's (`PGHOST`, `PGPORT`, `PGTARGETSESSIONATTRS`).
+fn targets(
+    hosts: Option<String>,
+    ports: Option<String>,
+    attrs: Option<TargetSessionAttrs>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(Vec<HostPort>, TargetSessionAttrs), ParamsError> {
+    let hosts = host_list(
+        hosts.or_else(|| env("PGHOST")).as_deref(),
+        ports.or_else(|| env("PGPORT")).as_deref(),
+    )?;
+    let attrs = match attrs {
+        Some(t) => t,
+        None => env("PGTARGETSESSIONATTRS").map_or(Ok(TargetSessionAttrs::Any), |t| {
+            TargetSessionAttrs::parse(&t)
+        })?,
+    };
+    Ok((hosts, attrs))
+}
+
+/// A URL whose authority lists several hosts (`h1:5432,h2:5433`), which
+/// the `url` crate cannot parse: the URL with `localhost` in their place,
+/// and the list as written. `(None, None)` for any other text.
+fn split_host_list(text: &str) -> (Option<String>, Option<String>) {
+    let Some(scheme_end) = text.find("://") else {
+        return (None, None);
+    };
+    let start = scheme_end + 3;
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    let authority = &text[start..end];
+    // The user info ends at the last '@' (a literal '@' in it is encoded).
+    let hosts_at = authority.rfind('@').map_or(start, |i| start + i + 1);
+    let hosts = &text[hosts_at..end];
+    if !hosts.contains(',') {
+        return (None, None);
     }
+    let rewritten = format!("{}localhost{}", &text[..hosts_at], &text[end..]);
+    (Some(rewritten), Some(hosts.to_owned()))
+}
+
+/// The host list of a URL's authority, as the `host` and `port` parameters
+/// would give it: `h1:5432,[::1],h3` → (`h1,::1,h3`, `5432,,`). As in
+/// libpq, a host without a port takes the default port, not `PGPORT`.
+fn decode_host_list(list: &str) -> Result<(String, String), ParamsError> {
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for entry in list.split(',') {
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| ParamsError::InvalidValue {
+                    param: "host",
+                    value: entry.into(),
+                    expected: "an IPv6 address in brackets, [::1]:5432",
+                })?;
+            (host, after.strip_prefix(':').unwrap_or(after))
+        } else {
+            entry.split_once(':').unwrap_or((entry, ""))
+        };
+        let decoded = percent_encoding::percent_decode_str(host)
+            .decode_utf8()
+            .map_err(|_| ParamsError::Encoding("host"))?;
+        hosts.push(decoded.into_owned());
+        ports.push(port.to_owned());
+    }
+    Ok((hosts.join(","), ports.join(",")))
+}
+
+/// The hosts to try, from a comma-separated host list and port list as
+/// libpq reads them: no hosts means `localhost`; an empty host entry means
+/// `localhost` and an empty port entry 5432; a single port applies to
+/// every host, otherwise there must be one per host.
+fn host_list(hosts: Option<&str>, ports: Option<&str>) -> Result<Vec<HostPort>, ParamsError> {
+    let names: Vec<&str> = hosts
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| vec![""], |h| h.split(',').collect());
+    let ports: Vec<u16> = match ports.filter(|p| !p.is_empty()) {
+        None => vec![DEFAULT_PORT],
+        Some(list) => list
+            .split(',')
+            .map(|p| {
+                if p.trim().is_empty() {
+                    Ok(DEFAULT_PORT)
+                } else {
+                    parse_port(p.trim())
+                }
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if ports.len() != 1 && ports.len() != names.len() {
+        return Err(ParamsError::PortCount {
+            ports: ports.len(),
+            hosts: names.len(),
+        });
+    }
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let host = match name.trim() {
+                "" => "localhost".to_owned(),
+                h if h.starts_with('/') => {
+                    return Err(ParamsError::Unsupported(
+                        "a Unix-domain socket host (use a TCP host name or address)".into(),
+                    ));
+                }
+                h => h.to_owned(),
+            };
+            Ok(HostPort {
+                host,
+                port: if ports.len() == 1 { ports[0] } else { ports[i] },
+            })
+        })
+        .collect()
 }
 
 fn parse_port(value: &str) -> Result<u16, ParamsError> {
@@ -510,6 +738,14 @@ fn parse_root_certs(value: String) -> RootCerts {
     }
 }
 
+/// A percent-encoded part of the URL (`what` names it in the error).
+fn decode(part: &str, what: &'static str) -> Result<String, ParamsError> {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| ParamsError::Encoding(what))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,6 +858,127 @@ mod tests {
         }
     }
 
+    fn targets(p: &ConnectParams) -> Vec<String> {
+        p.hosts.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn several_hosts_in_the_url_as_libpq_lists_them() {
+        let p = ConnectParams::from_url_with_env(
+            "postgres://u:pw@db1:5433,db2,[::1]:6000/app?target_session_attrs=read-write",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(targets(&p), ["db1:5433", "db2:5432", "[::1]:6000"]);
+        // A connection goes to the first until one is picked.
+        assert_eq!((p.host.as_str(), p.port), ("db1", 5433));
+        assert_eq!(p.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!((p.user.as_str(), p.dbname.as_str()), ("u", "app"));
+        assert_eq!(p.password(), Some("pw"));
+        let second = p.at(&p.hosts[1]);
+        assert_eq!((second.host.as_str(), second.port), ("db2", 5432));
+        assert_eq!(targets(&second), ["db2:5432"]);
+        assert_eq!(second.password(), Some("pw"));
+        assert_eq!(
+            p.redacted_url(),
+            "postgres://u:********@db1:5433,db2:5432,[::1]:6000/app?sslmode=prefer&target_session_attrs=read-write"
+        );
+        // A host without a port takes 5432, not PGPORT (as libpq).
+        let env = |name: &str| (name == "PGPORT").then(|| "7000".to_owned());
+        let p = ConnectParams::from_url_with_env("postgres://u@a,b:5440/d", env).unwrap();
+        assert_eq!(targets(&p), ["a:5432", "b:5440"]);
+    }
+
+    #[test]
+    fn host_and_port_lists_pair_up_or_share_one_port() {
+        let url = |query: &str| {
+            ConnectParams::from_url_with_env(&format!("postgres://u@x/d?{query}"), no_env)
+                .map(|p| targets(&p))
+        };
+        assert_eq!(url("host=h1,h2&port=5433").unwrap(), ["h1:5433", "h2:5433"]);
+        assert_eq!(
+            url("host=h1,h2,h3&port=1,,3").unwrap(),
+            ["h1:1", "h2:5432", "h3:3"]
+        );
+        assert_eq!(url("host=,h2").unwrap(), ["localhost:5432", "h2:5432"]);
+        let err = url("host=h1,h2,h3&port=1,2").unwrap_err();
+        assert!(
+            matches!(err, ParamsError::PortCount { ports: 2, hosts: 3 }),
+            "{err}"
+        );
+        assert!(
+            url("host=h1,/tmp")
+                .unwrap_err()
+                .to_string()
+                .contains("Unix-domain")
+        );
+        assert!(
+            url("host=h1,h2&port=1,0")
+                .unwrap_err()
+                .to_string()
+                .contains("port")
+        );
+    }
+
+    #[test]
+    fn pghost_and_pgport_lists_work_the_same_way() {
+        let env = |name: &str| match name {
+            "PGHOST" => Some("p1,p2".to_owned()),
+            "PGPORT" => Some("6001,6002".to_owned()),
+            "PGTARGETSESSIONATTRS" => Some("primary".to_owned()),
+            _ => None,
+        };
+        let p = ConnectParams::from_url_with_env("postgresql://?user=u&dbname=d", env).unwrap();
+        assert_eq!(targets(&p), ["p1:6001", "p2:6002"]);
+        assert_eq!(p.target_session_attrs, TargetSessionAttrs::Primary);
+        // The URL's own hosts win over PGHOST, and then PGPORT pairs with them.
+        let p = ConnectParams::from_url_with_env("postgres://u@q1,q2/d", env).unwrap();
+        assert_eq!(targets(&p), ["q1:5432", "q2:5432"]);
+        let env = |name: &str| match name {
+            "PGHOST" => Some("p1,p2,p3".to_owned()),
+            "PGPORT" => Some("1,2".to_owned()),
+            _ => None,
+        };
+        let err =
+            ConnectParams::from_url_with_env("postgresql://?user=u&dbname=d", env).unwrap_err();
+        assert!(
+            matches!(err, ParamsError::PortCount { ports: 2, hosts: 3 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_target_that_is_not_a_primary_is_refused_with_the_reason() {
+        for attrs in ["any", "primary", "read-write"] {
+            let p = ConnectParams::from_url_with_env(
+                &format!("postgres://u@h/d?target_session_attrs={attrs}"),
+                no_env,
+            )
+            .unwrap();
+            assert_eq!(p.target_session_attrs.as_str(), attrs);
+        }
+        for attrs in ["read-only", "standby", "prefer-standby"] {
+            let err = ConnectParams::from_url_with_env(
+                &format!("postgres://u@h1,h2/d?target_session_attrs={attrs}"),
+                no_env,
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("streams from a primary only"),
+                "{attrs}: {err}"
+            );
+        }
+        let err = ConnectParams::from_url_with_env(
+            "postgres://u@h/d?target_session_attrs=whatever",
+            no_env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("any, primary or read-write"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn sslrootcert_system_means_verify_full_as_in_libpq_16() {
         let parse = |url: &str, env: &[(&str, &str)]| {
@@ -731,6 +1088,11 @@ mod tests {
             p.redacted_url(),
             "postgres://u:********@h:5432/d?sslmode=prefer"
         );
+        let p =
+            ConnectParams::from_url_with_env(&format!("postgres://u:{secret}@h1,h2:7/d"), no_env)
+                .unwrap();
+        assert!(!format!("{p:?}").contains(secret));
+        assert!(!p.redacted_url().contains(secret));
         // A URL too broken to parse is not echoed either.
         let err =
             ConnectParams::from_url_with_env(&format!("postgres://u:{secret}@h:99999/d"), no_env)

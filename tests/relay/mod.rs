@@ -9,6 +9,7 @@ mod delivery;
 mod demo;
 mod endpoint;
 mod event_table;
+mod failover;
 mod faults;
 mod oracle;
 mod poison;

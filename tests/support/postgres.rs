@@ -1133,6 +1133,12 @@ fn percent_encode(text: &str) -> String {
     out
 }
 
+/// Physical standbys, for the failover tests (included, not `mod standby;`,
+/// so that the file is found where the bench includes this one as well).
+mod standby {
+    include!("postgres/standby.rs");
+}
+
 mod tests {
     use super::*;
 
