@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, SLOT_WAL_STATUSES};
 use crate::pg::lsn::Lsn;
-use crate::pg::metadata::{self, MetadataError};
+use crate::pg::metadata::MetadataError;
 use crate::pg::params::ConnectParams;
 
 /// How often the slot is read.
@@ -29,7 +29,9 @@ pub const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub const HEARTBEAT_PREFIX: &str = "walrelay.heartbeat";
 
 /// Polls the slot and beats the heart until `shutdown`, on the primary
-/// `postgres` names: the host the replication connection streams from.
+/// among the hosts `postgres` names: the URL's hosts until the replication
+/// connection has chosen one (so the slot's metrics appear while walrelay
+/// cannot stream yet), then the host it streams from.
 pub async fn run(
     mut postgres: watch::Receiver<ConnectParams>,
     slot: String,
@@ -64,9 +66,11 @@ pub async fn run(
             .as_ref()
             .is_none_or(crate::pg::metadata::Client::is_closed)
         {
+            // Until the replication connection has chosen its primary, the
+            // URL's hosts (the first primary among them); then that host.
             let host = postgres.borrow_and_update().clone();
-            client = match metadata::connect(&host).await {
-                Ok(c) => Some(c),
+            client = match crate::pg::primary::metadata(&host).await {
+                Ok((c, _)) => Some(c),
                 Err(e) => {
                     tracing::debug!(error = %e, "slot monitor cannot connect; will retry");
                     continue;

@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use tokio::sync::watch;
 
@@ -236,6 +237,19 @@ pub async fn run(
     let producer_config = producer_config(&config.kafka_brokers, &config.kafka_properties)?;
     let mut backoff = Backoff { attempt: 0 };
 
+    // The slot's metrics from the start, also while walrelay cannot stream
+    // (every WAL sender taken, another instance's first start): on the URL's
+    // first primary until the replication connection has chosen its host,
+    // which every metadata connection follows from then on.
+    let (primary, followed) = watch::channel(config.postgres.clone());
+    let monitor = AbortOnDropHandle::new(tokio::spawn(crate::monitor::run(
+        followed,
+        config.slot.clone(),
+        config.heartbeat_interval,
+        metrics.clone(),
+        shutdown.child_token(),
+    )));
+
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
     let prepared = loop {
@@ -263,9 +277,10 @@ pub async fn run(
     let Prepared {
         confirmed,
         initial,
-        primary,
+        primary: host,
         system,
     } = prepared;
+    primary.send_replace(host);
     Metrics::set_lsn(&metrics.confirmed_lsn, confirmed);
     if initial.is_none() {
         // Every transaction before the slot's position was acknowledged by
@@ -282,16 +297,6 @@ pub async fn run(
         config.mapping.seq_header(),
     )?;
 
-    // The host the replication connection streams from, which every
-    // metadata connection follows.
-    let (primary, followed) = watch::channel(primary);
-    let monitor = tokio::spawn(crate::monitor::run(
-        followed,
-        config.slot.clone(),
-        config.heartbeat_interval,
-        metrics.clone(),
-        shutdown.child_token(),
-    ));
     let sessions = Sessions {
         config,
         sink: &sink,
@@ -301,7 +306,7 @@ pub async fn run(
         streamed: system,
     };
     let result = sessions.stream(&mut backoff, initial).await;
-    monitor.abort();
+    drop(monitor);
     metrics.health().set_streaming(false);
     tracing::info!(confirmed = %sink.confirmed(), "stopped");
     result

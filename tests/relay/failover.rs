@@ -28,7 +28,6 @@ const STANDBY_SLOT: &str = "standby1";
 /// `standby_conf` goes last into the standby's configuration.
 async fn pair(hold_back: bool, standby_conf: &[&str]) -> (PgServer, PgServer) {
     let primary = PgServer::start(PgOptions {
-        tls: false,
         version: Some(17),
         ..PgOptions::default()
     })
@@ -42,14 +41,24 @@ async fn pair(hold_back: bool, standby_conf: &[&str]) -> (PgServer, PgServer) {
     (primary, standby)
 }
 
+/// The URL query that verifies `pg`'s certificate and host name (a copy of
+/// `pg` made into a standby serves the same certificate).
+fn verified(pg: &PgServer) -> String {
+    format!(
+        "sslmode=verify-full&sslrootcert={}",
+        pg.ca_cert_path().expect("TLS is on").display()
+    )
+}
+
 /// walrelay's URL with every host, as libpq takes it.
 fn hosts_url(user: &str, password: &str, servers: &[&PgServer]) -> String {
+    let tls = verified(servers[0]);
     let hosts: Vec<String> = servers
         .iter()
         .map(|s| format!("127.0.0.1:{}", s.port()))
         .collect();
     format!(
-        "postgres://{user}:{password}@{}/walrelay_test?sslmode=disable&target_session_attrs=read-write",
+        "postgres://{user}:{password}@{}/walrelay_test?{tls}&target_session_attrs=read-write",
         hosts.join(",")
     )
 }
@@ -133,12 +142,11 @@ fn lag_metric() -> String {
 /// One PostgreSQL of major `version`, a Kafka, and walrelay's URL.
 async fn single(version: u32) -> (PgServer, Kafka, String) {
     let pg = PgServer::start(PgOptions {
-        tls: false,
         version: Some(version),
         ..PgOptions::default()
     })
     .await;
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &verified(&pg));
     (pg, Kafka::start(1, 2), url)
 }
 
@@ -177,7 +185,6 @@ async fn stderr_eventually(relay: &Walrelay, needle: &str) {
 #[tokio::test]
 async fn the_first_primary_among_the_hosts_is_used_and_each_skipped_host_is_named() {
     let primary = PgServer::start(PgOptions {
-        tls: false,
         ..PgOptions::default()
     })
     .await;
@@ -185,8 +192,10 @@ async fn the_first_primary_among_the_hosts_is_used_and_each_skipped_host_is_name
     let kafka = Kafka::start(1, 2);
     // Nothing listens on the first host; the second is a standby.
     let dead = crate::support::walrelay::free_local_addr().port();
+    // The standby is a copy of the primary: one CA signed both certificates.
+    let tls = verified(&primary);
     let url = format!(
-        "postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@127.0.0.1:{dead},127.0.0.1:{},127.0.0.1:{}/walrelay_test?sslmode=disable",
+        "postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@127.0.0.1:{dead},127.0.0.1:{},127.0.0.1:{}/walrelay_test?{tls}",
         standby.port(),
         primary.port()
     );
@@ -221,7 +230,7 @@ async fn the_first_primary_among_the_hosts_is_used_and_each_skipped_host_is_name
 
     // Without the primary, every host is named with why it was skipped.
     let only_standby = format!(
-        "postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@127.0.0.1:{dead},127.0.0.1:{}/walrelay_test?sslmode=disable",
+        "postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@127.0.0.1:{dead},127.0.0.1:{}/walrelay_test?{tls}",
         standby.port()
     );
     let (code, output) = run_check(&only_standby, &kafka.bootstrap(), &[]).await;
@@ -240,7 +249,7 @@ async fn the_first_primary_among_the_hosts_is_used_and_each_skipped_host_is_name
         &[
             "check",
             "--postgres-url",
-            "postgresql://?dbname=walrelay_test&sslmode=disable",
+            &format!("postgresql://?dbname=walrelay_test&{tls}"),
             "--kafka-brokers",
             &kafka.bootstrap(),
         ],
