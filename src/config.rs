@@ -29,11 +29,13 @@ pub const DEFAULT_TABLE: &str = "public.events";
 pub const DEFAULT_TOPIC: &str = "events";
 /// The default replication slot.
 pub const DEFAULT_SLOT: &str = "walrelay";
-/// The metrics endpoint's port unless `--metrics-addr` names another.
-pub const DEFAULT_METRICS_PORT: u16 = 9187;
+/// The metrics endpoint's port unless `--metrics-addr` names another: one
+/// marked free in the Prometheus wiki's list of exporter ports (9187, used
+/// before, is postgres_exporter's, which often runs on the same host).
+pub const DEFAULT_METRICS_PORT: u16 = 9643;
 
 /// The default metrics address: the loopback interface only, so that nothing
-/// is exposed unless asked for (`--metrics-addr 0.0.0.0:9187`).
+/// is exposed unless asked for (`--metrics-addr 0.0.0.0:9643`).
 pub fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_METRICS_PORT))
 }
@@ -265,8 +267,8 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub allow_unsafe_kafka_property: Vec<String>,
-    /// Address of the /metrics, /healthz and /readyz endpoint; 0.0.0.0:9187
-    /// listens on every interface [default: 127.0.0.1:9187].
+    /// Address of the /metrics, /healthz and /readyz endpoint; 0.0.0.0:9643
+    /// listens on every interface [default: 127.0.0.1:9643].
     #[arg(long, env = "WALRELAY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// How long SIGTERM waits for outstanding acknowledgements [default: 30s].
@@ -684,7 +686,7 @@ impl RunArgs {
                 Some(text) => text.parse().map_err(|_| {
                     invalid(
                         "metrics-addr",
-                        format!("{text:?} is not an address like 0.0.0.0:9187"),
+                        format!("{text:?} is not an address like 0.0.0.0:9643"),
                     )
                 })?,
             },
@@ -934,7 +936,7 @@ mod tests {
         assert_eq!(c.topic.to_string(), "events");
         assert!(c.create_slot);
         // Loopback only unless told otherwise.
-        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9187");
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9643");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(c.kafka_properties.is_empty());
     }
