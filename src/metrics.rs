@@ -34,6 +34,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// walrelay's version, as Cargo knows it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision walrelay was built from (`build.rs`), or `unknown`.
+pub const REVISION: &str = env!("WALRELAY_GIT_REVISION");
+
 /// The values of `pg_replication_slots.wal_status`.
 pub const SLOT_WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
@@ -44,19 +49,23 @@ pub struct Metrics {
     /// Events acknowledged by the broker.
     pub events_published: IntCounter,
     /// Key, value and header bytes of the acknowledged events.
-    pub bytes_published: IntCounter,
+    pub published_bytes: IntCounter,
+    /// Rows of the events table decoded from the replication stream.
+    pub events_received: IntCounter,
     /// Transactions of the events table fully acknowledged and confirmable.
     pub transactions: IntCounter,
     /// Events the broker refused or that could not be sent, by reason.
     pub publish_errors: IntCounterVec,
     /// Events handed to the producer and not yet acknowledged.
     pub inflight_events: IntGauge,
+    /// The producer queue's bound on them (`queue.buffering.max.messages`).
+    pub inflight_events_max: IntGauge,
     /// The highest WAL position received from the server.
     pub received_lsn: IntGauge,
     /// The position confirmed to the server (the slot's flush position).
     pub confirmed_lsn: IntGauge,
-    /// Server WAL end minus confirmed position.
-    pub source_lag_bytes: IntGauge,
+    /// The server's WAL position minus the slot's `confirmed_flush_lsn`, by slot.
+    pub source_lag_bytes: IntGaugeVec,
     /// From the commit timestamp to the broker's acknowledgement, per event.
     pub commit_to_ack: Histogram,
     /// Commit time of the newest fully acknowledged transaction, Unix seconds.
@@ -71,10 +80,14 @@ pub struct Metrics {
     pub standby: IntGauge,
     /// `pg_replication_slots.safe_wal_size` of the slot, by slot; absent when unlimited.
     pub slot_safe_wal_size: IntGaugeVec,
-    /// 1 for the slot's current `wal_status`, 0 for the others.
+    /// 1 for the slot's current `wal_status`, 0 for the others, by slot.
     pub slot_wal_status: IntGaugeVec,
-    /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`.
-    pub slot_retained_wal: IntGauge,
+    /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`, by slot.
+    pub slot_retained_wal: IntGaugeVec,
+    /// Rows of the initial snapshot handed to the producer.
+    pub snapshot_rows: IntCounter,
+    /// 1 while the initial snapshot is being published.
+    pub snapshot_running: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
     health: Arc<Health>,
@@ -178,8 +191,8 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
-        let gauge_vec = |name: &str, help: &str, label: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -207,26 +220,38 @@ impl Metrics {
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "walrelay_build_info",
-                "Always 1; the labels say which walrelay runs.",
+                "Always 1; the labels say which walrelay runs: version, git revision, librdkafka version.",
             ),
-            &["version"],
+            &["version", "revision", "librdkafka"],
         )
         .expect("valid metric");
         registry
             .register(Box::new(build_info.clone()))
             .expect("unique metric");
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[VERSION, REVISION, &librdkafka])
             .set(1);
+        // The process's memory, CPU time, open files and start time, as
+        // every Prometheus client exports them (`process_*`).
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
 
         let metrics = Metrics {
             events_published: counter(
                 "walrelay_events_published_total",
                 "Events the broker acknowledged.",
             ),
-            bytes_published: counter(
-                "walrelay_bytes_published_total",
+            published_bytes: counter(
+                "walrelay_published_bytes_total",
                 "Key, value and header bytes of the events the broker acknowledged.",
+            ),
+            events_received: counter(
+                "walrelay_events_received_total",
+                "Rows of the events table decoded from the replication stream (replays included).",
             ),
             transactions: counter(
                 "walrelay_transactions_total",
@@ -241,6 +266,10 @@ impl Metrics {
                 "walrelay_inflight_events",
                 "Events handed to the producer and not yet acknowledged.",
             ),
+            inflight_events_max: gauge(
+                "walrelay_inflight_events_max",
+                "The producer queue's bound on walrelay_inflight_events (queue.buffering.max.messages).",
+            ),
             received_lsn: gauge(
                 "walrelay_received_lsn",
                 "Highest WAL position received from PostgreSQL, as a number.",
@@ -249,9 +278,10 @@ impl Metrics {
                 "walrelay_confirmed_lsn",
                 "WAL position confirmed to PostgreSQL (the slot's flush position), as a number.",
             ),
-            source_lag_bytes: gauge(
+            source_lag_bytes: gauge_vec(
                 "walrelay_source_lag_bytes",
-                "Server WAL end minus the confirmed position: WAL the slot holds back.",
+                "The server's WAL position minus the slot's confirmed_flush_lsn, read every 5 s.",
+                &["slot"],
             ),
             commit_to_ack,
             last_commit_timestamp,
@@ -276,16 +306,25 @@ impl Metrics {
             slot_safe_wal_size: gauge_vec(
                 "walrelay_slot_safe_wal_size_bytes",
                 "WAL that can still be written before the slot is invalidated (absent: unlimited).",
-                "slot",
+                &["slot"],
             ),
             slot_wal_status: gauge_vec(
                 "walrelay_slot_wal_status",
                 "1 for the slot's current wal_status (reserved, extended, unreserved, lost).",
-                "status",
+                &["slot", "status"],
             ),
-            slot_retained_wal: gauge(
+            slot_retained_wal: gauge_vec(
                 "walrelay_slot_retained_wal_bytes",
                 "WAL the slot keeps: the server's WAL position minus the slot's restart_lsn.",
+                &["slot"],
+            ),
+            snapshot_rows: counter(
+                "walrelay_snapshot_rows_total",
+                "Rows of the initial snapshot read from the table and handed to the producer.",
+            ),
+            snapshot_running: gauge(
+                "walrelay_snapshot_running",
+                "1 while the initial snapshot of a new slot is being published.",
             ),
             http_connections_rejected: counter(
                 "walrelay_http_connections_rejected_total",
@@ -304,10 +343,15 @@ impl Metrics {
         for kind in ["update", "delete", "truncate"] {
             metrics.unexpected_changes.with_label_values(&[kind]);
         }
-        for status in SLOT_WAL_STATUSES {
-            metrics.slot_wal_status.with_label_values(&[status]);
-        }
         metrics
+    }
+
+    /// Exports the series of `slot` that alerts need from the start: each
+    /// `wal_status` at 0 until the slot is read.
+    pub fn watch_slot(&self, slot: &str) {
+        for status in SLOT_WAL_STATUSES {
+            self.slot_wal_status.with_label_values(&[slot, status]);
+        }
     }
 
     /// The readiness flags.
@@ -542,10 +586,34 @@ mod tests {
 
     #[test]
     fn every_documented_family_is_exported() {
-        let text = Metrics::new().render();
+        let metrics = Metrics::new();
+        metrics.watch_slot("walrelay");
+        // The series that appear with the first reading of the slot.
+        metrics
+            .source_lag_bytes
+            .with_label_values(&["walrelay"])
+            .set(1);
+        metrics
+            .slot_retained_wal
+            .with_label_values(&["walrelay"])
+            .set(1);
+        metrics
+            .slot_safe_wal_size
+            .with_label_values(&["walrelay"])
+            .set(1);
+        let text = metrics.render();
         for name in [
             "walrelay_events_published_total",
-            "walrelay_bytes_published_total",
+            "walrelay_published_bytes_total",
+            "walrelay_events_received_total",
+            "walrelay_inflight_events_max",
+            "walrelay_snapshot_rows_total",
+            "walrelay_snapshot_running",
+            "walrelay_slot_safe_wal_size_bytes",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_start_time_seconds",
             "walrelay_transactions_total",
             "walrelay_publish_errors_total",
             "walrelay_inflight_events",
@@ -567,9 +635,29 @@ mod tests {
                 "{name} missing:\n{text}"
             );
         }
-        // Every family also appears in the README's reference.
+        // The slot label on every slot metric.
+        for name in [
+            "walrelay_source_lag_bytes",
+            "walrelay_slot_wal_status",
+            "walrelay_slot_retained_wal_bytes",
+            "walrelay_slot_safe_wal_size_bytes",
+        ] {
+            let series: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .collect();
+            assert!(
+                !series.is_empty() && series.iter().all(|l| l.contains("slot=\"walrelay\"")),
+                "{name}: {series:?}"
+            );
+        }
+        // Every family also appears in the README's reference (the process
+        // collector's under their common prefix).
         let readme = include_str!("../README.md");
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE ") && !l.starts_with("# TYPE process_"))
+        {
             let name = line.split_whitespace().nth(2).unwrap();
             let documented =
                 readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{"));

@@ -564,6 +564,7 @@ impl Session<'_> {
                 self.sink.observe(advance);
             }
             Step::Event(event) => {
+                self.metrics.events_received.inc();
                 if !state.in_transaction() {
                     return Err(SourceError::Order("event outside a transaction").into());
                 }
@@ -597,10 +598,6 @@ impl Session<'_> {
                 let advance = state.keepalive(&mut self.sink.ledger(), wal_end);
                 self.sink.observe(advance);
                 self.received(wal_end);
-                let lag = wal_end.bytes_since(self.sink.confirmed());
-                self.metrics
-                    .source_lag_bytes
-                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
             }
             Step::Received { wal_end } => self.received(wal_end),
             Step::Unexpected(change) => {
@@ -629,6 +626,7 @@ impl Session<'_> {
         commit_lsn: Lsn,
         reason: crate::event::RowError,
     ) -> Result<(), RunError> {
+        self.metrics.events_received.inc();
         self.metrics
             .publish_errors
             .with_label_values(&["invalid_row"])

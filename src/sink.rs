@@ -191,7 +191,7 @@ impl Shared {
         match (&report, record) {
             (Report::Acked, Record::Event) => {
                 self.metrics.events_published.inc();
-                self.metrics.bytes_published.inc_by(size);
+                self.metrics.published_bytes.inc_by(size);
             }
             (Report::Acked, Record::DeadLetter) => self.metrics.dead_lettered.inc(),
             (Report::Refused(failure), _) => self.count(failure),
@@ -462,6 +462,12 @@ impl Sink {
             dead_letter_topic,
         });
         let mut config = config.clone();
+        if let Some(max) = config
+            .get("queue.buffering.max.messages")
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        {
+            shared.metrics.inflight_events_max.set(max);
+        }
         if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
             config.set(GAPLESS, "true");
         }

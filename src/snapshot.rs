@@ -207,6 +207,10 @@ pub async fn publish(
     let txn = Transaction::new(consistent_point, commit_ts);
     let id = sink.begin(commit_ts);
     let mut sent = 0u64;
+    metrics.snapshot_running.set(1);
+    let running = metrics.snapshot_running.clone();
+    // However publishing ends (done, halted, stopped), it no longer runs.
+    let _running = scopeguard(move || running.set(0));
     tracing::info!(snapshot = %name, consistent_point = %consistent_point, "publishing the rows that existed when the slot was created");
     loop {
         let rows = client
@@ -230,6 +234,7 @@ pub async fn publish(
                     let row = row_error(&layout, &tuple, consistent_point, reason);
                     poison_row(config, sink, metrics, id, row).await?;
                     sent += 1;
+                    metrics.snapshot_rows.inc();
                     continue;
                 }
             };
@@ -238,6 +243,7 @@ pub async fn publish(
             }
             sink.send(id, &event).await?;
             sent += 1;
+            metrics.snapshot_rows.inc();
         }
     }
     client.batch_execute("COMMIT").await?;
@@ -265,6 +271,19 @@ pub async fn publish(
     }
     tracing::info!(rows = sent, "initial snapshot published");
     Ok(sent)
+}
+
+/// Runs `f` when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> OnDrop<F> {
+    OnDrop(f)
 }
 
 /// A row of the snapshot that cannot become an event, as `--on-poison` says

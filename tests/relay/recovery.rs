@@ -147,7 +147,10 @@ async fn an_idle_events_table_does_not_pin_the_wal_of_a_busy_database() {
         "{retained} bytes behind at {confirmed}"
     );
     eventually("the slot's wal_status is exported", || {
-        metric(metrics, r#"walrelay_slot_wal_status{status="reserved"}"#) == 1
+        metric(
+            metrics,
+            r#"walrelay_slot_wal_status{slot="walrelay",status="reserved"}"#,
+        ) == 1
     })
     .await;
     assert_eq!(metric(metrics, "walrelay_slot_wal_status"), 1);
