@@ -301,6 +301,11 @@ pub struct RunArgs {
     /// stale (and, with --take-over-stale-slot, terminated) [default: 60s].
     #[arg(long, env = "WALRELAY_STALE_SLOT_GRACE")]
     pub stale_slot_grace: Option<String>,
+    /// On a halt (a poison row, a refused event, an unexpected change, an
+    /// invalidated or vanished slot), exit with code 3 at once instead of
+    /// staying up, not ready, until stopped [default: false].
+    #[arg(long, env = "WALRELAY_EXIT_ON_HALT", num_args = 0..=1, default_missing_value = "true")]
+    pub exit_on_halt: Option<bool>,
 }
 
 /// Whether to publish the rows that exist when the slot is created.
@@ -358,6 +363,7 @@ struct FileConfig {
     on_unexpected_change: Option<OnUnexpectedChange>,
     take_over_stale_slot: Option<bool>,
     stale_slot_grace: Option<String>,
+    exit_on_halt: Option<bool>,
 }
 
 impl FileConfig {
@@ -548,6 +554,8 @@ pub struct RunConfig {
     pub take_over_stale_slot: bool,
     /// How long a slot holder may be silent before it counts as stale.
     pub stale_slot_grace: Duration,
+    /// Whether a halt exits (code 3) rather than staying up, not ready.
+    pub exit_on_halt: bool,
 }
 
 impl RunArgs {
@@ -651,6 +659,7 @@ impl RunArgs {
             None => DEFAULT_STALE_SLOT_GRACE,
         };
         Ok(RunConfig {
+            exit_on_halt: self.exit_on_halt.or(file.exit_on_halt).unwrap_or(false),
             take_over_stale_slot: self
                 .take_over_stale_slot
                 .or(file.take_over_stale_slot)

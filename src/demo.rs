@@ -270,6 +270,8 @@ pub async fn run(
         on_unexpected_change: crate::config::OnUnexpectedChange::Halt,
         take_over_stale_slot: false,
         stale_slot_grace: crate::config::DEFAULT_STALE_SLOT_GRACE,
+        // A demo that cannot go on says so and ends.
+        exit_on_halt: true,
     };
     eprintln!(
         "walrelay demo\n  PostgreSQL  {} (database {DATABASE}, table events; psql -h 127.0.0.1 -p {} -U postgres {DATABASE})\n  Kafka       mock cluster at {brokers}, topic events\n  metrics     http://{metrics_addr}/metrics\n  Ctrl-C stops the demo.\n",

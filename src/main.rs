@@ -21,6 +21,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const EXIT_FAILURE: u8 = 1;
 /// Bad configuration or a failed check.
 const EXIT_CONFIG: u8 = 2;
+/// Halted (a poison row, a refused event, an unexpected change, an
+/// invalidated or vanished slot): needs a person, not a restart.
+const EXIT_HALT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -60,14 +63,18 @@ fn main() -> ExitCode {
                 Err(error) => return config_error(&error),
             };
             let result = runtime.block_on(service::run(config, stop()));
-            exit(result.map_err(|e| {
-                let code = if matches!(e, ServiceError::Bind { .. }) {
-                    EXIT_CONFIG
-                } else {
-                    EXIT_FAILURE
-                };
-                (e.to_string(), code)
-            }))
+            match result {
+                // Said once, when it halted.
+                Err(e) if e.halt_reason().is_some() => ExitCode::from(EXIT_HALT),
+                result => exit(result.map_err(|e| {
+                    let code = if matches!(e, ServiceError::Bind { .. }) {
+                        EXIT_CONFIG
+                    } else {
+                        EXIT_FAILURE
+                    };
+                    (e.to_string(), code)
+                })),
+            }
         }
         Command::Check(args) => {
             let config = match args.validate() {

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{OnUnexpectedChange, RunConfig, SnapshotMode};
 use crate::confirm::SessionState;
-use crate::metrics::Metrics;
-use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction};
+use crate::metrics::{Health, Metrics, Role, beating};
+use crate::pg::conn::{self, ConnError, ReplicationConnection, ReplicationStream, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
@@ -37,6 +37,9 @@ use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 const SLOT_MISSING: &str = "42704";
 /// SQLSTATE object_in_use: START_REPLICATION on a slot another PID holds.
 const SLOT_IN_USE: &str = "55006";
+/// SQLSTATE object_not_in_prerequisite_state: START_REPLICATION on an
+/// invalidated slot (among others).
+const NOT_IN_PREREQUISITE_STATE: &str = "55000";
 /// How often a standby tries to take the slot over.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
@@ -117,6 +120,32 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The reason this error halts walrelay (one of
+    /// [`HALT_REASONS`](crate::metrics::HALT_REASONS)), or
+    /// `None` when it is an ordinary failure (exit code 1). A halt needs a
+    /// person: a restart, or another instance, would meet the same row or
+    /// slot.
+    pub fn halt_reason(&self) -> Option<&'static str> {
+        match self {
+            RunError::Publish(_)
+            | RunError::Sink(SinkError::Publish(_))
+            | RunError::Snapshot(SnapshotError::Sink(SinkError::Publish(_))) => {
+                Some("refused_event")
+            }
+            RunError::Source(SourceError::Row { .. })
+            | RunError::Snapshot(SnapshotError::Source(SourceError::Row { .. })) => {
+                Some("poison_row")
+            }
+            RunError::Unexpected(_) => Some("unexpected_change"),
+            RunError::Source(SourceError::Renamed { .. } | SourceError::Replaced { .. }) => {
+                Some("table_renamed")
+            }
+            RunError::Slot(SlotProblem::Lost { .. }) => Some("slot_invalidated"),
+            RunError::SlotVanished { .. } => Some("slot_vanished"),
+            _ => None,
+        }
+    }
+
     /// Whether a new session may succeed without anyone changing anything.
     fn is_transient(&self) -> bool {
         match self {
@@ -172,23 +201,106 @@ impl Backoff {
     }
 }
 
-/// Waits `delay` unless shutdown comes first; returns whether it did.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => true,
-        () = tokio::time::sleep(delay) => false,
-    }
+/// Waits `delay` unless shutdown comes first; returns whether it did. A
+/// wait on purpose: it beats `health`'s pulse.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken, health: &Health) -> bool {
+    beating(health, async {
+        tokio::select! {
+            () = shutdown.cancelled() => true,
+            () = tokio::time::sleep(delay) => false,
+        }
+    })
+    .await
 }
 
 /// Runs until `shutdown` is cancelled (then drains and returns `Ok`) or a
-/// definite error occurs.
+/// definite error occurs. An error that halts ([`RunError::halt_reason`])
+/// keeps the process up, halted and not ready, until `shutdown` (unless
+/// `--exit-on-halt`), and is returned then.
 pub async fn run(
     config: &RunConfig,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    // The slot's metrics matter most while no instance streams: the monitor
+    // runs from the start to the end, through a halt too.
+    let monitor = tokio::spawn(crate::monitor::run(
+        config.postgres.clone(),
+        config.slot.clone(),
+        config.heartbeat_interval,
+        metrics.clone(),
+        shutdown.child_token(),
+    ));
+    let mut held = None;
+    let result = relay(config, &metrics, &shutdown, &mut held).await;
+    let result = match result {
+        Err(error) if error.halt_reason().is_some() => {
+            Err(halted(config, &metrics, &shutdown, error, held).await)
+        }
+        other => other,
+    };
+    monitor.abort();
+    result
+}
+
+/// What a halted instance keeps open: whatever lets another instance take
+/// over only to halt on the same row.
+enum Held {
+    /// The replication connection, with its status updates: the slot stays
+    /// with this instance, confirmed up to the last transaction before the
+    /// halt.
+    Stream(ReplicationStream),
+    /// The first-start lock of an initial snapshot that halted: another
+    /// instance would begin the snapshot again and halt at the same row.
+    FirstStart(InitialSnapshot),
+}
+
+/// Halts on `error`: says why once, sets `walrelay_halted{reason}`, and
+/// waits for `shutdown` (unless `--exit-on-halt`), live and not ready,
+/// keeping what `held` holds; then lets it go and returns `error`.
+async fn halted(
+    config: &RunConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    error: RunError,
+    held: Option<Held>,
+) -> RunError {
+    let reason = error.halt_reason().unwrap_or("unknown");
+    metrics.halt(reason, &error.to_string());
+    let keeps = match &held {
+        Some(Held::Stream(_)) => "keeps the slot (its replication connection stays open)",
+        Some(Held::FirstStart(_)) => "keeps the first-start lock of the initial snapshot",
+        None => "holds nothing",
+    };
+    if config.exit_on_halt {
+        tracing::error!(reason, error = %error, "halted; exiting with code 3 (--exit-on-halt)");
+    } else {
+        tracing::error!(reason, error = %error, keeps,
+            "halted: fix the cause, then restart walrelay; until then it stays up, not ready, and exits with code 3 on SIGTERM");
+        beating(metrics.health(), shutdown.cancelled()).await;
+    }
+    match held {
+        Some(Held::Stream(stream)) => {
+            // Bounded: on a stalled network even the goodbye may not get through.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.close()).await;
+        }
+        Some(Held::FirstStart(snapshot)) => drop(snapshot),
+        None => {}
+    }
+    error
+}
+
+/// Prepares the slot and streams until shutdown or a definite error; what a
+/// halt should keep open is left in `held`.
+async fn relay(
+    config: &RunConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    held: &mut Option<Held>,
+) -> Result<(), RunError> {
     let producer_config = producer_config(&config.kafka_brokers, &config.kafka_properties)?;
     let mut backoff = Backoff { attempt: 0 };
+    let health = metrics.health();
 
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
@@ -199,14 +311,17 @@ pub async fn run(
             // first start: nothing to drain yet, and what was begun is redone
             // by the next start.
             () = shutdown.cancelled() => return Ok(()),
-            prepared = prepare_source(config) => prepared,
+            // Each step is bounded by --request-timeout, or waits on purpose
+            // (another instance's first start, slot creation).
+            prepared = beating(health, prepare_source(config, metrics)) => prepared,
         };
         match prepared {
             Ok(prepared) => break prepared,
             Err(e) if e.is_transient() => {
+                metrics.set_role(Role::Starting);
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
                 metrics.reconnects.with_label_values(&["postgres"]).inc();
-                if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                if sleep_or_shutdown(backoff.next(), shutdown, health).await {
                     return Ok(());
                 }
             }
@@ -222,16 +337,19 @@ pub async fn run(
         config.dead_letter_topic.clone(),
     )?;
 
-    let monitor = tokio::spawn(crate::monitor::run(
-        config.postgres.clone(),
-        config.slot.clone(),
-        config.heartbeat_interval,
-        metrics.clone(),
-        shutdown.child_token(),
-    ));
-    let result = stream(config, &sink, &metrics, &shutdown, &mut backoff, initial).await;
-    monitor.abort();
-    metrics.health().set_streaming(false);
+    let result = stream(
+        config,
+        &sink,
+        metrics,
+        shutdown,
+        &mut backoff,
+        initial,
+        held,
+    )
+    .await;
+    if metrics.health().role() != Role::Halted {
+        metrics.set_role(Role::Starting);
+    }
     tracing::info!(confirmed = %sink.confirmed(), "stopped");
     result
 }
@@ -244,7 +362,9 @@ async fn stream(
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
     initial: Option<InitialSnapshot>,
+    held: &mut Option<Held>,
 ) -> Result<(), RunError> {
+    let health = metrics.health();
     let mut known_topics = HashSet::new();
     if let Some(topic) = config.topic.fixed() {
         if !ensure_topic(sink, topic, metrics, shutdown).await? {
@@ -269,15 +389,29 @@ async fn stream(
             }
             Ok(exists)
         };
-        let publish = snapshot::publish(config, sink, metrics, initial, ensure);
+        // Active: this instance publishes, and holds the first-start lock.
+        metrics.set_role(Role::Active);
+        let publish = snapshot::publish(config, sink, metrics, &initial, ensure);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
                 tracing::warn!("stopped during the initial snapshot; the next start begins it again");
                 return Ok(());
             }
-            published = publish => { published?; }
+            // Each fetch is bounded by --request-timeout; sending waits for
+            // the broker on purpose.
+            published = beating(health, publish) => {
+                if let Err(e) = published {
+                    let e = RunError::from(e);
+                    if e.halt_reason().is_some() && !config.exit_on_halt {
+                        initial.end_transaction().await;
+                        *held = Some(Held::FirstStart(initial));
+                    }
+                    return Err(e);
+                }
+            }
         }
+        metrics.set_role(Role::Starting);
     }
     let mut standby_since: Option<tokio::time::Instant> = None;
     let mut holder = HolderWatch::default();
@@ -288,11 +422,11 @@ async fn stream(
             metrics,
             shutdown,
             known_topics: &mut known_topics,
+            held: &mut *held,
         };
         let started = tokio::time::Instant::now();
         let result = session.run().await;
         backoff.session_ended(started.elapsed());
-        metrics.health().set_streaming(false);
         let delay = match result {
             Ok(()) => return Ok(()),
             Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_MISSING) => {
@@ -308,13 +442,23 @@ async fn stream(
                     tracing::info!(slot = %config.slot, error = %e, "the slot is in use by another process; standing by");
                     standby_since = Some(tokio::time::Instant::now());
                 }
-                metrics.standby.set(1);
-                if let Err(e) = check_stale_holder(config, &mut holder).await {
+                // PostgreSQL answered, and the slot is there to take over.
+                metrics.set_role(Role::Standby);
+                if let Err(e) = beating(health, check_stale_holder(config, &mut holder)).await {
                     tracing::debug!(error = %e, "cannot check the slot's holder");
                 }
                 STANDBY_RETRY
             }
+            Err(RunError::Conn(e)) if e.sqlstate() == Some(NOT_IN_PREREQUISITE_STATE) => {
+                // An invalidated slot fails START this way: say so, with
+                // the way back, if that is what it is.
+                return Err(match slot_problem(config).await {
+                    Some(problem) => problem.into(),
+                    None => RunError::Conn(e),
+                });
+            }
             Err(e) if e.is_transient() => {
+                metrics.set_role(Role::Starting);
                 let delay = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
                 metrics.reconnects.with_label_values(&["postgres"]).inc();
@@ -322,10 +466,17 @@ async fn stream(
             }
             Err(e) => return Err(e),
         };
-        if sleep_or_shutdown(delay, shutdown).await {
+        if sleep_or_shutdown(delay, shutdown, health).await {
             return Ok(());
         }
     }
+}
+
+/// What is wrong with the slot, if anything, read on a metadata connection.
+async fn slot_problem(config: &RunConfig) -> Option<SlotProblem> {
+    let client = metadata::connect(&config.postgres).await.ok()?;
+    let state = slot::inspect(&client, &config.slot).await.ok()??;
+    state.problem(&config.slot, &config.postgres.dbname)
 }
 
 /// One look at the slot's holder from a standby (see [`HolderWatch`]), over
@@ -354,10 +505,21 @@ async fn check_stale_holder(
 /// initial snapshot waits for it instead of taking its marker for the trace
 /// of an interrupted start. The lock goes with the returned snapshot, and is
 /// released with the metadata connection otherwise.
-async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
+async fn prepare_source(
+    config: &RunConfig,
+    metrics: &Metrics,
+) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
     let client = metadata::connect(&config.postgres).await?;
     metadata::verify_source(&client, &config.publication, &config.table).await?;
-    snapshot::lock_first_start(&client, &config.slot).await?;
+    snapshot::lock_first_start(&client, &config.slot, |waiting| {
+        // Waiting for another instance's first start is standing by.
+        metrics.set_role(if waiting {
+            Role::Standby
+        } else {
+            Role::Starting
+        });
+    })
+    .await?;
     let marker = snapshot::marker_name(&config.slot);
     let interrupted = slot::inspect(&client, &marker).await?.is_some();
     let existing = slot::inspect(&client, &config.slot).await?;
@@ -415,14 +577,16 @@ async fn ensure_topic(
     shutdown: &CancellationToken,
 ) -> Result<bool, SinkError> {
     let mut backoff = Backoff { attempt: 0 };
+    let health = metrics.health();
     loop {
-        match sink.check_topic(topic, METADATA_TIMEOUT).await {
+        // Bounded by METADATA_TIMEOUT; the broker is waited for on purpose.
+        match beating(health, sink.check_topic(topic, METADATA_TIMEOUT)).await {
             Ok(()) => return Ok(true),
             Err(SinkError::Unreachable(e)) => {
                 metrics.health().set_broker_up(false);
                 metrics.reconnects.with_label_values(&["kafka"]).inc();
                 tracing::warn!(error = %e, "the Kafka cluster is not reachable yet; retrying");
-                if sleep_or_shutdown(backoff.next(), shutdown).await {
+                if sleep_or_shutdown(backoff.next(), shutdown, health).await {
                     return Ok(false);
                 }
             }
@@ -438,6 +602,8 @@ struct Session<'a> {
     metrics: &'a Metrics,
     shutdown: &'a CancellationToken,
     known_topics: &'a mut HashSet<String>,
+    /// Where the replication connection goes when the session halts.
+    held: &'a mut Option<Held>,
 }
 
 /// What the session loop does after a step.
@@ -448,11 +614,17 @@ enum Flow {
 
 impl Session<'_> {
     async fn run(mut self) -> Result<(), RunError> {
+        // Each step is bounded (connect_timeout, --request-timeout); a beat
+        // after each keeps the pulse within the stall limit.
+        let health = self.metrics.health();
         let mut repl = ReplicationConnection::connect(&self.config.postgres).await?;
+        health.beat();
         let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        health.beat();
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
+        health.beat();
         let publications = conn::quote_ident(&self.config.publication);
         let started = repl
             .start_logical(
@@ -466,14 +638,14 @@ impl Session<'_> {
         // (a standby that takes over would otherwise report the position it
         // read when it started, moving the slot back). Bounded, so that the
         // first status update still goes out before wal_sender_timeout.
+        health.beat();
         let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed())
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
         let mut stream = started.report(self.sink.feedback().clone(), interval);
-        self.metrics.health().set_streaming(true);
-        self.metrics.standby.set(0);
+        self.metrics.set_role(Role::Active);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
         let mut source = Source::new(self.config.table.clone(), self.config.topic.clone(), anchor);
@@ -487,6 +659,9 @@ impl Session<'_> {
                 // The next message; cancel-safe.
                 message = stream.next() => message,
             };
+            // A message at least every status interval from a live server
+            // (walrelay asks for keepalives), else a stall error.
+            health.beat();
             let step = match message.map(|m| source.step(m)) {
                 Ok(Ok(step)) => step,
                 Ok(Err(SourceError::Row {
@@ -510,7 +685,7 @@ impl Session<'_> {
                 Err(e) => break Err(e),
             }
         };
-        self.metrics.health().set_streaming(false);
+        self.metrics.set_role(Role::Starting);
         let advance = state.end(&mut self.sink.ledger());
         self.sink.observe(advance);
         // Nothing behind an event the broker refused may reach it before
@@ -532,18 +707,26 @@ impl Session<'_> {
             );
         }
         let confirmed = self.sink.confirmed();
+        let result = match (result, self.sink.failure()) {
+            // The refusal that names an event, if one came by now.
+            (Err(RunError::Publish(_) | RunError::Sink(SinkError::Publish(_))), Some(failure)) => {
+                Err(RunError::Publish(Box::new(failure)))
+            }
+            (result, _) => result,
+        };
+        if result.as_ref().is_err_and(|e| e.halt_reason().is_some()) && !self.config.exit_on_halt {
+            // Halting: the slot stays with this instance, confirmed up to
+            // here; the status updates go on.
+            tracing::info!(confirmed = %confirmed, "replication connection kept open while halted");
+            *self.held = Some(Held::Stream(stream));
+            return result;
+        }
         // Bounded: on a stalled network even the goodbye may not get through.
         let closed = tokio::time::timeout(CLOSE_TIMEOUT, stream.close())
             .await
             .unwrap_or(Ok(()));
         tracing::info!(confirmed = %confirmed, "replication connection closed");
-        match (result, self.sink.failure()) {
-            // The refusal that names an event, if one came by now.
-            (Err(RunError::Publish(_) | RunError::Sink(SinkError::Publish(_))), Some(failure)) => {
-                return Err(RunError::Publish(Box::new(failure)));
-            }
-            (result, _) => result?,
-        }
+        result?;
         closed.map_err(RunError::from)
     }
 
@@ -642,7 +825,7 @@ impl Session<'_> {
                 commit_lsn,
                 reason,
             };
-            tracing::error!(error = %row, "the slot is not confirmed past this row (--on-poison halt)");
+            // Logged once, as the halt.
             return Err(row.into());
         };
         let failure = PublishFailure::invalid_row(

@@ -358,7 +358,8 @@ fn log_refusal(failure: &PublishFailure, action: &Action) {
         ..
     } = failure;
     match action {
-        Action::Halt => tracing::error!(%aggregate, %seq_nr, %lsn, %topic, %reason,
+        // The halt that follows is the error line.
+        Action::Halt => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
             "event refused; halting, the slot is not confirmed past it"),
         Action::DeadLetter(_) => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
             "event refused; sending it to the dead-letter topic"),
@@ -566,6 +567,8 @@ impl Sink {
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     record = returned;
+                    // Waiting for the broker is on purpose: not a wedge.
+                    self.shared.metrics.health().beat();
                     // Room comes with each delivery report; the timeout covers
                     // a notification that raced with the check.
                     let _ = tokio::time::timeout(

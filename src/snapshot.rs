@@ -105,9 +105,12 @@ pub fn first_start_lock_key(slot: &str) -> i64 {
 /// Takes the session-level lock that serializes the first starts of `slot`
 /// on `client`, waiting as long as another instance holds it (cancel the
 /// future to stop waiting). Dropping the connection releases it.
+/// `waiting(true)` is called when the wait begins, `waiting(false)` when it
+/// ends.
 pub async fn lock_first_start(
     client: &crate::pg::metadata::Client,
     slot: &str,
+    waiting: impl Fn(bool),
 ) -> Result<(), MetadataError> {
     let key = first_start_lock_key(slot);
     let mut waited = false;
@@ -121,10 +124,12 @@ pub async fn lock_first_start(
         if !waited {
             tracing::info!(slot = %slot, "waiting for another instance's first start (its initial snapshot) to finish");
             waited = true;
+            waiting(true);
         }
         tokio::time::sleep(LOCK_RETRY).await;
     }
     if waited {
+        waiting(false);
         tracing::info!(slot = %slot, "the other instance's first start is over; looking at the slot again");
     }
     Ok(())
@@ -168,6 +173,15 @@ impl InitialSnapshot {
             consistent_point: created.consistent_point,
         })
     }
+
+    /// Ends the transaction that holds the snapshot, keeping the session
+    /// (and with it the first-start lock): a snapshot held open for hours
+    /// would keep every database's dead rows from being vacuumed.
+    pub async fn end_transaction(&self) {
+        if let Err(error) = self.client.batch_execute("ROLLBACK").await {
+            tracing::debug!(error = %error, "ending the snapshot's transaction");
+        }
+    }
 }
 
 /// Publishes every row of the table as of the snapshot, waits until all are
@@ -177,7 +191,7 @@ pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
     metrics: &Metrics,
-    snapshot: InitialSnapshot,
+    snapshot: &InitialSnapshot,
     mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, SinkError>,
 ) -> Result<u64, SnapshotError> {
     let InitialSnapshot {
@@ -185,7 +199,8 @@ pub async fn publish(
         name,
         consistent_point,
     } = snapshot;
-    let relation = describe_table(&client, config).await?;
+    let consistent_point = *consistent_point;
+    let relation = describe_table(client, config).await?;
     let layout = EventLayout::new(&relation, &config.topic).map_err(SourceError::from)?;
     let columns: Vec<String> = relation
         .columns
@@ -311,7 +326,9 @@ async fn poison_row(
         },
     ) = (&config.dead_letter_topic, &row)
     else {
-        tracing::error!(error = %row, "the initial snapshot stops at this row (--on-poison halt); the next start begins it again");
+        tracing::warn!(
+            "the initial snapshot stops at this row (--on-poison halt); the next start begins it again"
+        );
         return Err(row.into());
     };
     let failure = PublishFailure::invalid_row(

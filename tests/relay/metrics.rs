@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 use super::delivery::{current_lsn, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, http_get, metric, wait_for_metric};
+use crate::support::walrelay::{Walrelay, http_get, metric, metric_in, wait_for_metric};
 use crate::support::workload::write_mixed;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -52,13 +52,20 @@ async fn the_dashboard_metrics_follow_what_walrelay_does() {
     assert!(metric(metrics, "walrelay_published_bytes_total") > 0);
     // One writer of the lag: the slot's own position, read by the monitor,
     // labelled with the slot; it comes down once the slot is confirmed.
-    wait_for_metric(
-        metrics,
-        r#"walrelay_source_lag_bytes{slot="walrelay"}"#,
-        |lag| lag < 1024 * 1024,
-        WAIT,
-    )
-    .await;
+    // (Read every 5 s: absent until the first reading.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(metrics, "/metrics");
+        let lag = metric_in(&body, r#"walrelay_source_lag_bytes{slot="walrelay"}"#);
+        if lag.is_some_and(|lag| lag < 1024 * 1024) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag {lag:?}:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         metric(
             metrics,
