@@ -266,7 +266,6 @@ async fn halted(
     held: Option<Held>,
 ) -> RunError {
     let reason = error.halt_reason().unwrap_or("unknown");
-    metrics.halt(reason, &error.to_string());
     let keeps = match &held {
         Some(Held::Stream(_)) => "keeps the slot (its replication connection stays open)",
         Some(Held::FirstStart(_)) => "keeps the first-start lock of the initial snapshot",
@@ -274,9 +273,11 @@ async fn halted(
     };
     if config.exit_on_halt {
         tracing::error!(reason, error = %error, "halted; exiting with code 3 (--exit-on-halt)");
+        metrics.halt(reason, &error.to_string());
     } else {
         tracing::error!(reason, error = %error, keeps,
             "halted: fix the cause, then restart walrelay; until then it stays up, not ready, and exits with code 3 on SIGTERM");
+        metrics.halt(reason, &error.to_string());
         beating(metrics.health(), shutdown.cancelled()).await;
     }
     match held {

@@ -14,4 +14,5 @@ mod poison;
 mod recovery;
 mod replay;
 mod secrets;
+mod slot_loss;
 mod snapshot;

@@ -80,6 +80,7 @@ async fn a_row_that_is_not_json_halts_an_instance_that_stays_up_keeps_the_slot_a
     assert_eq!(status, 503);
     assert!(body.contains("halted: poison_row"), "{body}");
     assert_eq!(http_get(metrics, "/active").0, 503);
+    relay.wait_for_stderr("halted: fix the cause", WAIT).await;
     let logs = relay.stderr_text();
     let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 1, "{logs}");
