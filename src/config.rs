@@ -83,6 +83,42 @@ pub enum Command {
     /// Run everything locally for a first look: a throwaway PostgreSQL, an
     /// in-process Kafka mock, sample events, and what walrelay publishes.
     Demo(DemoArgs),
+    /// Probe a running walrelay's endpoint (a container HEALTHCHECK): exit 0
+    /// when it answers 200, 1 otherwise.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Flags of `walrelay healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The address walrelay serves its endpoint on (`--metrics-addr` of
+    /// `run`); a wildcard address (0.0.0.0) is probed on 127.0.0.1.
+    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value_t = default_metrics_addr().to_string())]
+    pub metrics_addr: String,
+    /// Which endpoint: healthz (liveness), readyz (readiness) or active.
+    #[arg(long, value_enum, default_value_t = crate::healthcheck::Probe::Healthz)]
+    pub probe: crate::healthcheck::Probe,
+    /// How long connecting, asking and reading the answer may take together.
+    #[arg(long, default_value = "3s")]
+    pub timeout: String,
+}
+
+impl HealthcheckArgs {
+    /// The address and the timeout.
+    pub fn validate(&self) -> Result<(SocketAddr, Duration), ConfigError> {
+        let addr = self.metrics_addr.parse().map_err(|_| {
+            invalid(
+                "metrics-addr",
+                format!(
+                    "{:?} is not an address like {}",
+                    self.metrics_addr,
+                    default_metrics_addr()
+                ),
+            )
+        })?;
+        let timeout = parse_duration("timeout", &self.timeout, Duration::from_millis(1))?;
+        Ok((addr, timeout))
+    }
 }
 
 /// Flags of `walrelay demo`.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod confirm;
 pub mod demo;
 pub mod event;
+pub mod healthcheck;
 pub mod kafka_properties;
 pub mod metrics;
 pub mod monitor;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use walrelay::config::{Cli, Command, LogFormat};
+use walrelay::config::{Cli, Command, HealthcheckArgs, LogFormat};
 use walrelay::service::{self, ServiceError};
 use walrelay::{check, demo, shutdown, tail};
 
@@ -27,6 +27,10 @@ const EXIT_HALT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A probe: no runtime, no logging set-up, one line out.
+    if let Command::Healthcheck(args) = &cli.command {
+        return healthcheck(args);
+    }
     init_tracing(cli.log_format);
     // `run` is one pipeline: one thread runs it, the socket it reads and the
     // timers it sets, so a message arriving wakes no other thread (librdkafka
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
                 ))),
             }
         }
+        Command::Healthcheck(args) => healthcheck(&args),
         Command::Demo(args) => {
             let addr = match args.validate() {
                 Ok(addr) => addr,
@@ -98,6 +103,27 @@ fn main() -> ExitCode {
             };
             let result = runtime.block_on(demo::run(addr, stop(), std::io::stdout()));
             exit(result.map_err(|e| (e.to_string(), EXIT_FAILURE)))
+        }
+    }
+}
+
+/// `walrelay healthcheck`: 0 when the endpoint answers 200, 1 otherwise
+/// (bad flags included: Docker reserves 2), printing the answer or why not.
+fn healthcheck(args: &HealthcheckArgs) -> ExitCode {
+    let result = args
+        .validate()
+        .map_err(|e| e.to_string())
+        .and_then(|(addr, timeout)| {
+            walrelay::healthcheck::check(addr, args.probe, timeout).map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(body) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("unhealthy: {why}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
