@@ -292,8 +292,15 @@ pub struct RunArgs {
     /// A librdkafka producer property, key=value, the value taken as is
     /// (repeatable). In the environment: WALRELAY_KAFKA_PROPERTY, one
     /// key=value per line; flags replace it.
+    /// A value `file:PATH` is read from PATH (a secret's file must be
+    /// private); `literal:` before a value keeps it as it stands.
     #[arg(long = "kafka-property")]
     pub kafka_property: Vec<PropertyArg>,
+    /// A file of librdkafka producer properties in Java properties format
+    /// (as Kafka's client.properties); --kafka-property wins over it. Must
+    /// be private (chmod 600) when it holds a secret.
+    #[arg(long, env = "WALRELAY_KAFKA_PROPERTIES_FILE")]
+    pub kafka_properties_file: Option<PathBuf>,
     /// Allow a --kafka-property that loads code into walrelay or runs a
     /// command (plugin.library.paths, sasl.kerberos.kinit.cmd,
     /// ssl.engine.location, ssl.providers), by name (repeatable).
@@ -389,6 +396,7 @@ struct FileConfig {
     topic: Option<String>,
     allow_aggregate_across_topics: Option<bool>,
     kafka_properties: Option<KafkaProperties>,
+    kafka_properties_file: Option<PathBuf>,
     allow_unsafe_kafka_properties: Option<Vec<String>>,
     metrics_addr: Option<String>,
     shutdown_timeout: Option<String>,
@@ -649,11 +657,18 @@ impl RunArgs {
             .or(file.kafka_brokers)
             .filter(|b| !b.trim().is_empty())
             .ok_or_else(|| invalid("kafka-brokers", "is required".into()))?;
-        let kafka_properties = kafka_properties(
+        let properties_file = self
+            .kafka_properties_file
+            .or(file.kafka_properties_file)
+            .map(|path| properties_file(&path, allow_readable))
+            .transpose()?;
+        let mut kafka_properties = kafka_properties(
             file.kafka_properties,
+            properties_file,
             &self.kafka_property,
             env(KAFKA_PROPERTY_ENV).as_deref(),
         )?;
+        kafka_properties.resolve(|key, value| property_value(key, value, allow_readable))?;
         let allowed_unsafe = if self.allow_unsafe_kafka_property.is_empty() {
             file.allow_unsafe_kafka_properties.unwrap_or_default()
         } else {
@@ -780,6 +795,17 @@ pub enum ConfigError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The file a `file:` property value names.
+    #[error("--kafka-property {key}: cannot read {path}: {source}")]
+    PropertyFile {
+        /// The property.
+        key: String,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The configuration file.
     #[error("--config {path}: {message}")]
     File {
@@ -847,10 +873,76 @@ impl SourceArgs {
 /// The environment variable of `--kafka-property`: one `key=value` per line.
 pub const KAFKA_PROPERTY_ENV: &str = "WALRELAY_KAFKA_PROPERTY";
 
-/// The producer properties: the file's, overridden by the flags' (or, when
-/// no flag is given, by the environment variable's lines).
+/// Reads a `--kafka-properties-file`; one that holds a secret must be
+/// private, unless `allow_readable`.
+fn properties_file(path: &Path, allow_readable: bool) -> Result<KafkaProperties, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+        setting: "kafka-properties-file",
+        path: path.display().to_string(),
+        source,
+    })?;
+    // Not quoted: it may hold a secret.
+    let text = String::from_utf8(text).map_err(|_| {
+        invalid(
+            "kafka-properties-file",
+            format!("{}: not UTF-8 text", path.display()),
+        )
+    })?;
+    let properties = KafkaProperties::parse_properties_file(&text)?;
+    if properties.holds_secret() {
+        check_private(
+            "kafka-properties-file",
+            path,
+            "a secret Kafka property",
+            allow_readable,
+        )?;
+    }
+    Ok(properties)
+}
+
+/// A property's value as given: `file:PATH` is the content of PATH (its
+/// trailing newline dropped; the file must be private when the property is
+/// a secret one), `literal:X` is X, anything else is itself (`None`).
+fn property_value(
+    key: &str,
+    value: &str,
+    allow_readable: bool,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(text) = value.strip_prefix(kafka_properties::LITERAL_PREFIX) {
+        return Ok(Some(text.to_owned()));
+    }
+    let Some(path) = value.strip_prefix(kafka_properties::FILE_PREFIX) else {
+        return Ok(None);
+    };
+    let path = Path::new(path);
+    let text = std::fs::read(path).map_err(|source| ConfigError::PropertyFile {
+        key: key.to_owned(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    if kafka_properties::is_secret(key) {
+        check_private(
+            "kafka-property",
+            path,
+            "a secret Kafka property's value",
+            allow_readable,
+        )?;
+    }
+    let text = String::from_utf8(text).map_err(|_| ConfigError::PropertyFile {
+        key: key.to_owned(),
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(Some(text.strip_suffix('\r').unwrap_or(text).to_owned()))
+}
+
+/// The producer properties: the configuration file's, overridden by the
+/// properties file's, overridden by the flags' (or, when no flag is given,
+/// by the environment variable's lines).
 fn kafka_properties(
     file: Option<KafkaProperties>,
+    properties_file: Option<KafkaProperties>,
     flags: &[PropertyArg],
     env: Option<&str>,
 ) -> Result<KafkaProperties, PropertyError> {
@@ -858,6 +950,7 @@ fn kafka_properties(
         .map(KafkaProperties::checked)
         .transpose()?
         .unwrap_or_default();
+    properties.extend(properties_file.unwrap_or_default());
     properties.extend(if flags.is_empty() {
         env.map(KafkaProperties::parse_lines)
             .transpose()?
@@ -1421,6 +1514,142 @@ shutdown_timeout = "45s"
         .concat())
         .unwrap_err();
         assert!(e.contains("not one of the properties"), "{e}");
+    }
+
+    #[test]
+    fn a_properties_file_is_read_as_javas_and_flags_win_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_with_mode(
+            dir.path(),
+            "client.properties",
+            &format!(
+                "# as for the Java client\nsecurity.protocol = SASL_SSL\nsasl.username: walrelay\n\
+                 sasl.password={SECRET}\nlinger.ms=50\n"
+            ),
+            0o600,
+        );
+        let toml = file_with_mode(
+            dir.path(),
+            "walrelay.toml",
+            &format!(
+                "kafka_properties_file = \"{}\"\n[kafka_properties]\n\"linger.ms\" = \"7\"\n\"compression.type\" = \"zstd\"\n",
+                file.display()
+            ),
+            0o644,
+        );
+        let c = run(&[
+            &MINIMAL[..],
+            &[
+                "--config",
+                toml.to_str().unwrap(),
+                "--kafka-property",
+                "sasl.username=flag",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        // The TOML's, then the properties file's, then the flags'.
+        assert_eq!(c.kafka_properties.get("compression.type"), Some("zstd"));
+        assert_eq!(c.kafka_properties.get("linger.ms"), Some("50"));
+        assert_eq!(
+            c.kafka_properties.get("security.protocol"),
+            Some("SASL_SSL")
+        );
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        assert_eq!(c.kafka_properties.get("sasl.username"), Some("flag"));
+        assert!(!format!("{c:?}").contains("pa;ss"));
+        // Holding a secret, it must be private.
+        let readable = file_with_mode(
+            dir.path(),
+            "readable.properties",
+            &format!("sasl.password={SECRET}\n"),
+            0o644,
+        );
+        let args = [
+            &MINIMAL[..],
+            &["--kafka-properties-file", readable.to_str().unwrap()],
+        ]
+        .concat();
+        let e = run(&args).unwrap_err();
+        assert!(
+            e.starts_with("--kafka-properties-file")
+                && e.contains("chmod 600")
+                && !e.contains("pa;ss"),
+            "{e}"
+        );
+        assert!(run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).is_ok());
+    }
+
+    #[test]
+    fn a_file_value_is_read_from_its_file_and_literal_keeps_a_value_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = file_with_mode(dir.path(), "kafka", &format!("{SECRET}\n"), 0o600);
+        let reference = format!("file:{}", secret.display());
+        let c = run(&[
+            &MINIMAL[..],
+            &[
+                "--kafka-property",
+                &format!("sasl.password={reference}"),
+                "--kafka-property",
+                "sasl.username=literal:file:not-a-path",
+                "--kafka-property",
+                "client.id=literal:literal:x",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        assert_eq!(
+            c.kafka_properties.get("sasl.username"),
+            Some("file:not-a-path")
+        );
+        assert_eq!(c.kafka_properties.get("client.id"), Some("literal:x"));
+        // From the environment and the TOML file too; a TOML file that only
+        // points at the secret may be read by anyone.
+        let c = run_with_env(&MINIMAL, Some(&format!("sasl.password={reference}"))).unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        let toml = file_with_mode(
+            dir.path(),
+            "walrelay.toml",
+            &format!("[kafka_properties]\n\"sasl.password\" = \"{reference}\"\n"),
+            0o644,
+        );
+        let c = run(&[&MINIMAL[..], &["--config", toml.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        // The secret's file must be private; a missing one is named.
+        let readable = file_with_mode(dir.path(), "readable", SECRET, 0o640);
+        let e = run(&[
+            &MINIMAL[..],
+            &[
+                "--kafka-property",
+                &format!("sasl.password=file:{}", readable.display()),
+            ],
+        ]
+        .concat())
+        .unwrap_err();
+        assert!(e.contains("chmod 600") && !e.contains("pa;ss"), "{e}");
+        // Not a secret's: any file will do.
+        let user = file_with_mode(dir.path(), "user", "walrelay\n", 0o644);
+        let c = run(&[
+            &MINIMAL[..],
+            &[
+                "--kafka-property",
+                &format!("sasl.username=file:{}", user.display()),
+            ],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.username"), Some("walrelay"));
+        let e = run(&[
+            &MINIMAL[..],
+            &["--kafka-property", "sasl.password=file:/nonexistent/x"],
+        ]
+        .concat())
+        .unwrap_err();
+        assert!(
+            e.contains("--kafka-property sasl.password: cannot read /nonexistent/x"),
+            "{e}"
+        );
     }
 
     #[test]
