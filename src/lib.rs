@@ -9,6 +9,7 @@ pub mod demo;
 pub mod event;
 pub mod healthcheck;
 pub mod kafka_properties;
+pub mod logging;
 pub mod metrics;
 pub mod monitor;
 pub mod pg;

@@ -1,11 +1,10 @@
 //! The `walrelay` command: parses the configuration, sets up logging and the
 //! runtime, and hands over to the library.
-use std::io::{BufWriter, IsTerminal};
+use std::io::BufWriter;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use walrelay::config::{Cli, Command, HealthcheckArgs, LogFormat};
+use walrelay::config::{Cli, Command, HealthcheckArgs};
 use walrelay::service::{self, ServiceError};
 use walrelay::{check, demo, shutdown, tail};
 
@@ -31,7 +30,7 @@ fn main() -> ExitCode {
     if let Command::Healthcheck(args) = &cli.command {
         return healthcheck(args);
     }
-    init_tracing(cli.log_format);
+    let log = walrelay::logging::init(cli.log_format);
     // `run` is one pipeline: one thread runs it, the socket it reads and the
     // timers it sets, so a message arriving wakes no other thread (librdkafka
     // has its own; blocking producer calls go to tokio's blocking pool). The
@@ -62,10 +61,14 @@ fn main() -> ExitCode {
             exit(result.map_err(|e| (e.to_string(), EXIT_FAILURE)))
         }
         Command::Run(args) => {
+            if let Some(slot) = &args.slot {
+                log.set_slot(slot);
+            }
             let config = match args.validate() {
                 Ok(config) => config,
                 Err(error) => return config_error(&error),
             };
+            log.set_slot(&config.slot);
             let result = runtime.block_on(service::run(config, stop()));
             match result {
                 // Said once, when it halted.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(error) => return config_error(&error),
             };
+            log.set_slot(&config.slot);
             let findings = runtime.block_on(check::findings(&config));
             match check::report(&findings, &mut std::io::stdout().lock()) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         }
         Command::Healthcheck(args) => healthcheck(&args),
         Command::Demo(args) => {
+            log.set_slot(walrelay::config::DEFAULT_SLOT);
             let addr = match args.validate() {
                 Ok(addr) => addr,
                 Err(error) => return config_error(&error),
@@ -146,18 +151,5 @@ fn exit(result: Result<(), (String, u8)>) -> ExitCode {
             tracing::error!("{message}");
             ExitCode::from(code)
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WALRELAY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

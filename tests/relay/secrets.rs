@@ -252,3 +252,80 @@ async fn tls_weakening_properties_are_warned_about_and_reported_by_check() {
         .await;
     assert_hidden(&w.stderr_text(), "run");
 }
+
+#[tokio::test]
+async fn json_logs_are_flat_with_slot_and_version_and_never_show_a_secret_from_a_file() {
+    use crate::support::kafka::Kafka;
+    use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    let dir = tempfile::tempdir().unwrap();
+    // The secret in a file of its own, named from Kafka's client format.
+    let secret = private_file(dir.path(), "kafka-password", &format!("{SECRET}\n"), 0o600);
+    let properties = private_file(
+        dir.path(),
+        "client.properties",
+        &format!(
+            "# the Java client's file\nsasl.username: walrelay\nsasl.password=file:{}\n",
+            secret.display()
+        ),
+        0o644,
+    );
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let mut relay = Walrelay::spawn(
+        &[
+            "--log-format",
+            "json",
+            "run",
+            "--postgres-url",
+            &url,
+            "--kafka-brokers",
+            &kafka.bootstrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--slot",
+            "orders",
+            "--kafka-properties-file",
+            properties.to_str().unwrap(),
+        ],
+        &[],
+    );
+    relay
+        .wait_for_stderr("\"message\":\"streaming\"", WAIT)
+        .await;
+    assert_eq!(
+        relay
+            .stop_with(nix::sys::signal::Signal::SIGTERM)
+            .await
+            .code(),
+        Some(0)
+    );
+    let logs = relay.stderr_text();
+    assert_hidden(&logs, "JSON logs");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(lines.len() > 3, "{logs}");
+    for line in &lines {
+        assert_eq!(line["slot"], "orders", "{line}");
+        assert_eq!(line["version"], env!("CARGO_PKG_VERSION"), "{line}");
+        assert!(
+            line["message"].is_string() && line.get("fields").is_none(),
+            "{line}"
+        );
+    }
+    // Fields at the top level: the start line's, and the warning that SASL
+    // credentials go without TLS (the password came from its file).
+    let starting = lines.iter().find(|l| l["message"] == "starting").unwrap();
+    assert_eq!(starting["topic"], "events");
+    assert!(starting["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .unwrap()
+                .contains("security.protocol=plaintext")),
+        "{logs}"
+    );
+}
