@@ -106,16 +106,7 @@ pub struct HealthcheckArgs {
 impl HealthcheckArgs {
     /// The address and the timeout.
     pub fn validate(&self) -> Result<(SocketAddr, Duration), ConfigError> {
-        let addr = self.metrics_addr.parse().map_err(|_| {
-            invalid(
-                "metrics-addr",
-                format!(
-                    "{:?} is not an address like {}",
-                    self.metrics_addr,
-                    default_metrics_addr()
-                ),
-            )
-        })?;
+        let addr = metrics_addr(&self.metrics_addr)?;
         let timeout = parse_duration("timeout", &self.timeout, Duration::from_millis(1))?;
         Ok((addr, timeout))
     }
@@ -132,17 +123,18 @@ pub struct DemoArgs {
 impl DemoArgs {
     /// The metrics address.
     pub fn validate(&self) -> Result<SocketAddr, ConfigError> {
-        self.metrics_addr.parse().map_err(|_| {
-            invalid(
-                "metrics-addr",
-                format!(
-                    "{:?} is not an address like {}",
-                    self.metrics_addr,
-                    default_metrics_addr()
-                ),
-            )
-        })
+        metrics_addr(&self.metrics_addr)
     }
+}
+
+/// `--metrics-addr`, parsed.
+fn metrics_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            "metrics-addr",
+            format!("{text:?} is not an address like {}", default_metrics_addr()),
+        )
+    })
 }
 
 /// A PostgreSQL URL as given. Its `Debug` shows it with the password hidden.
@@ -1558,26 +1550,7 @@ shutdown_timeout = "45s"
         assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
         assert_eq!(c.kafka_properties.get("sasl.username"), Some("flag"));
         assert!(!format!("{c:?}").contains("pa;ss"));
-        // Holding a secret, it must be private.
-        let readable = file_with_mode(
-            dir.path(),
-            "readable.properties",
-            &format!("sasl.password={SECRET}\n"),
-            0o644,
-        );
-        let args = [
-            &MINIMAL[..],
-            &["--kafka-properties-file", readable.to_str().unwrap()],
-        ]
-        .concat();
-        let e = run(&args).unwrap_err();
-        assert!(
-            e.starts_with("--kafka-properties-file")
-                && e.contains("chmod 600")
-                && !e.contains("pa;ss"),
-            "{e}"
-        );
-        assert!(run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).is_ok());
+        // Holding a secret, it must be private: see files_holding_a_secret_must_be_private.
     }
 
     #[test]
@@ -1618,34 +1591,14 @@ shutdown_timeout = "45s"
         assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
         // The secret's file must be private; a missing one is named.
         let readable = file_with_mode(dir.path(), "readable", SECRET, 0o640);
-        let e = run(&[
-            &MINIMAL[..],
-            &[
-                "--kafka-property",
-                &format!("sasl.password=file:{}", readable.display()),
-            ],
-        ]
-        .concat())
-        .unwrap_err();
+        let with = |property: &str| run(&[&MINIMAL[..], &["--kafka-property", property]].concat());
+        let e = with(&format!("sasl.password=file:{}", readable.display())).unwrap_err();
         assert!(e.contains("chmod 600") && !e.contains("pa;ss"), "{e}");
         // Not a secret's: any file will do.
         let user = file_with_mode(dir.path(), "user", "walrelay\n", 0o644);
-        let c = run(&[
-            &MINIMAL[..],
-            &[
-                "--kafka-property",
-                &format!("sasl.username=file:{}", user.display()),
-            ],
-        ]
-        .concat())
-        .unwrap();
+        let c = with(&format!("sasl.username=file:{}", user.display())).unwrap();
         assert_eq!(c.kafka_properties.get("sasl.username"), Some("walrelay"));
-        let e = run(&[
-            &MINIMAL[..],
-            &["--kafka-property", "sasl.password=file:/nonexistent/x"],
-        ]
-        .concat())
-        .unwrap_err();
+        let e = with("sasl.password=file:/nonexistent/x").unwrap_err();
         assert!(
             e.contains("--kafka-property sasl.password: cannot read /nonexistent/x"),
             "{e}"
@@ -1656,18 +1609,33 @@ shutdown_timeout = "45s"
     fn files_holding_a_secret_must_be_private() {
         let dir = tempfile::tempdir().unwrap();
         let password = file_with_mode(dir.path(), "pw", SECRET, 0o640);
-        let args = [
-            &MINIMAL[..],
-            &["--postgres-password-file", password.to_str().unwrap()],
-        ]
-        .concat();
-        let e = run(&args).unwrap_err();
-        assert!(
-            e.contains("chmod 600") && e.contains("0640") && !e.contains("pa;ss"),
-            "{e}"
+        let properties = file_with_mode(
+            dir.path(),
+            "client.properties",
+            &format!("sasl.password={SECRET}\n"),
+            0o640,
         );
-        let allowed = run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).unwrap();
-        assert_eq!(allowed.postgres.password(), Some(SECRET));
+        for (flag, file) in [
+            ("--postgres-password-file", &password),
+            ("--kafka-properties-file", &properties),
+        ] {
+            let args = [&MINIMAL[..], &[flag, file.to_str().unwrap()]].concat();
+            let e = run(&args).unwrap_err();
+            assert!(
+                e.starts_with(flag)
+                    && e.contains("chmod 600")
+                    && e.contains("0640")
+                    && !e.contains("pa;ss"),
+                "{e}"
+            );
+            let allowed = run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).unwrap();
+            let password = allowed.postgres.password();
+            let property = allowed.kafka_properties.get("sasl.password");
+            assert!(
+                password == Some(SECRET) || property == Some(SECRET),
+                "{flag}"
+            );
+        }
 
         let with_password = file_with_mode(
             dir.path(),

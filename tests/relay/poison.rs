@@ -37,6 +37,17 @@ fn slot_refusals(pg: &PgServer) -> usize {
         .count()
 }
 
+/// Waits until the instance at `addr` halted on a poison row.
+async fn halted_on_a_poison_row(addr: std::net::SocketAddr) {
+    wait_for_metric(
+        addr,
+        r#"walrelay_halted{reason="poison_row"}"#,
+        |v| v == 1,
+        WAIT,
+    )
+    .await;
+}
+
 /// The PID of the walsender that holds the slot, if any.
 async fn slot_holder(pg: &PgServer) -> String {
     pg.psql("SELECT coalesce(active_pid::text, '') FROM pg_replication_slots WHERE slot_name = 'walrelay'")
@@ -65,13 +76,7 @@ async fn a_row_that_is_not_json_halts_an_instance_that_stays_up_keeps_the_slot_a
 
     // Halted: up, live, not ready, not active, the reason exported, and one
     // error line saying why.
-    wait_for_metric(
-        metrics,
-        r#"walrelay_halted{reason="poison_row"}"#,
-        |v| v == 1,
-        WAIT,
-    )
-    .await;
+    halted_on_a_poison_row(metrics).await;
     assert!(relay.exited().is_none(), "{}", relay.stderr_text());
     assert_eq!(metric(metrics, "walrelay_halted"), 1);
     assert_eq!(metric(metrics, "walrelay_active"), 0);
@@ -119,13 +124,7 @@ async fn a_row_that_is_not_json_halts_an_instance_that_stays_up_keeps_the_slot_a
     // SIGTERM ends it at once with the halt's code; the standby then takes
     // the slot and meets the same row.
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(3));
-    wait_for_metric(
-        standby_addr,
-        r#"walrelay_halted{reason="poison_row"}"#,
-        |v| v == 1,
-        WAIT,
-    )
-    .await;
+    halted_on_a_poison_row(standby_addr).await;
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(3));
 
     // With --exit-on-halt, it exits with the halt's code by itself.
