@@ -54,9 +54,11 @@ async fn help_never_prints_a_secret_from_the_environment() {
     for args in [
         &["--help"][..],
         &["run", "--help"],
+        &["run", "-h"],
         &["check", "--help"],
         &["tail", "--help"],
         &["demo", "--help"],
+        &["healthcheck", "--help"],
     ] {
         let (code, printed) = run_to_end(args, &env).await;
         assert_eq!(code, Some(0), "{args:?}:\n{printed}");
@@ -328,4 +330,47 @@ async fn json_logs_are_flat_with_slot_and_version_and_never_show_a_secret_from_a
                 .contains("security.protocol=plaintext")),
         "{logs}"
     );
+}
+
+#[tokio::test]
+async fn librdkafka_debug_logs_of_the_configuration_never_show_a_secret_property() {
+    use crate::support::kafka::Kafka;
+    use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    // librdkafka's `debug=conf` logs every property set, at debug level.
+    let password = format!("sasl.password={SECRET}");
+    let mut relay = Walrelay::spawn(
+        &[
+            "run",
+            "--postgres-url",
+            &url,
+            "--kafka-brokers",
+            &kafka.bootstrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--kafka-property",
+            &password,
+            "--kafka-property",
+            "debug=conf",
+        ],
+        &[("WALRELAY_LOG", "debug")],
+    );
+    relay.wait_for_stderr("streaming", WAIT).await;
+    assert_eq!(
+        relay
+            .stop_with(nix::sys::signal::Signal::SIGTERM)
+            .await
+            .code(),
+        Some(0)
+    );
+    let logs = relay.stderr_text();
+    // The dump was logged, the property named in it, its value not.
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("sasl.password") && l.contains("redacted")),
+        "{logs}"
+    );
+    assert_hidden(&logs, "debug logs");
 }
