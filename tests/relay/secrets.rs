@@ -43,6 +43,37 @@ async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String
     (status.code(), printed)
 }
 
+/// Runs `walrelay [GLOBAL] run` against a fresh PostgreSQL and Kafka with
+/// `args` and `env` until it logs a line holding `streaming`, stops it with
+/// SIGTERM (it must exit 0), and returns its logs.
+async fn logs_of_a_run(
+    global: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    streaming: &str,
+) -> String {
+    use crate::support::kafka::Kafka;
+    use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let brokers = kafka.bootstrap();
+    let run = [
+        "run",
+        "--postgres-url",
+        &url,
+        "--kafka-brokers",
+        &brokers,
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    let mut relay = Walrelay::spawn(&[global, &run[..], args].concat(), env);
+    relay.wait_for_stderr(streaming, WAIT).await;
+    let status = relay.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    assert_eq!(status.code(), Some(0), "{}", relay.stderr_text());
+    relay.stderr_text()
+}
+
 #[tokio::test]
 async fn help_never_prints_a_secret_from_the_environment() {
     let url = format!("postgres://walrelay:{}@db/app", "hunter2%3B");
@@ -257,10 +288,6 @@ async fn tls_weakening_properties_are_warned_about_and_reported_by_check() {
 
 #[tokio::test]
 async fn json_logs_are_flat_with_slot_and_version_and_never_show_a_secret_from_a_file() {
-    use crate::support::kafka::Kafka;
-    use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-    let pg = PgServer::start_default().await;
-    let kafka = Kafka::start(1, 1);
     let dir = tempfile::tempdir().unwrap();
     // The secret in a file of its own, named from Kafka's client format.
     let secret = private_file(dir.path(), "kafka-password", &format!("{SECRET}\n"), 0o600);
@@ -273,36 +300,18 @@ async fn json_logs_are_flat_with_slot_and_version_and_never_show_a_secret_from_a
         ),
         0o644,
     );
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
-    let mut relay = Walrelay::spawn(
+    let logs = logs_of_a_run(
+        &["--log-format", "json"],
         &[
-            "--log-format",
-            "json",
-            "run",
-            "--postgres-url",
-            &url,
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
             "--slot",
             "orders",
             "--kafka-properties-file",
             properties.to_str().unwrap(),
         ],
         &[],
-    );
-    relay
-        .wait_for_stderr("\"message\":\"streaming\"", WAIT)
-        .await;
-    assert_eq!(
-        relay
-            .stop_with(nix::sys::signal::Signal::SIGTERM)
-            .await
-            .code(),
-        Some(0)
-    );
-    let logs = relay.stderr_text();
+        "\"message\":\"streaming\"",
+    )
+    .await;
     assert_hidden(&logs, "JSON logs");
     let lines: Vec<serde_json::Value> = logs
         .lines()
@@ -334,38 +343,20 @@ async fn json_logs_are_flat_with_slot_and_version_and_never_show_a_secret_from_a
 
 #[tokio::test]
 async fn librdkafka_debug_logs_of_the_configuration_never_show_a_secret_property() {
-    use crate::support::kafka::Kafka;
-    use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-    let pg = PgServer::start_default().await;
-    let kafka = Kafka::start(1, 1);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
     // librdkafka's `debug=conf` logs every property set, at debug level.
     let password = format!("sasl.password={SECRET}");
-    let mut relay = Walrelay::spawn(
+    let logs = logs_of_a_run(
+        &[],
         &[
-            "run",
-            "--postgres-url",
-            &url,
-            "--kafka-brokers",
-            &kafka.bootstrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
             "--kafka-property",
             &password,
             "--kafka-property",
             "debug=conf",
         ],
         &[("WALRELAY_LOG", "debug")],
-    );
-    relay.wait_for_stderr("streaming", WAIT).await;
-    assert_eq!(
-        relay
-            .stop_with(nix::sys::signal::Signal::SIGTERM)
-            .await
-            .code(),
-        Some(0)
-    );
-    let logs = relay.stderr_text();
+        "streaming",
+    )
+    .await;
     // The dump was logged, the property named in it, its value not.
     assert!(
         logs.lines()
