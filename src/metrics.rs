@@ -289,23 +289,17 @@ impl Health {
 
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        match self.role() {
-            Role::Halted => {
-                let why = self
-                    .halt
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                return Some(format!("halted: {}", why.unwrap_or_default()));
-            }
-            Role::Starting => {
-                return Some(
-                    "neither streaming nor standing by: connecting to PostgreSQL or checking the slot"
-                        .to_owned(),
-                );
-            }
-            Role::Active | Role::Standby => {}
+        let role = self.role();
+        if role == Role::Halted {
+            let why = self
+                .halt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            return Some(format!("halted: {}", why.unwrap_or_default()));
         }
+        // A stuck request is named in every other role: starting included,
+        // where the start-up checks are what gets stuck.
         let timeout = Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed));
         if let Some((request, waited)) = self.requests.longest() {
             if waited >= timeout / 2 {
@@ -316,10 +310,16 @@ impl Health {
                 ));
             }
         }
+        if role == Role::Starting {
+            return Some(
+                "neither streaming nor standing by: connecting to PostgreSQL or checking the slot"
+                    .to_owned(),
+            );
+        }
         // A standby's producer sends nothing, so nothing would tell it that
         // an outage ended: the broker counts for the active instance only
         // (a standby found the topic before it stood by).
-        if self.role() == Role::Active && !self.broker_up.load(Ordering::Relaxed) {
+        if role == Role::Active && !self.broker_up.load(Ordering::Relaxed) {
             return Some("the Kafka broker is not reachable".to_owned());
         }
         None
@@ -1234,6 +1234,11 @@ mod tests {
             reason.contains("has not answered `SELECT pg_sleep(3600)`"),
             "{reason}"
         );
+        // Named while starting too, where the start-up checks get stuck.
+        m.set_role(Role::Starting);
+        let reason = h.not_ready_reason().unwrap();
+        assert!(reason.contains("has not answered"), "{reason}");
+        m.set_role(Role::Active);
         // Abandoned at the timeout: ready again.
         assert!(stuck.await.is_err());
         assert_eq!(h.not_ready_reason(), None);
