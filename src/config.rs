@@ -32,11 +32,13 @@ pub const DEFAULT_TABLE: &str = "public.events";
 pub const DEFAULT_TOPIC: &str = "events";
 /// The default replication slot.
 pub const DEFAULT_SLOT: &str = "walrelay";
-/// The metrics endpoint's port unless `--metrics-addr` names another.
-pub const DEFAULT_METRICS_PORT: u16 = 9187;
+/// The metrics endpoint's port unless `--metrics-addr` names another: one
+/// marked free in the Prometheus wiki's list of exporter ports (9187, used
+/// before, is postgres_exporter's, which often runs on the same host).
+pub const DEFAULT_METRICS_PORT: u16 = 9643;
 
 /// The default metrics address: the loopback interface only, so that nothing
-/// is exposed unless asked for (`--metrics-addr 0.0.0.0:9187`).
+/// is exposed unless asked for (`--metrics-addr 0.0.0.0:9643`).
 pub fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_METRICS_PORT))
 }
@@ -84,6 +86,33 @@ pub enum Command {
     /// Run everything locally for a first look: a throwaway PostgreSQL, an
     /// in-process Kafka mock, sample events, and what walrelay publishes.
     Demo(DemoArgs),
+    /// Probe a running walrelay's endpoint (a container HEALTHCHECK): exit 0
+    /// when it answers 200, 1 otherwise.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Flags of `walrelay healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The address walrelay serves its endpoint on (`--metrics-addr` of
+    /// `run`); a wildcard address (0.0.0.0) is probed on 127.0.0.1.
+    #[arg(long, env = "WALRELAY_METRICS_ADDR", default_value_t = default_metrics_addr().to_string())]
+    pub metrics_addr: String,
+    /// Which endpoint: healthz (liveness), readyz (readiness) or active.
+    #[arg(long, value_enum, default_value_t = crate::healthcheck::Probe::Healthz)]
+    pub probe: crate::healthcheck::Probe,
+    /// How long connecting, asking and reading the answer may take together.
+    #[arg(long, default_value = "3s")]
+    pub timeout: String,
+}
+
+impl HealthcheckArgs {
+    /// The address and the timeout.
+    pub fn validate(&self) -> Result<(SocketAddr, Duration), ConfigError> {
+        let addr = metrics_addr(&self.metrics_addr)?;
+        let timeout = parse_duration("timeout", &self.timeout, Duration::from_millis(1))?;
+        Ok((addr, timeout))
+    }
 }
 
 /// Flags of `walrelay demo`.
@@ -97,17 +126,18 @@ pub struct DemoArgs {
 impl DemoArgs {
     /// The metrics address.
     pub fn validate(&self) -> Result<SocketAddr, ConfigError> {
-        self.metrics_addr.parse().map_err(|_| {
-            invalid(
-                "metrics-addr",
-                format!(
-                    "{:?} is not an address like {}",
-                    self.metrics_addr,
-                    default_metrics_addr()
-                ),
-            )
-        })
+        metrics_addr(&self.metrics_addr)
     }
+}
+
+/// `--metrics-addr`, parsed.
+fn metrics_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            "metrics-addr",
+            format!("{text:?} is not an address like {}", default_metrics_addr()),
+        )
+    })
 }
 
 /// A PostgreSQL URL as given. Its `Debug` shows it with the password hidden.
@@ -354,8 +384,15 @@ pub struct RunArgs {
     /// A librdkafka producer property, key=value, the value taken as is
     /// (repeatable). In the environment: WALRELAY_KAFKA_PROPERTY, one
     /// key=value per line; flags replace it.
+    /// A value `file:PATH` is read from PATH (a secret's file must be
+    /// private); `literal:` before a value keeps it as it stands.
     #[arg(long = "kafka-property")]
     pub kafka_property: Vec<PropertyArg>,
+    /// A file of librdkafka producer properties in Java properties format
+    /// (as Kafka's client.properties); --kafka-property wins over it. Must
+    /// be private (chmod 600) when it holds a secret.
+    #[arg(long, env = "WALRELAY_KAFKA_PROPERTIES_FILE")]
+    pub kafka_properties_file: Option<PathBuf>,
     /// Allow a --kafka-property that loads code into walrelay or runs a
     /// command (plugin.library.paths, sasl.kerberos.kinit.cmd,
     /// ssl.engine.location, ssl.providers), by name (repeatable).
@@ -365,8 +402,8 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub allow_unsafe_kafka_property: Vec<String>,
-    /// Address of the /metrics, /healthz and /readyz endpoint; 0.0.0.0:9187
-    /// listens on every interface [default: 127.0.0.1:9187].
+    /// Address of the /metrics, /healthz and /readyz endpoint; 0.0.0.0:9643
+    /// listens on every interface [default: 127.0.0.1:9643].
     #[arg(long, env = "WALRELAY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// How long SIGTERM waits for outstanding acknowledgements [default: 30s].
@@ -424,6 +461,11 @@ pub struct RunArgs {
     /// server; a later promotion makes it stale by itself.
     #[arg(long, env = "WALRELAY_NEW_SLOT_ON_TIMELINE")]
     pub new_slot_on_timeline: Option<u32>,
+    /// On a halt (a poison row, a refused event, an unexpected change, an
+    /// invalidated or vanished slot), exit with code 3 at once instead of
+    /// staying up, not ready, until stopped [default: false].
+    #[arg(long, env = "WALRELAY_EXIT_ON_HALT", num_args = 0..=1, default_missing_value = "true")]
+    pub exit_on_halt: Option<bool>,
 }
 
 /// Whether the slot is a failover slot (PostgreSQL 17+).
@@ -496,6 +538,7 @@ struct FileConfig {
     cloudevents_source: Option<String>,
     cloudevents_content_type: Option<String>,
     kafka_properties: Option<KafkaProperties>,
+    kafka_properties_file: Option<PathBuf>,
     allow_unsafe_kafka_properties: Option<Vec<String>>,
     metrics_addr: Option<String>,
     shutdown_timeout: Option<String>,
@@ -510,6 +553,7 @@ struct FileConfig {
     failover_slot: Option<FailoverSlot>,
     standby_url: Option<PostgresUrl>,
     new_slot_on_timeline: Option<u32>,
+    exit_on_halt: Option<bool>,
 }
 
 impl FileConfig {
@@ -948,6 +992,8 @@ pub struct RunConfig {
     pub standby: Option<ConnectParams>,
     /// The timeline, above 1, on which a missing slot may be created.
     pub new_slot_on_timeline: Option<u32>,
+    /// Whether a halt exits (code 3) rather than staying up, not ready.
+    pub exit_on_halt: bool,
 }
 
 impl RunArgs {
@@ -1009,11 +1055,18 @@ impl RunArgs {
             .or(file.kafka_brokers)
             .filter(|b| !b.trim().is_empty())
             .ok_or_else(|| invalid("kafka-brokers", "is required".into()))?;
-        let kafka_properties = kafka_properties(
+        let properties_file = self
+            .kafka_properties_file
+            .or(file.kafka_properties_file)
+            .map(|path| properties_file(&path, allow_readable))
+            .transpose()?;
+        let mut kafka_properties = kafka_properties(
             file.kafka_properties,
+            properties_file,
             &self.kafka_property,
             env(KAFKA_PROPERTY_ENV).as_deref(),
         )?;
+        kafka_properties.resolve(|key, value| property_value(key, value, allow_readable))?;
         let allowed_unsafe = if self.allow_unsafe_kafka_property.is_empty() {
             file.allow_unsafe_kafka_properties.unwrap_or_default()
         } else {
@@ -1102,6 +1155,7 @@ impl RunArgs {
                 .unwrap_or(FailoverSlot::Auto),
             standby,
             new_slot_on_timeline: self.new_slot_on_timeline.or(file.new_slot_on_timeline),
+            exit_on_halt: self.exit_on_halt.or(file.exit_on_halt).unwrap_or(false),
             take_over_stale_slot: self
                 .take_over_stale_slot
                 .or(file.take_over_stale_slot)
@@ -1137,7 +1191,7 @@ impl RunArgs {
                 Some(text) => text.parse().map_err(|_| {
                     invalid(
                         "metrics-addr",
-                        format!("{text:?} is not an address like 0.0.0.0:9187"),
+                        format!("{text:?} is not an address like 0.0.0.0:9643"),
                     )
                 })?,
             },
@@ -1188,6 +1242,17 @@ pub enum ConfigError {
         secret: &'static str,
         /// Its permission bits.
         mode: u32,
+    },
+    /// The file a `file:` property value names.
+    #[error("--kafka-property {key}: cannot read {path}: {source}")]
+    PropertyFile {
+        /// The property.
+        key: String,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The configuration file.
     #[error("--config {path}: {message}")]
@@ -1273,10 +1338,76 @@ fn standby_params(
 /// The environment variable of `--kafka-property`: one `key=value` per line.
 pub const KAFKA_PROPERTY_ENV: &str = "WALRELAY_KAFKA_PROPERTY";
 
-/// The producer properties: the file's, overridden by the flags' (or, when
-/// no flag is given, by the environment variable's lines).
+/// Reads a `--kafka-properties-file`; one that holds a secret must be
+/// private, unless `allow_readable`.
+fn properties_file(path: &Path, allow_readable: bool) -> Result<KafkaProperties, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+        setting: "kafka-properties-file",
+        path: path.display().to_string(),
+        source,
+    })?;
+    // Not quoted: it may hold a secret.
+    let text = String::from_utf8(text).map_err(|_| {
+        invalid(
+            "kafka-properties-file",
+            format!("{}: not UTF-8 text", path.display()),
+        )
+    })?;
+    let properties = KafkaProperties::parse_properties_file(&text)?;
+    if properties.holds_secret() {
+        check_private(
+            "kafka-properties-file",
+            path,
+            "a secret Kafka property",
+            allow_readable,
+        )?;
+    }
+    Ok(properties)
+}
+
+/// A property's value as given: `file:PATH` is the content of PATH (its
+/// trailing newline dropped; the file must be private when the property is
+/// a secret one), `literal:X` is X, anything else is itself (`None`).
+fn property_value(
+    key: &str,
+    value: &str,
+    allow_readable: bool,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(text) = value.strip_prefix(kafka_properties::LITERAL_PREFIX) {
+        return Ok(Some(text.to_owned()));
+    }
+    let Some(path) = value.strip_prefix(kafka_properties::FILE_PREFIX) else {
+        return Ok(None);
+    };
+    let path = Path::new(path);
+    let text = std::fs::read(path).map_err(|source| ConfigError::PropertyFile {
+        key: key.to_owned(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    if kafka_properties::is_secret(key) {
+        check_private(
+            "kafka-property",
+            path,
+            "a secret Kafka property's value",
+            allow_readable,
+        )?;
+    }
+    let text = String::from_utf8(text).map_err(|_| ConfigError::PropertyFile {
+        key: key.to_owned(),
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(Some(text.strip_suffix('\r').unwrap_or(text).to_owned()))
+}
+
+/// The producer properties: the configuration file's, overridden by the
+/// properties file's, overridden by the flags' (or, when no flag is given,
+/// by the environment variable's lines).
 fn kafka_properties(
     file: Option<KafkaProperties>,
+    properties_file: Option<KafkaProperties>,
     flags: &[PropertyArg],
     env: Option<&str>,
 ) -> Result<KafkaProperties, PropertyError> {
@@ -1284,6 +1415,7 @@ fn kafka_properties(
         .map(KafkaProperties::checked)
         .transpose()?
         .unwrap_or_default();
+    properties.extend(properties_file.unwrap_or_default());
     properties.extend(if flags.is_empty() {
         env.map(KafkaProperties::parse_lines)
             .transpose()?
@@ -1408,7 +1540,7 @@ mod tests {
         assert_eq!(c.mapping.topic.to_string(), "events");
         assert!(c.create_slot);
         // Loopback only unless told otherwise.
-        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9187");
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9643");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(c.kafka_properties.is_empty());
     }
@@ -2070,21 +2202,133 @@ shutdown_timeout = "45s"
     }
 
     #[test]
+    fn a_properties_file_is_read_as_javas_and_flags_win_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_with_mode(
+            dir.path(),
+            "client.properties",
+            &format!(
+                "# as for the Java client\nsecurity.protocol = SASL_SSL\nsasl.username: walrelay\n\
+                 sasl.password={SECRET}\nlinger.ms=50\n"
+            ),
+            0o600,
+        );
+        let toml = file_with_mode(
+            dir.path(),
+            "walrelay.toml",
+            &format!(
+                "kafka_properties_file = \"{}\"\n[kafka_properties]\n\"linger.ms\" = \"7\"\n\"compression.type\" = \"zstd\"\n",
+                file.display()
+            ),
+            0o644,
+        );
+        let c = run(&[
+            &MINIMAL[..],
+            &[
+                "--config",
+                toml.to_str().unwrap(),
+                "--kafka-property",
+                "sasl.username=flag",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        // The TOML's, then the properties file's, then the flags'.
+        assert_eq!(c.kafka_properties.get("compression.type"), Some("zstd"));
+        assert_eq!(c.kafka_properties.get("linger.ms"), Some("50"));
+        assert_eq!(
+            c.kafka_properties.get("security.protocol"),
+            Some("SASL_SSL")
+        );
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        assert_eq!(c.kafka_properties.get("sasl.username"), Some("flag"));
+        assert!(!format!("{c:?}").contains("pa;ss"));
+        // Holding a secret, it must be private: see files_holding_a_secret_must_be_private.
+    }
+
+    #[test]
+    fn a_file_value_is_read_from_its_file_and_literal_keeps_a_value_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = file_with_mode(dir.path(), "kafka", &format!("{SECRET}\n"), 0o600);
+        let reference = format!("file:{}", secret.display());
+        let c = run(&[
+            &MINIMAL[..],
+            &[
+                "--kafka-property",
+                &format!("sasl.password={reference}"),
+                "--kafka-property",
+                "sasl.username=literal:file:not-a-path",
+                "--kafka-property",
+                "client.id=literal:literal:x",
+            ],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        assert_eq!(
+            c.kafka_properties.get("sasl.username"),
+            Some("file:not-a-path")
+        );
+        assert_eq!(c.kafka_properties.get("client.id"), Some("literal:x"));
+        // From the environment and the TOML file too; a TOML file that only
+        // points at the secret may be read by anyone.
+        let c = run_with_env(&MINIMAL, Some(&format!("sasl.password={reference}"))).unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        let toml = file_with_mode(
+            dir.path(),
+            "walrelay.toml",
+            &format!("[kafka_properties]\n\"sasl.password\" = \"{reference}\"\n"),
+            0o644,
+        );
+        let c = run(&[&MINIMAL[..], &["--config", toml.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.password"), Some(SECRET));
+        // The secret's file must be private; a missing one is named.
+        let readable = file_with_mode(dir.path(), "readable", SECRET, 0o640);
+        let with = |property: &str| run(&[&MINIMAL[..], &["--kafka-property", property]].concat());
+        let e = with(&format!("sasl.password=file:{}", readable.display())).unwrap_err();
+        assert!(e.contains("chmod 600") && !e.contains("pa;ss"), "{e}");
+        // Not a secret's: any file will do.
+        let user = file_with_mode(dir.path(), "user", "walrelay\n", 0o644);
+        let c = with(&format!("sasl.username=file:{}", user.display())).unwrap();
+        assert_eq!(c.kafka_properties.get("sasl.username"), Some("walrelay"));
+        let e = with("sasl.password=file:/nonexistent/x").unwrap_err();
+        assert!(
+            e.contains("--kafka-property sasl.password: cannot read /nonexistent/x"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn files_holding_a_secret_must_be_private() {
         let dir = tempfile::tempdir().unwrap();
         let password = file_with_mode(dir.path(), "pw", SECRET, 0o640);
-        let args = [
-            &MINIMAL[..],
-            &["--postgres-password-file", password.to_str().unwrap()],
-        ]
-        .concat();
-        let e = run(&args).unwrap_err();
-        assert!(
-            e.contains("chmod 600") && e.contains("0640") && !e.contains("pa;ss"),
-            "{e}"
+        let properties = file_with_mode(
+            dir.path(),
+            "client.properties",
+            &format!("sasl.password={SECRET}\n"),
+            0o640,
         );
-        let allowed = run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).unwrap();
-        assert_eq!(allowed.postgres.password(), Some(SECRET));
+        for (flag, file) in [
+            ("--postgres-password-file", &password),
+            ("--kafka-properties-file", &properties),
+        ] {
+            let args = [&MINIMAL[..], &[flag, file.to_str().unwrap()]].concat();
+            let e = run(&args).unwrap_err();
+            assert!(
+                e.starts_with(flag)
+                    && e.contains("chmod 600")
+                    && e.contains("0640")
+                    && !e.contains("pa;ss"),
+                "{e}"
+            );
+            let allowed = run(&[&args[..], &["--allow-world-readable-secrets"]].concat()).unwrap();
+            let password = allowed.postgres.password();
+            let property = allowed.kafka_properties.get("sasl.password");
+            assert!(
+                password == Some(SECRET) || property == Some(SECRET),
+                "{flag}"
+            );
+        }
 
         let with_password = file_with_mode(
             dir.path(),

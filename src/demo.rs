@@ -283,6 +283,8 @@ pub async fn run(
         failover_slot: crate::config::FailoverSlot::Auto,
         standby: None,
         new_slot_on_timeline: None,
+        // A demo that cannot go on says so and ends.
+        exit_on_halt: true,
     };
     eprintln!(
         "walrelay demo\n  PostgreSQL  {} (database {DATABASE}, table events; psql -h 127.0.0.1 -p {} -U postgres {DATABASE})\n  Kafka       mock cluster at {brokers}, topic events\n  metrics     http://{metrics_addr}/metrics\n  Ctrl-C stops the demo.\n",

@@ -116,6 +116,137 @@ pub fn is_secret(key: &str) -> bool {
         || key == "sasl.oauthbearer.config"
 }
 
+/// A value that names the file holding it: `file:/run/secrets/kafka`.
+pub const FILE_PREFIX: &str = "file:";
+/// A value taken as it stands after this prefix, so that one may begin with
+/// `file:` (`literal:file:x` is `file:x`).
+pub const LITERAL_PREFIX: &str = "literal:";
+
+/// The logical lines of a Java properties text, as
+/// `java.util.Properties.load` reads them, each as (line number where it
+/// begins, key, value):
+/// - natural lines end in `\n`, `\r` or `\r\n`; one that ends in an odd
+///   number of backslashes goes on in the next, whose leading blanks are
+///   dropped;
+/// - a line whose first non-blank character is `#` or `!` is a comment (it
+///   does not go on), a blank line is skipped;
+/// - the key ends at the first unescaped `=`, `:` or blank; blanks, then one
+///   `=` or `:`, then blanks separate it from the value, which keeps
+///   trailing blanks;
+/// - in keys and values, `\t`, `\n`, `\r`, `\f` and `\uXXXX` are escapes,
+///   and a backslash before any other character stands for that character.
+///
+/// Errors name the line, never its text.
+pub fn parse_properties(text: &str) -> Result<Vec<(usize, String, String)>, PropertyError> {
+    let blank = |c: char| matches!(c, ' ' | '\t' | '\u{c}');
+    let mut natural = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(['\n', '\r']).unwrap_or(rest.len());
+        natural.push(&rest[..end]);
+        rest = &rest[end..];
+        if let Some(after) = rest.strip_prefix("\r\n") {
+            rest = after;
+        } else if !rest.is_empty() {
+            rest = &rest[1..];
+        }
+    }
+    let mut found = Vec::new();
+    let mut lines = natural.into_iter().enumerate();
+    while let Some((index, line)) = lines.next() {
+        let trimmed = line.trim_start_matches(blank);
+        if trimmed.is_empty() || trimmed.starts_with(['#', '!']) {
+            continue;
+        }
+        let mut logical = String::new();
+        let mut part = trimmed;
+        loop {
+            let trailing = part.len() - part.trim_end_matches('\\').len();
+            if trailing % 2 == 0 {
+                logical.push_str(part);
+                break;
+            }
+            logical.push_str(&part[..part.len() - 1]);
+            match lines.next() {
+                Some((_, next)) => part = next.trim_start_matches(blank),
+                None => break,
+            }
+        }
+        let line_number = index + 1;
+        let (key, value) = split_property(&logical, blank);
+        let unescape = |raw: &str| {
+            unescape(raw).ok_or(PropertyError::PropertiesFile {
+                origin: Origin::PropertiesFile(line_number),
+                what: "a malformed \\uXXXX escape",
+            })
+        };
+        found.push((line_number, unescape(key)?, unescape(value)?));
+    }
+    Ok(found)
+}
+
+/// Splits a logical line into its raw (still escaped) key and value.
+fn split_property(line: &str, blank: impl Fn(char) -> bool) -> (&str, &str) {
+    let mut escaped = false;
+    let mut key_end = line.len();
+    for (i, c) in line.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '=' || c == ':' || blank(c) {
+            key_end = i;
+            break;
+        }
+    }
+    let key = &line[..key_end];
+    let mut value = line[key_end..].trim_start_matches(&blank);
+    if let Some(after) = value.strip_prefix(['=', ':']) {
+        value = after.trim_start_matches(&blank);
+    }
+    (key, value)
+}
+
+/// Resolves the escapes of a key or value; `None` for a malformed `\u`.
+fn unescape(raw: &str) -> Option<String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            // A lone backslash at the very end stands for nothing.
+            None => {}
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let hex: String = chars.by_ref().take(4).collect();
+                if hex.len() != 4 {
+                    return None;
+                }
+                let unit = u16::from_str_radix(&hex, 16).ok()?;
+                // A surrogate pair is two escapes in a row.
+                if (0xD800..0xDC00).contains(&unit) {
+                    let low = chars.as_str().strip_prefix("\\u")?.get(..4)?;
+                    let low = u16::from_str_radix(low, 16).ok()?;
+                    for _ in 0..6 {
+                        chars.next();
+                    }
+                    out.push(char::decode_utf16([unit, low]).next()?.ok()?);
+                } else {
+                    out.push(char::from_u32(u32::from(unit))?);
+                }
+            }
+            Some(other) => out.push(other),
+        }
+    }
+    Some(out)
+}
+
 /// Splits `key=value` at the first `=`: the key loses surrounding blanks and
 /// must look like a property name (letters, digits, `.`, `_`, `-`), the
 /// value is kept exactly. A name of other characters is most likely a
@@ -137,6 +268,8 @@ pub enum Origin {
     Environment(usize),
     /// `[kafka_properties]` of the configuration file.
     File,
+    /// Line n of `--kafka-properties-file` (from 1; where the property begins).
+    PropertiesFile(usize),
 }
 
 impl fmt::Display for Origin {
@@ -145,6 +278,7 @@ impl fmt::Display for Origin {
             Origin::Flag(n) => write!(f, "--kafka-property (occurrence {n})"),
             Origin::Environment(n) => write!(f, "WALRELAY_KAFKA_PROPERTY (line {n})"),
             Origin::File => f.write_str("[kafka_properties] of --config"),
+            Origin::PropertiesFile(n) => write!(f, "--kafka-properties-file (line {n})"),
         }
     }
 }
@@ -188,6 +322,14 @@ pub enum PropertyError {
     NotGated {
         /// The name given.
         name: String,
+    },
+    /// A `--kafka-properties-file` line that is not a property.
+    #[error("{origin}: {what} (the text is not shown: it may hold a secret)")]
+    PropertiesFile {
+        /// Where.
+        origin: Origin,
+        /// What is wrong.
+        what: &'static str,
     },
     /// librdkafka refused a property (an unknown name, a bad value).
     #[error("--kafka-property {key}: {reason}")]
@@ -290,9 +432,43 @@ impl KafkaProperties {
         self.0.is_empty()
     }
 
-    /// Whether any property holds a secret.
+    /// Whether any property holds a secret (a secret one whose value is
+    /// not a `file:` reference to where the secret is).
     pub fn holds_secret(&self) -> bool {
-        self.0.keys().any(|k| is_secret(k))
+        self.0
+            .iter()
+            .any(|(k, v)| is_secret(k) && !v.starts_with(FILE_PREFIX))
+    }
+
+    /// The properties of a `--kafka-properties-file` (Java properties format,
+    /// as Kafka's own `client.properties`): see [`parse_properties`].
+    pub fn parse_properties_file(text: &str) -> Result<Self, PropertyError> {
+        let mut properties = KafkaProperties::default();
+        for (line, key, value) in parse_properties(text)? {
+            let key = key.trim().to_owned();
+            let name = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+            if key.is_empty() || !key.bytes().all(name) {
+                return Err(PropertyError::PropertiesFile {
+                    origin: Origin::PropertiesFile(line),
+                    what: "expected a property name (letters, digits, '.', '_', '-')",
+                });
+            }
+            properties.insert(key, value)?;
+        }
+        Ok(properties)
+    }
+
+    /// Replaces each value by what `resolve` makes of it (`None`: unchanged).
+    pub fn resolve<E>(
+        &mut self,
+        mut resolve: impl FnMut(&str, &str) -> Result<Option<String>, E>,
+    ) -> Result<(), E> {
+        for (key, value) in &mut self.0 {
+            if let Some(resolved) = resolve(key, value)? {
+                *value = resolved;
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a property that loads code or runs a command unless `allowed`
@@ -602,6 +778,72 @@ mod tests {
             p.check_unsafe(&["linger.ms".to_owned()]),
             Err(PropertyError::NotGated { .. })
         ));
+    }
+
+    #[test]
+    fn the_properties_file_format_is_javas() {
+        let text = "# Kafka's client.properties\n\
+                    ! also a comment \\\n\
+                    security.protocol=SASL_SSL\n\
+                    sasl.mechanism : SCRAM-SHA-512\r\n\
+                    \tsasl.username   walrelay\r\
+                    sasl.jaas.config=first \\\n\
+                    \t  second\\\\\n\
+                    key\\:with\\=escapes=tab\\there\\u00e9\\uD83D\\uDE00 \n\
+                    \n   \n\
+                    empty.value=\n\
+                    only.key\n\
+                    ends.with.backslash=x\\";
+        let parsed = parse_properties(text).unwrap();
+        let got: Vec<(usize, &str, &str)> = parsed
+            .iter()
+            .map(|(n, k, v)| (*n, k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, "security.protocol", "SASL_SSL"),
+                (4, "sasl.mechanism", "SCRAM-SHA-512"),
+                (5, "sasl.username", "walrelay"),
+                // Continued: the next line's leading blanks dropped; an
+                // even number of backslashes does not continue.
+                (6, "sasl.jaas.config", "first second\\"),
+                (8, "key:with=escapes", "tab\there\u{e9}\u{1F600} "),
+                (11, "empty.value", ""),
+                (12, "only.key", ""),
+                (13, "ends.with.backslash", "x"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_properties_file_is_refused_by_line_without_its_text() {
+        for (text, line) in [
+            ("linger.ms=1\nsasl.password=\\u12G4 s3cr;t\n", 2),
+            ("a=1\n\n\\u00e9t\u{e9}=s3cr;t\n", 3),
+            ("acks=s3cr;t\n", 0),
+        ] {
+            let e = KafkaProperties::parse_properties_file(text)
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("s3cr"), "{e}");
+            if line > 0 {
+                assert!(
+                    e.contains(&format!("--kafka-properties-file (line {line})")),
+                    "{e}"
+                );
+            }
+        }
+        let p = KafkaProperties::parse_properties_file(&format!(
+            "sasl.password={SECRET}\nlinger.ms=5\n"
+        ))
+        .unwrap();
+        assert_eq!(p.get("sasl.password"), Some(SECRET));
+        assert!(p.holds_secret());
+        // A reference to the file holding the secret is no secret.
+        let p = KafkaProperties::parse_properties_file("sasl.password=file:/run/secrets/kafka\n")
+            .unwrap();
+        assert!(!p.holds_secret());
     }
 
     #[test]

@@ -1,11 +1,10 @@
 //! The `walrelay` command: parses the configuration, sets up logging and the
 //! runtime, and hands over to the library.
-use std::io::{BufWriter, IsTerminal};
+use std::io::BufWriter;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use walrelay::config::{Cli, Command, LogFormat};
+use walrelay::config::{Cli, Command, HealthcheckArgs};
 use walrelay::service::{self, ServiceError};
 use walrelay::{check, demo, shutdown, tail};
 
@@ -21,10 +20,17 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const EXIT_FAILURE: u8 = 1;
 /// Bad configuration or a failed check.
 const EXIT_CONFIG: u8 = 2;
+/// Halted (a poison row, a refused event, an unexpected change, an
+/// invalidated or vanished slot): needs a person, not a restart.
+const EXIT_HALT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // A probe: no runtime, no logging set-up, one line out.
+    if let Command::Healthcheck(args) = &cli.command {
+        return healthcheck(args);
+    }
+    let log = walrelay::logging::init(cli.log_format);
     // `run` is one pipeline: one thread runs it, the socket it reads and the
     // timers it sets, so a message arriving wakes no other thread (librdkafka
     // has its own; blocking producer calls go to tokio's blocking pool). The
@@ -55,25 +61,34 @@ fn main() -> ExitCode {
             exit(result.map_err(|e| (e.to_string(), EXIT_FAILURE)))
         }
         Command::Run(args) => {
+            if let Some(slot) = &args.slot {
+                log.set_slot(slot);
+            }
             let config = match args.validate() {
                 Ok(config) => config,
                 Err(error) => return config_error(&error),
             };
+            log.set_slot(&config.slot);
             let result = runtime.block_on(service::run(config, stop()));
-            exit(result.map_err(|e| {
-                let code = if matches!(e, ServiceError::Bind { .. }) {
-                    EXIT_CONFIG
-                } else {
-                    EXIT_FAILURE
-                };
-                (e.to_string(), code)
-            }))
+            match result {
+                // Said once, when it halted.
+                Err(e) if e.halt_reason().is_some() => ExitCode::from(EXIT_HALT),
+                result => exit(result.map_err(|e| {
+                    let code = if matches!(e, ServiceError::Bind { .. }) {
+                        EXIT_CONFIG
+                    } else {
+                        EXIT_FAILURE
+                    };
+                    (e.to_string(), code)
+                })),
+            }
         }
         Command::Check(args) => {
             let config = match args.validate() {
                 Ok(config) => config,
                 Err(error) => return config_error(&error),
             };
+            log.set_slot(&config.slot);
             let findings = runtime.block_on(check::findings(&config));
             match check::report(&findings, &mut std::io::stdout().lock()) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -84,13 +99,36 @@ fn main() -> ExitCode {
                 ))),
             }
         }
+        Command::Healthcheck(args) => healthcheck(&args),
         Command::Demo(args) => {
+            log.set_slot(walrelay::config::DEFAULT_SLOT);
             let addr = match args.validate() {
                 Ok(addr) => addr,
                 Err(error) => return config_error(&error),
             };
             let result = runtime.block_on(demo::run(addr, stop(), std::io::stdout()));
             exit(result.map_err(|e| (e.to_string(), EXIT_FAILURE)))
+        }
+    }
+}
+
+/// `walrelay healthcheck`: 0 when the endpoint answers 200, 1 otherwise
+/// (bad flags included: Docker reserves 2), printing the answer or why not.
+fn healthcheck(args: &HealthcheckArgs) -> ExitCode {
+    let result = args
+        .validate()
+        .map_err(|e| e.to_string())
+        .and_then(|(addr, timeout)| {
+            walrelay::healthcheck::check(addr, args.probe, timeout).map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(body) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("unhealthy: {why}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
@@ -113,18 +151,5 @@ fn exit(result: Result<(), (String, u8)>) -> ExitCode {
             tracing::error!("{message}");
             ExitCode::from(code)
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WALRELAY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -1,15 +1,26 @@
 //! Every metric walrelay exports, defined once, and the HTTP endpoint that
 //! serves them with the health probes.
 //!
-//! `/metrics` is the Prometheus text format, `/healthz` answers 200 while the
-//! process runs, `/readyz` answers 200 only while walrelay streams from
-//! PostgreSQL, the broker is reachable and no request to PostgreSQL has
-//! waited for its answer longer than half of `--request-timeout` (503 with
-//! the reason otherwise). `/progress` says, as JSON, how far walrelay has
-//! published (see [`Progress`]).
+//! `/metrics` is the Prometheus text format. The probes follow the instance's
+//! [`Role`]:
+//! - `/healthz` (liveness): the process works in its role, streaming,
+//!   standing by or halted: its pipeline has made progress, or been in a wait
+//!   it chose (backpressure, a standby's retry, a backoff, a bounded start-up
+//!   step, a halt), within the stall limit ([`Health::set_stall_limit`]).
+//!   Only a wedged pipeline fails it, which a restart may cure.
+//! - `/readyz` (readiness): healthy in its role: active with the broker
+//!   reachable, or standing by with PostgreSQL answering; and no request to
+//!   PostgreSQL waiting longer than half of `--request-timeout`. Starting,
+//!   reconnecting and halted instances are not ready. A standby is ready, so
+//!   that a rollout or a node drain can go on while another instance holds
+//!   the slot.
+//! - `/active`: 200 only on the instance that holds the slot and publishes.
+//!
+//! `/progress` says, as JSON, how far walrelay has published (see
+//! [`Progress`]).
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -35,6 +46,62 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// walrelay's version, as Cargo knows it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision walrelay was built from (`build.rs`), or `unknown`.
+pub const REVISION: &str = env!("WALRELAY_GIT_REVISION");
+
+/// Why an instance halted (`walrelay_halted{reason}`): each needs a person,
+/// since a restart (or another instance) would meet the same row or slot.
+pub const HALT_REASONS: [&str; 6] = [
+    // A row that cannot become an event (--on-poison halt).
+    "poison_row",
+    // An event the broker refused for good, or a failed producer (--on-poison halt).
+    "refused_event",
+    // An UPDATE, DELETE or TRUNCATE of the events table (--on-unexpected-change halt).
+    "unexpected_change",
+    // The events table renamed, or another table given its name, while streaming.
+    "table_renamed",
+    // The slot invalidated (wal_status = lost).
+    "slot_invalidated",
+    // The slot dropped while walrelay used it.
+    "slot_vanished",
+];
+
+/// What an instance is doing, as the probes and `walrelay_active` say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connecting, checking the slot, or reconnecting after a failure.
+    Starting,
+    /// Holding the slot and publishing (the stream, or the initial snapshot).
+    Active,
+    /// Connected, waiting for the slot another instance holds (or for
+    /// another instance's first start), ready to take over.
+    Standby,
+    /// Stopped for a reason that needs a person ([`HALT_REASONS`]).
+    Halted,
+}
+
+impl Role {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Role::Active,
+            2 => Role::Standby,
+            3 => Role::Halted,
+            _ => Role::Starting,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Role::Starting => 0,
+            Role::Active => 1,
+            Role::Standby => 2,
+            Role::Halted => 3,
+        }
+    }
+}
+
 /// The values of `pg_replication_slots.wal_status`.
 pub const SLOT_WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
@@ -45,7 +112,9 @@ pub struct Metrics {
     /// Events acknowledged by the broker.
     pub events_published: IntCounter,
     /// Key, value and header bytes of the acknowledged events.
-    pub bytes_published: IntCounter,
+    pub published_bytes: IntCounter,
+    /// Rows of the events table decoded from the replication stream.
+    pub events_received: IntCounter,
     /// Transactions of the events table fully acknowledged and confirmable.
     pub transactions: IntCounter,
     /// Events the broker refused or that could not be sent, by reason.
@@ -54,12 +123,14 @@ pub struct Metrics {
     pub inflight_events: IntGauge,
     /// Transactions with events not yet confirmable: the watermark's entries.
     pub inflight_transactions: IntGauge,
+    /// The producer queue's bound on them (`queue.buffering.max.messages`).
+    pub inflight_events_max: IntGauge,
     /// The highest WAL position received from the server.
     pub received_lsn: IntGauge,
     /// The position confirmed to the server (the slot's flush position).
     pub confirmed_lsn: IntGauge,
-    /// Server WAL end minus confirmed position.
-    pub source_lag_bytes: IntGauge,
+    /// The server's WAL position minus the slot's `confirmed_flush_lsn`, by slot.
+    pub source_lag_bytes: IntGaugeVec,
     /// From the commit timestamp to the broker's acknowledgement, per event.
     pub commit_to_ack: Histogram,
     /// Commit time of the newest fully acknowledged transaction, Unix seconds.
@@ -72,17 +143,26 @@ pub struct Metrics {
     pub dead_lettered: IntCounter,
     /// 1 while this instance waits for a slot another process holds.
     pub standby: IntGauge,
+    /// 1 while this instance holds the slot and publishes.
+    pub active: IntGauge,
+    /// 1 for the reason this instance halted, 0 for the others.
+    pub halted: IntGaugeVec,
     /// `pg_replication_slots.safe_wal_size` of the slot, by slot; absent when unlimited.
     pub slot_safe_wal_size: IntGaugeVec,
-    /// 1 for the slot's current `wal_status`, 0 for the others.
+    /// 1 for the slot's current `wal_status`, 0 for the others, by slot.
     pub slot_wal_status: IntGaugeVec,
-    /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`.
-    pub slot_retained_wal: IntGauge,
-    /// When the slot became inactive, whole Unix seconds (PostgreSQL 17+); 0
-    /// while a process streams from it.
-    pub slot_inactive_since: IntGauge,
-    /// `idle_replication_slot_timeout` in seconds (PostgreSQL 18+); 0: off.
-    pub slot_idle_timeout: IntGauge,
+    /// WAL the slot keeps on disk: current WAL position minus its `restart_lsn`, by slot.
+    pub slot_retained_wal: IntGaugeVec,
+    /// When the slot became inactive, whole Unix seconds (PostgreSQL 17+),
+    /// by slot; 0 while a process streams from it.
+    pub slot_inactive_since: IntGaugeVec,
+    /// `idle_replication_slot_timeout` in seconds (PostgreSQL 18+), by the
+    /// slot it applies to; 0: off.
+    pub slot_idle_timeout: IntGaugeVec,
+    /// Rows of the initial snapshot handed to the producer.
+    pub snapshot_rows: IntCounter,
+    /// 1 while the initial snapshot is being published.
+    pub snapshot_running: IntGauge,
     /// Connections to the HTTP endpoint closed unserved: too many were open.
     pub http_connections_rejected: IntCounter,
     /// Events whose metadata held a malformed trace context header, left
@@ -98,24 +178,68 @@ pub struct Metrics {
     progress: Arc<Progress>,
 }
 
-/// What `/readyz` reports.
+/// What the probes report: the role, the broker, the requests waiting, and
+/// the pipeline's pulse.
 #[derive(Debug)]
 pub struct Health {
-    streaming: AtomicBool,
+    role: AtomicU8,
     broker_up: AtomicBool,
     /// Requests to PostgreSQL waiting for their answers.
     requests: Arc<Waiting>,
     /// `--request-timeout`, in milliseconds.
     request_timeout_ms: AtomicU64,
+    /// When the pipeline last made progress or waited on purpose, in
+    /// milliseconds since `born`.
+    pulse_ms: AtomicU64,
+    /// How long the pulse may stay silent before the pipeline counts as wedged.
+    stall_limit_ms: AtomicU64,
+    /// Set once shutdown began: draining is a wait of its own, bounded by
+    /// `--shutdown-timeout`.
+    stopping: AtomicBool,
+    /// Why the instance halted, for `/readyz`.
+    halt: Mutex<Option<String>>,
+    /// Tokio's clock, which tests can pause.
+    born: tokio::time::Instant,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Health {
-            streaming: AtomicBool::new(false),
+            role: AtomicU8::new(Role::Starting.as_u8()),
             broker_up: AtomicBool::new(false),
             requests: Arc::default(),
             request_timeout_ms: AtomicU64::new(millis(DEFAULT_REQUEST_TIMEOUT)),
+            pulse_ms: AtomicU64::new(0),
+            stall_limit_ms: AtomicU64::new(millis(DEFAULT_STALL_LIMIT)),
+            stopping: AtomicBool::new(false),
+            halt: Mutex::new(None),
+            born: tokio::time::Instant::now(),
+        }
+    }
+}
+
+/// How long the pipeline may go without a sign of life unless
+/// [`Health::set_stall_limit`] says otherwise.
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// How often a wait on purpose ([`beating`]) beats the pulse.
+pub const PULSE_TICK: Duration = Duration::from_secs(1);
+
+/// Runs `wait`, a wait the pipeline chose (a backoff, a standby's retry, a
+/// step bounded by its own timeout), beating `health`'s pulse meanwhile, so
+/// that liveness does not take it for a wedge.
+pub async fn beating<F: Future>(health: &Health, wait: F) -> F::Output {
+    let mut wait = std::pin::pin!(wait);
+    let mut tick = tokio::time::interval(PULSE_TICK);
+    loop {
+        health.beat();
+        tokio::select! {
+            biased;
+            output = &mut wait => {
+                health.beat();
+                return output;
+            }
+            _ = tick.tick() => {}
         }
     }
 }
@@ -138,9 +262,45 @@ impl Health {
             .store(millis(timeout), Ordering::Relaxed);
     }
 
-    /// Whether the replication stream is running.
-    pub fn set_streaming(&self, up: bool) {
-        self.streaming.store(up, Ordering::Relaxed);
+    /// The role now.
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.role.load(Ordering::Relaxed))
+    }
+
+    /// A sign of life of the pipeline: it made progress, or waits on purpose.
+    pub fn beat(&self) {
+        self.pulse_ms
+            .store(millis(self.born.elapsed()), Ordering::Relaxed);
+    }
+
+    /// How long the pipeline may go without a sign of life before `/healthz`
+    /// calls it wedged.
+    pub fn set_stall_limit(&self, limit: Duration) {
+        self.stall_limit_ms.store(millis(limit), Ordering::Relaxed);
+    }
+
+    /// Shutdown began: the drain that follows is bounded by itself.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// `None` while live, else why not: the pipeline has shown no sign of
+    /// life for longer than the stall limit.
+    pub fn not_live_reason(&self) -> Option<String> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return None;
+        }
+        let silent =
+            millis(self.born.elapsed()).saturating_sub(self.pulse_ms.load(Ordering::Relaxed));
+        let limit = self.stall_limit_ms.load(Ordering::Relaxed);
+        (silent > limit).then(|| {
+            format!(
+                "wedged: the pipeline has neither made progress nor waited on purpose for {:.1}s \
+                 (limit {:.0}s)",
+                Duration::from_millis(silent).as_secs_f64(),
+                Duration::from_millis(limit).as_secs_f64()
+            )
+        })
     }
 
     /// Whether the broker answers.
@@ -150,6 +310,17 @@ impl Health {
 
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
+        let role = self.role();
+        if role == Role::Halted {
+            let why = self
+                .halt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            return Some(format!("halted: {}", why.unwrap_or_default()));
+        }
+        // A stuck request is named in every other role: starting included,
+        // where the start-up checks are what gets stuck.
         let timeout = Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed));
         if let Some((request, waited)) = self.requests.longest() {
             if waited >= timeout / 2 {
@@ -160,12 +331,28 @@ impl Health {
                 ));
             }
         }
-        if !self.streaming.load(Ordering::Relaxed) {
-            Some("not streaming from PostgreSQL".to_owned())
-        } else if !self.broker_up.load(Ordering::Relaxed) {
-            Some("the Kafka broker is not reachable".to_owned())
-        } else {
-            None
+        if role == Role::Starting {
+            return Some(
+                "neither streaming nor standing by: connecting to PostgreSQL or checking the slot"
+                    .to_owned(),
+            );
+        }
+        // A standby's producer sends nothing, so nothing would tell it that
+        // an outage ended: the broker counts for the active instance only
+        // (a standby found the topic before it stood by).
+        if role == Role::Active && !self.broker_up.load(Ordering::Relaxed) {
+            return Some("the Kafka broker is not reachable".to_owned());
+        }
+        None
+    }
+
+    /// `None` on the active instance, else what it does instead.
+    pub fn not_active_reason(&self) -> Option<&'static str> {
+        match self.role() {
+            Role::Active => None,
+            Role::Standby => Some("standing by: another instance holds the slot"),
+            Role::Starting => Some("starting or reconnecting"),
+            Role::Halted => Some("halted"),
         }
     }
 }
@@ -285,8 +472,8 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
-        let gauge_vec = |name: &str, help: &str, label: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -314,26 +501,38 @@ impl Metrics {
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "walrelay_build_info",
-                "Always 1; the labels say which walrelay runs.",
+                "Always 1; the labels say which walrelay runs: version, git revision, librdkafka version.",
             ),
-            &["version"],
+            &["version", "revision", "librdkafka"],
         )
         .expect("valid metric");
         registry
             .register(Box::new(build_info.clone()))
             .expect("unique metric");
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[VERSION, REVISION, &librdkafka])
             .set(1);
+        // The process's memory, CPU time, open files and start time, as
+        // every Prometheus client exports them (`process_*`).
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
 
         let metrics = Metrics {
             events_published: counter(
                 "walrelay_events_published_total",
                 "Events the broker acknowledged.",
             ),
-            bytes_published: counter(
-                "walrelay_bytes_published_total",
+            published_bytes: counter(
+                "walrelay_published_bytes_total",
                 "Key, value and header bytes of the events the broker acknowledged.",
+            ),
+            events_received: counter(
+                "walrelay_events_received_total",
+                "Rows of the events table decoded from the replication stream (replays included).",
             ),
             transactions: counter(
                 "walrelay_transactions_total",
@@ -352,6 +551,10 @@ impl Metrics {
                 "walrelay_inflight_transactions",
                 "Transactions with events received and not yet fully acknowledged.",
             ),
+            inflight_events_max: gauge(
+                "walrelay_inflight_events_max",
+                "The producer queue's bound on walrelay_inflight_events (queue.buffering.max.messages).",
+            ),
             received_lsn: gauge(
                 "walrelay_received_lsn",
                 "Highest WAL position received from PostgreSQL, as a number.",
@@ -360,9 +563,10 @@ impl Metrics {
                 "walrelay_confirmed_lsn",
                 "WAL position confirmed to PostgreSQL (the slot's flush position), as a number.",
             ),
-            source_lag_bytes: gauge(
+            source_lag_bytes: gauge_vec(
                 "walrelay_source_lag_bytes",
-                "Server WAL end minus the confirmed position: WAL the slot holds back.",
+                "The server's WAL position minus the slot's confirmed_flush_lsn, read every 5 s.",
+                &["slot"],
             ),
             commit_to_ack,
             last_commit_timestamp,
@@ -384,27 +588,47 @@ impl Metrics {
                 "walrelay_standby",
                 "1 while this instance waits as a standby for a slot another process holds.",
             ),
+            active: gauge(
+                "walrelay_active",
+                "1 while this instance holds the slot and publishes (the stream or the initial snapshot).",
+            ),
+            halted: gauge_vec(
+                "walrelay_halted",
+                "1 for the reason this instance halted and waits for a person; 0 for the others.",
+                &["reason"],
+            ),
             slot_safe_wal_size: gauge_vec(
                 "walrelay_slot_safe_wal_size_bytes",
                 "WAL that can still be written before the slot is invalidated (absent: unlimited).",
-                "slot",
+                &["slot"],
             ),
             slot_wal_status: gauge_vec(
                 "walrelay_slot_wal_status",
                 "1 for the slot's current wal_status (reserved, extended, unreserved, lost).",
-                "status",
+                &["slot", "status"],
             ),
-            slot_retained_wal: gauge(
+            slot_retained_wal: gauge_vec(
                 "walrelay_slot_retained_wal_bytes",
                 "WAL the slot keeps: the server's WAL position minus the slot's restart_lsn.",
+                &["slot"],
             ),
-            slot_inactive_since: gauge(
+            snapshot_rows: counter(
+                "walrelay_snapshot_rows_total",
+                "Rows of the initial snapshot read from the table and handed to the producer.",
+            ),
+            snapshot_running: gauge(
+                "walrelay_snapshot_running",
+                "1 while the initial snapshot of a new slot is being published.",
+            ),
+            slot_inactive_since: gauge_vec(
                 "walrelay_slot_inactive_since_seconds",
                 "When the slot became inactive, Unix seconds (0 while a process streams from it, or before PostgreSQL 17).",
+                &["slot"],
             ),
-            slot_idle_timeout: gauge(
+            slot_idle_timeout: gauge_vec(
                 "walrelay_slot_idle_timeout_seconds",
                 "idle_replication_slot_timeout: a slot unused this long is invalidated (0: never; PostgreSQL 18+).",
+                &["slot"],
             ),
             http_connections_rejected: counter(
                 "walrelay_http_connections_rejected_total",
@@ -423,7 +647,7 @@ impl Metrics {
             standby_sync_lag: gauge_vec(
                 "walrelay_standby_sync_lag_bytes",
                 "WAL the primary holds that the standby of this synchronized_standby_slots slot has not confirmed; the failover slot is not decoded past it.",
-                "slot",
+                &["slot"],
             ),
             registry,
             health: Arc::new(Health::default()),
@@ -445,10 +669,18 @@ impl Metrics {
         for kind in ["update", "delete", "truncate"] {
             metrics.unexpected_changes.with_label_values(&[kind]);
         }
-        for status in SLOT_WAL_STATUSES {
-            metrics.slot_wal_status.with_label_values(&[status]);
+        for reason in HALT_REASONS {
+            metrics.halted.with_label_values(&[reason]);
         }
         metrics
+    }
+
+    /// Exports the series of `slot` that alerts need from the start: each
+    /// `wal_status` at 0 until the slot is read.
+    pub fn watch_slot(&self, slot: &str) {
+        for status in SLOT_WAL_STATUSES {
+            self.slot_wal_status.with_label_values(&[slot, status]);
+        }
     }
 
     /// The readiness flags.
@@ -459,6 +691,41 @@ impl Metrics {
     /// What `/progress` reports.
     pub fn progress(&self) -> &Arc<Progress> {
         &self.progress
+    }
+
+    /// Takes up `role` (not [`Role::Halted`]: see [`Metrics::halt`]):
+    /// `walrelay_active` and `walrelay_standby` follow. A halted instance
+    /// stays halted.
+    pub fn set_role(&self, role: Role) {
+        debug_assert_ne!(role, Role::Halted, "halt() says why");
+        let current = &self.health.role;
+        if current
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (Role::from_u8(r) != Role::Halted).then_some(role.as_u8())
+            })
+            .is_err()
+        {
+            return;
+        }
+        self.active.set(i64::from(role == Role::Active));
+        self.standby.set(i64::from(role == Role::Standby));
+        self.health.beat();
+    }
+
+    /// Halts for `reason` (one of [`HALT_REASONS`]), explained by `why`.
+    pub fn halt(&self, reason: &'static str, why: &str) {
+        *self
+            .health
+            .halt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(format!("{reason}: {why}"));
+        self.health
+            .role
+            .store(Role::Halted.as_u8(), Ordering::Relaxed);
+        self.active.set(0);
+        self.standby.set(0);
+        self.halted.with_label_values(&[reason]).set(1);
+        self.health.beat();
     }
 
     /// Sets an LSN gauge (LSNs fit in i64 for the next few million years of WAL).
@@ -525,13 +792,26 @@ impl Default for HttpLimits {
     }
 }
 
-/// The routes: `/metrics`, `/healthz` and `/readyz`.
+/// A probe's answer: 200 with `ok`, or 503 with `prefix: why`.
+fn probe(why_not: Option<String>, ok: &str, prefix: &str) -> (axum::http::StatusCode, String) {
+    match why_not {
+        None => (axum::http::StatusCode::OK, format!("{ok}\n")),
+        Some(why) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("{prefix}: {why}\n"),
+        ),
+    }
+}
+
+/// The routes: `/metrics`, `/healthz`, `/readyz` and `/active`.
 fn router(metrics: &Metrics) -> axum::Router {
-    use axum::http::{StatusCode, header};
+    use axum::http::header;
     use axum::routing::get;
 
     let for_metrics = metrics.clone();
     let health = Arc::clone(metrics.health());
+    let for_live = Arc::clone(metrics.health());
+    let for_active = Arc::clone(metrics.health());
     axum::Router::new()
         .route(
             "/metrics",
@@ -548,20 +828,26 @@ fn router(metrics: &Metrics) -> axum::Router {
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let answer = probe(for_live.not_live_reason(), "ok", "not live");
+                async move { answer }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
-                let reason = health.not_ready_reason();
-                async move {
-                    match reason {
-                        None => (StatusCode::OK, "ready\n".to_owned()),
-                        Some(why) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not ready: {why}\n"),
-                        ),
-                    }
-                }
+                let answer = probe(health.not_ready_reason(), "ready", "not ready");
+                async move { answer }
+            }),
+        )
+        .route(
+            "/active",
+            get(move || {
+                let why = for_active.not_active_reason().map(str::to_owned);
+                let answer = probe(why, "active", "not active");
+                async move { answer }
             }),
         )
 }
@@ -704,10 +990,34 @@ mod tests {
 
     #[test]
     fn every_documented_family_is_exported() {
-        let text = Metrics::new().render();
+        let metrics = Metrics::new();
+        metrics.watch_slot("walrelay");
+        // The series that appear with the first reading of the slot.
+        metrics
+            .source_lag_bytes
+            .with_label_values(&["walrelay"])
+            .set(1);
+        metrics
+            .slot_retained_wal
+            .with_label_values(&["walrelay"])
+            .set(1);
+        metrics
+            .slot_safe_wal_size
+            .with_label_values(&["walrelay"])
+            .set(1);
+        let text = metrics.render();
         for name in [
             "walrelay_events_published_total",
-            "walrelay_bytes_published_total",
+            "walrelay_published_bytes_total",
+            "walrelay_events_received_total",
+            "walrelay_inflight_events_max",
+            "walrelay_snapshot_rows_total",
+            "walrelay_snapshot_running",
+            "walrelay_slot_safe_wal_size_bytes",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_start_time_seconds",
             "walrelay_transactions_total",
             "walrelay_publish_errors_total",
             "walrelay_inflight_events",
@@ -734,9 +1044,29 @@ mod tests {
                 "{name} missing:\n{text}"
             );
         }
-        // Every family also appears in the README's reference.
+        // The slot label on every slot metric.
+        for name in [
+            "walrelay_source_lag_bytes",
+            "walrelay_slot_wal_status",
+            "walrelay_slot_retained_wal_bytes",
+            "walrelay_slot_safe_wal_size_bytes",
+        ] {
+            let series: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .collect();
+            assert!(
+                !series.is_empty() && series.iter().all(|l| l.contains("slot=\"walrelay\"")),
+                "{name}: {series:?}"
+            );
+        }
+        // Every family also appears in the README's reference (the process
+        // collector's under their common prefix).
         let readme = include_str!("../README.md");
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE ") && !l.starts_with("# TYPE process_"))
+        {
             let name = line.split_whitespace().nth(2).unwrap();
             let documented =
                 readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{"));
@@ -789,11 +1119,15 @@ mod tests {
     /// `GET /healthz` on a fresh connection: the status line, or `None` when
     /// the server closed the connection without an answer.
     async fn get(addr: SocketAddr) -> Option<String> {
+        get_path(addr, "/healthz").await
+    }
+
+    /// `GET path` on a fresh connection, as [`get`].
+    async fn get_path(addr: SocketAddr, path: &str) -> Option<String> {
         use tokio::io::AsyncWriteExt;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _ = stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = stream.write_all(request.as_bytes()).await;
         let answer = closed_by_server(&mut stream, Duration::from_secs(10)).await;
         let text = String::from_utf8_lossy(&answer);
         text.lines()
@@ -979,22 +1313,135 @@ mod tests {
     }
 
     #[test]
-    fn readiness_needs_both_sides() {
-        let h = Health::default();
+    fn readiness_follows_the_role_and_a_halt_is_final() {
+        let m = Metrics::new();
+        let h = m.health();
+        let value = |name: &str| crate::metrics::tests::value(&m.render(), name);
+        // Starting: neither ready nor active.
         assert!(h.not_ready_reason().is_some());
-        h.set_streaming(true);
+        assert!(h.not_active_reason().is_some());
+        // A standby is ready (the broker counts for the active one only),
+        // and not active.
+        m.set_role(Role::Standby);
+        assert_eq!(h.not_ready_reason(), None);
+        assert_eq!(
+            h.not_active_reason(),
+            Some("standing by: another instance holds the slot")
+        );
+        assert_eq!(
+            (value("walrelay_active"), value("walrelay_standby")),
+            (0, 1)
+        );
+        // Active: ready once the broker is reachable.
+        m.set_role(Role::Active);
         assert_eq!(
             h.not_ready_reason().as_deref(),
             Some("the Kafka broker is not reachable")
         );
         h.set_broker_up(true);
         assert_eq!(h.not_ready_reason(), None);
+        assert_eq!(h.not_active_reason(), None);
+        assert_eq!(
+            (value("walrelay_active"), value("walrelay_standby")),
+            (1, 0)
+        );
+        // Every halt reason is exported at 0 until it happens.
+        for reason in HALT_REASONS {
+            assert_eq!(value(&format!("walrelay_halted{{reason=\"{reason}\"}}")), 0);
+        }
+        m.halt("poison_row", "row of aggregate \"a\" cannot be published");
+        let why = h
+            .not_ready_reason()
+            .expect("a halted instance is not ready");
+        assert!(
+            why.starts_with("halted: poison_row: row of aggregate"),
+            "{why}"
+        );
+        assert_eq!(h.not_active_reason(), Some("halted"));
+        assert_eq!(value(r#"walrelay_halted{reason="poison_row"}"#), 1);
+        assert_eq!(value("walrelay_halted"), 1, "one reason at 1");
+        // Nothing un-halts it but a restart.
+        m.set_role(Role::Active);
+        assert_eq!(h.role(), Role::Halted);
+        assert_eq!(
+            (value("walrelay_active"), value("walrelay_standby")),
+            (0, 0)
+        );
+        // Halted is a role: live.
+        assert_eq!(h.not_live_reason(), None);
+    }
+
+    /// The value of the series `name` in `text` (summed over its labels when
+    /// `name` has none).
+    pub(super) fn value(text: &str, name: &str) -> i64 {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(series, _)| {
+                *series == name
+                    || (!name.contains('{')
+                        && series
+                            .strip_prefix(name)
+                            .is_some_and(|r| r.starts_with('{')))
+            })
+            .map(|(_, v)| v.parse::<i64>().unwrap())
+            .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipeline_silent_past_the_stall_limit_is_not_live_unless_it_waits_on_purpose() {
+        let h = Arc::new(Health::default());
+        h.set_stall_limit(Duration::from_secs(60));
+        h.beat();
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(h.not_live_reason(), None);
+        // Silent past the limit: wedged.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let why = h.not_live_reason().expect("wedged");
+        assert!(
+            why.contains("neither made progress nor waited on purpose for 61.0s"),
+            "{why}"
+        );
+        // A wait on purpose, however long, beats the pulse.
+        let waiter = Arc::clone(&h);
+        let wait = tokio::spawn(async move {
+            beating(&waiter, tokio::time::sleep(Duration::from_secs(600))).await;
+        });
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(h.not_live_reason(), None);
+        wait.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(h.not_live_reason().is_some());
+        // Draining after SIGTERM is bounded by --shutdown-timeout by itself.
+        h.set_stopping();
+        assert_eq!(h.not_live_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn the_probes_answer_by_role() {
+        let (addr, metrics, _stop, _server) = start(HttpLimits::default()).await;
+        let status = |path: &'static str| async move { get_path(addr, path).await.unwrap() };
+        assert!(status("/healthz").await.contains(" 200 "));
+        assert!(status("/readyz").await.contains(" 503 "));
+        assert!(status("/active").await.contains(" 503 "));
+        metrics.set_role(Role::Standby);
+        assert!(status("/readyz").await.contains(" 200 "));
+        assert!(status("/active").await.contains(" 503 "));
+        metrics.health().set_broker_up(true);
+        metrics.set_role(Role::Active);
+        assert!(status("/readyz").await.contains(" 200 "));
+        assert!(status("/active").await.contains(" 200 "));
+        metrics.halt("slot_vanished", "dropped");
+        assert!(status("/healthz").await.contains(" 200 "));
+        assert!(status("/readyz").await.contains(" 503 "));
+        assert!(status("/active").await.contains(" 503 "));
     }
 
     #[tokio::test]
     async fn a_request_waiting_half_the_timeout_makes_the_instance_not_ready() {
-        let h = Health::default();
-        h.set_streaming(true);
+        let m = Metrics::new();
+        let h = m.health();
+        m.set_role(Role::Active);
         h.set_broker_up(true);
         h.set_request_timeout(Duration::from_secs(2));
         let limit = crate::pg::request::RequestLimit {
@@ -1024,6 +1471,11 @@ mod tests {
             reason.contains("has not answered `SELECT pg_sleep(3600)`"),
             "{reason}"
         );
+        // Named while starting too, where the start-up checks get stuck.
+        m.set_role(Role::Starting);
+        let reason = h.not_ready_reason().unwrap();
+        assert!(reason.contains("has not answered"), "{reason}");
+        m.set_role(Role::Active);
         // Abandoned at the timeout: ready again.
         assert!(stuck.await.is_err());
         assert_eq!(h.not_ready_reason(), None);

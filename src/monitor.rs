@@ -39,6 +39,7 @@ pub async fn run(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    metrics.watch_slot(&slot);
     let mut client: Option<crate::pg::metadata::Client> = None;
     let mut poll = tokio::time::interval(SLOT_POLL_INTERVAL);
     let mut beat = heartbeat.map(tokio::time::interval);
@@ -177,18 +178,20 @@ async fn poll_slot(
     if let (Some(current), Some(restart)) = (lsn(0), lsn(1)) {
         metrics
             .slot_retained_wal
+            .with_label_values(&[slot])
             .set(gauge(current.bytes_since(restart)));
     }
     if let (Some(current), Some(confirmed)) = (lsn(0), lsn(2)) {
         metrics
             .source_lag_bytes
+            .with_label_values(&[slot])
             .set(gauge(current.bytes_since(confirmed)));
     }
     let status: Option<String> = row.get(3);
     for s in SLOT_WAL_STATUSES {
         metrics
             .slot_wal_status
-            .with_label_values(&[s])
+            .with_label_values(&[slot, s])
             .set(i64::from(status.as_deref() == Some(s)));
     }
     match row.get::<_, Option<i64>>(4) {
@@ -223,10 +226,12 @@ async fn poll_inactivity(
     };
     metrics
         .slot_inactive_since
+        .with_label_values(&[slot])
         .set(row.get::<_, Option<i64>>(0).unwrap_or(0));
     let timeout = crate::slot::idle_timeout(client).await?;
     metrics
         .slot_idle_timeout
+        .with_label_values(&[slot])
         .set(timeout.map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)));
     Ok(())
 }

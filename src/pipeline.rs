@@ -28,8 +28,10 @@ use tokio::sync::watch;
 use crate::config::{FailoverSlot, OnUnexpectedChange, RunConfig, SnapshotMode};
 use crate::confirm::SessionState;
 use crate::failover::{self, FAILOVER_SLOTS_SINCE, FollowError, Switch};
-use crate::metrics::Metrics;
-use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction, SystemId};
+use crate::metrics::{Health, Metrics, Role, beating};
+use crate::pg::conn::{
+    self, ConnError, ReplicationConnection, ReplicationStream, SnapshotAction, SystemId,
+};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::pg::params::ConnectParams;
@@ -171,6 +173,32 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The reason this error halts walrelay (one of
+    /// [`HALT_REASONS`](crate::metrics::HALT_REASONS)), or
+    /// `None` when it is an ordinary failure (exit code 1). A halt needs a
+    /// person: a restart, or another instance, would meet the same row or
+    /// slot.
+    pub fn halt_reason(&self) -> Option<&'static str> {
+        match self {
+            RunError::Publish(_)
+            | RunError::Sink(SinkError::Publish(_))
+            | RunError::Snapshot(SnapshotError::Sink(SinkError::Publish(_))) => {
+                Some("refused_event")
+            }
+            RunError::Source(SourceError::Row { .. })
+            | RunError::Snapshot(SnapshotError::Source(SourceError::Row { .. })) => {
+                Some("poison_row")
+            }
+            RunError::Unexpected(_) => Some("unexpected_change"),
+            RunError::Source(SourceError::Renamed { .. } | SourceError::Replaced { .. }) => {
+                Some("table_renamed")
+            }
+            RunError::Slot(SlotProblem::Lost { .. }) => Some("slot_invalidated"),
+            RunError::SlotVanished { .. } => Some("slot_vanished"),
+            _ => None,
+        }
+    }
+
     /// Whether a new session may succeed without anyone changing anything.
     fn is_transient(&self) -> bool {
         match self {
@@ -219,26 +247,30 @@ impl Backoff {
     }
 }
 
-/// Waits `delay` unless shutdown comes first; returns whether it did.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => true,
-        () = tokio::time::sleep(delay) => false,
-    }
+/// Waits `delay` unless shutdown comes first; returns whether it did. A
+/// wait on purpose: it beats `health`'s pulse.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken, health: &Health) -> bool {
+    beating(health, async {
+        tokio::select! {
+            () = shutdown.cancelled() => true,
+            () = tokio::time::sleep(delay) => false,
+        }
+    })
+    .await
 }
 
 /// Runs until `shutdown` is cancelled (then drains and returns `Ok`) or a
-/// definite error occurs.
+/// definite error occurs. An error that halts ([`RunError::halt_reason`])
+/// keeps the process up, halted and not ready, until `shutdown` (unless
+/// `--exit-on-halt`), and is returned then.
 pub async fn run(
     config: &RunConfig,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let producer_config = producer_config(&config.kafka_brokers, &config.kafka_properties)?;
-    let mut backoff = Backoff { attempt: 0 };
-
-    // The slot's metrics from the start, also while walrelay cannot stream
-    // (every WAL sender taken, another instance's first start): on the URL's
+    // The slot's metrics matter most while no instance streams: the monitor
+    // runs from the start to the end, through a halt too (every WAL sender
+    // taken, another instance's first start, a halt). It follows the URL's
     // first primary until the replication connection has chosen its host,
     // which every metadata connection follows from then on.
     let (primary, followed) = watch::channel(config.postgres.clone());
@@ -249,6 +281,79 @@ pub async fn run(
         metrics.clone(),
         shutdown.child_token(),
     )));
+    let mut held = None;
+    let result = relay(config, &metrics, &shutdown, &mut held, primary).await;
+    let result = match result {
+        Err(error) if error.halt_reason().is_some() => {
+            Err(halted(config, &metrics, &shutdown, error, held).await)
+        }
+        other => other,
+    };
+    drop(monitor);
+    result
+}
+
+/// What a halted instance keeps open: whatever lets another instance take
+/// over only to halt on the same row.
+enum Held {
+    /// The replication connection, with its status updates: the slot stays
+    /// with this instance, confirmed up to the last transaction before the
+    /// halt.
+    Stream(ReplicationStream),
+    /// The first-start lock of an initial snapshot that halted: another
+    /// instance would begin the snapshot again and halt at the same row.
+    FirstStart(InitialSnapshot),
+}
+
+/// Halts on `error`: says why once, sets `walrelay_halted{reason}`, and
+/// waits for `shutdown` (unless `--exit-on-halt`), live and not ready,
+/// keeping what `held` holds; then lets it go and returns `error`.
+async fn halted(
+    config: &RunConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    error: RunError,
+    held: Option<Held>,
+) -> RunError {
+    let reason = error.halt_reason().unwrap_or("unknown");
+    let keeps = match &held {
+        Some(Held::Stream(_)) => "keeps the slot (its replication connection stays open)",
+        Some(Held::FirstStart(_)) => "keeps the first-start lock of the initial snapshot",
+        None => "holds nothing",
+    };
+    if config.exit_on_halt {
+        tracing::error!(reason, error = %error, "halted; exiting with code 3 (--exit-on-halt)");
+        metrics.halt(reason, &error.to_string());
+    } else {
+        tracing::error!(reason, error = %error, keeps,
+            "halted: fix the cause, then restart walrelay; until then it stays up, not ready, and exits with code 3 on SIGTERM");
+        metrics.halt(reason, &error.to_string());
+        beating(metrics.health(), shutdown.cancelled()).await;
+    }
+    match held {
+        Some(Held::Stream(stream)) => {
+            // Bounded: on a stalled network even the goodbye may not get through.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.close()).await;
+        }
+        Some(Held::FirstStart(snapshot)) => drop(snapshot),
+        None => {}
+    }
+    error
+}
+
+/// Prepares the slot and streams until shutdown or a definite error; what a
+/// halt should keep open is left in `held`. `primary` tells the monitor
+/// which host the replication connection chose.
+async fn relay(
+    config: &RunConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    held: &mut Option<Held>,
+    primary: watch::Sender<ConnectParams>,
+) -> Result<(), RunError> {
+    let producer_config = producer_config(&config.kafka_brokers, &config.kafka_properties)?;
+    let mut backoff = Backoff { attempt: 0 };
+    let health = metrics.health();
 
     // The slot's position is where the watermark starts; it takes a working
     // database connection, which may take a few tries.
@@ -259,14 +364,17 @@ pub async fn run(
             // first start: nothing to drain yet, and what was begun is redone
             // by the next start.
             () = shutdown.cancelled() => return Ok(()),
-            prepared = prepare_source(config) => prepared,
+            // Each step is bounded by --request-timeout, or waits on purpose
+            // (another instance's first start, slot creation).
+            prepared = beating(health, prepare_source(config, metrics)) => prepared,
         };
         match prepared {
             Ok(prepared) => break prepared,
             Err(e) if e.is_transient() => {
+                metrics.set_role(Role::Starting);
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
                 metrics.reconnects.with_label_values(&["postgres"]).inc();
-                if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                if sleep_or_shutdown(backoff.next(), shutdown, health).await {
                     return Ok(());
                 }
             }
@@ -300,14 +408,15 @@ pub async fn run(
     let sessions = Sessions {
         config,
         sink: &sink,
-        metrics: &metrics,
-        shutdown: &shutdown,
+        metrics,
+        shutdown,
         primary,
         streamed: system,
     };
-    let result = sessions.stream(&mut backoff, initial).await;
-    drop(monitor);
-    metrics.health().set_streaming(false);
+    let result = sessions.stream(&mut backoff, initial, held).await;
+    if metrics.health().role() != Role::Halted {
+        metrics.set_role(Role::Starting);
+    }
     tracing::info!(confirmed = %sink.confirmed(), "stopped");
     result
 }
@@ -331,9 +440,11 @@ impl Sessions<'_> {
         mut self,
         backoff: &mut Backoff,
         initial: Option<InitialSnapshot>,
+        held: &mut Option<Held>,
     ) -> Result<(), RunError> {
         let (config, sink, metrics, shutdown) =
             (self.config, self.sink, self.metrics, self.shutdown);
+        let health = metrics.health();
         let mut known_topics = HashSet::new();
         if let Some(topic) = config.mapping.topic.fixed() {
             if !ensure_topic(sink, topic, metrics, shutdown).await? {
@@ -358,19 +469,33 @@ impl Sessions<'_> {
                 }
                 Ok(exists)
             };
-            let publish = snapshot::publish(config, sink, metrics, initial, ensure);
+            // Active: this instance publishes, and holds the first-start lock.
+            metrics.set_role(Role::Active);
+            let publish = snapshot::publish(config, sink, metrics, &initial, ensure);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
                     tracing::warn!("stopped during the initial snapshot; the next start begins it again");
                     return Ok(());
                 }
-                published = publish => { published?; }
+                // Each fetch is bounded by --request-timeout; sending waits for
+                // the broker on purpose.
+                published = beating(health, publish) => {
+                    if let Err(e) = published {
+                        let e = RunError::from(e);
+                        if e.halt_reason().is_some() && !config.exit_on_halt {
+                            initial.end_transaction().await;
+                            *held = Some(Held::FirstStart(initial));
+                        }
+                        return Err(e);
+                    }
+                }
             }
             // Acknowledged whole, unless a shutdown cut it short.
             if !shutdown.is_cancelled() {
                 metrics.progress().vouch(sink.confirmed());
             }
+            metrics.set_role(Role::Starting);
         }
         let mut standby_since: Option<tokio::time::Instant> = None;
         let mut holder = HolderWatch::default();
@@ -383,11 +508,11 @@ impl Sessions<'_> {
                 known_topics: &mut known_topics,
                 primary: &self.primary,
                 streamed: &mut self.streamed,
+                held: &mut *held,
             };
             let started = tokio::time::Instant::now();
             let result = session.run().await;
             backoff.session_ended(started.elapsed());
-            metrics.health().set_streaming(false);
             let delay = match result {
                 Ok(()) => return Ok(()),
                 Err(RunError::Conn(e)) if e.sqlstate() == Some(SLOT_MISSING) => {
@@ -407,14 +532,18 @@ impl Sessions<'_> {
                         tracing::info!(slot = %config.slot, error = %e, "the slot is in use by another process; standing by");
                         standby_since = Some(tokio::time::Instant::now());
                     }
-                    metrics.standby.set(1);
+                    // PostgreSQL answered, and the slot is there to take over.
+                    metrics.set_role(Role::Standby);
                     let host = self.primary.borrow().clone();
-                    if let Err(e) = check_stale_holder(config, &host, &mut holder).await {
+                    if let Err(e) =
+                        beating(health, check_stale_holder(config, &host, &mut holder)).await
+                    {
                         tracing::debug!(error = %e, "cannot check the slot's holder");
                     }
                     STANDBY_RETRY
                 }
                 Err(e) if e.is_transient() => {
+                    metrics.set_role(Role::Starting);
                     let delay = backoff.next();
                     tracing::warn!(error = %e, retry_in = ?delay, confirmed = %sink.confirmed(), "replication connection lost; reconnecting");
                     metrics.reconnects.with_label_values(&["postgres"]).inc();
@@ -422,7 +551,7 @@ impl Sessions<'_> {
                 }
                 Err(e) => return Err(e),
             };
-            if sleep_or_shutdown(delay, shutdown).await {
+            if sleep_or_shutdown(delay, shutdown, health).await {
                 return Ok(());
             }
         }
@@ -484,7 +613,7 @@ struct Prepared {
 /// initial snapshot waits for it instead of taking its marker for the trace
 /// of an interrupted start. The lock goes with the returned snapshot, and is
 /// released with the metadata connection otherwise.
-async fn prepare_source(config: &RunConfig) -> Result<Prepared, RunError> {
+async fn prepare_source(config: &RunConfig, metrics: &Metrics) -> Result<Prepared, RunError> {
     // Both connections go to the same primary: the replication connection
     // chooses it, the metadata connection follows.
     let ((mut repl, system), primary) = primary::replication(&config.postgres, None).await?;
@@ -496,7 +625,15 @@ async fn prepare_source(config: &RunConfig) -> Result<Prepared, RunError> {
     let client = metadata::connect(&primary).await?;
     let needed = config.mapping.needed_columns();
     metadata::verify_source(&client, &config.publication, &config.table, &needed).await?;
-    snapshot::lock_first_start(&client, &config.slot).await?;
+    snapshot::lock_first_start(&client, &config.slot, |waiting| {
+        // Waiting for another instance's first start is standing by.
+        metrics.set_role(if waiting {
+            Role::Standby
+        } else {
+            Role::Starting
+        });
+    })
+    .await?;
     let marker = snapshot::marker_name(&config.slot);
     let interrupted = slot::inspect(&client, &marker).await?.is_some();
     let existing = slot::inspect(&client, &config.slot).await?;
@@ -685,14 +822,16 @@ async fn ensure_topic(
     shutdown: &CancellationToken,
 ) -> Result<bool, SinkError> {
     let mut backoff = Backoff { attempt: 0 };
+    let health = metrics.health();
     loop {
-        match sink.check_topic(topic, METADATA_TIMEOUT).await {
+        // Bounded by METADATA_TIMEOUT; the broker is waited for on purpose.
+        match beating(health, sink.check_topic(topic, METADATA_TIMEOUT)).await {
             Ok(()) => return Ok(true),
             Err(SinkError::Unreachable(e)) => {
                 metrics.health().set_broker_up(false);
                 metrics.reconnects.with_label_values(&["kafka"]).inc();
                 tracing::warn!(error = %e, "the Kafka cluster is not reachable yet; retrying");
-                if sleep_or_shutdown(backoff.next(), shutdown).await {
+                if sleep_or_shutdown(backoff.next(), shutdown, health).await {
                     return Ok(false);
                 }
             }
@@ -712,6 +851,8 @@ struct Session<'a> {
     primary: &'a watch::Sender<ConnectParams>,
     /// The cluster and timeline last streamed from.
     streamed: &'a mut SystemId,
+    /// Where the replication connection goes when the session halts.
+    held: &'a mut Option<Held>,
 }
 
 /// What the session loop does after a step.
@@ -722,11 +863,17 @@ enum Flow {
 
 impl Session<'_> {
     async fn run(mut self) -> Result<(), RunError> {
+        // Each step is bounded (connect_timeout, --request-timeout); a beat
+        // after each keeps the pulse within the stall limit.
+        let health = self.metrics.health();
         let (mut repl, system, host, switch) = self.connect().await?;
+        health.beat();
         let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        health.beat();
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
+        health.beat();
         let options = source::pgoutput_options(repl.server_version(), &self.config.publication);
         let started = repl
             .start_logical(&self.config.slot, Lsn::ZERO, &options)
@@ -742,6 +889,7 @@ impl Session<'_> {
         // (a standby that takes over would otherwise report the position it
         // read when it started, moving the slot back). Bounded, so that the
         // first status update still goes out before wal_sender_timeout.
+        health.beat();
         let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed(&host))
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
@@ -752,8 +900,7 @@ impl Session<'_> {
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
         let mut stream = started.report(self.sink.feedback().clone(), interval);
-        self.metrics.health().set_streaming(true);
-        self.metrics.standby.set(0);
+        self.metrics.set_role(Role::Active);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
         let mut source = Source::new(
@@ -771,6 +918,9 @@ impl Session<'_> {
                 // The next message; cancel-safe.
                 message = stream.next() => message,
             };
+            // A message at least every status interval from a live server
+            // (walrelay asks for keepalives), else a stall error.
+            health.beat();
             let step = match message.map(|m| source.step(m)) {
                 Ok(Ok(step)) => step,
                 Ok(Err(SourceError::Row {
@@ -794,7 +944,7 @@ impl Session<'_> {
                 Err(e) => break Err(e),
             }
         };
-        self.metrics.health().set_streaming(false);
+        self.metrics.set_role(Role::Starting);
         let advance = state.end(&mut self.sink.ledger());
         self.sink.observe(advance);
         // Nothing behind an event the broker refused may reach it before
@@ -816,18 +966,26 @@ impl Session<'_> {
             );
         }
         let confirmed = self.sink.confirmed();
+        let result = match (result, self.sink.failure()) {
+            // The refusal that names an event, if one came by now.
+            (Err(RunError::Publish(_) | RunError::Sink(SinkError::Publish(_))), Some(failure)) => {
+                Err(RunError::Publish(Box::new(failure)))
+            }
+            (result, _) => result,
+        };
+        if result.as_ref().is_err_and(|e| e.halt_reason().is_some()) && !self.config.exit_on_halt {
+            // Halting: the slot stays with this instance, confirmed up to
+            // here; the status updates go on.
+            tracing::info!(confirmed = %confirmed, "replication connection kept open while halted");
+            *self.held = Some(Held::Stream(stream));
+            return result;
+        }
         // Bounded: on a stalled network even the goodbye may not get through.
         let closed = tokio::time::timeout(CLOSE_TIMEOUT, stream.close())
             .await
             .unwrap_or(Ok(()));
         tracing::info!(confirmed = %confirmed, "replication connection closed");
-        match (result, self.sink.failure()) {
-            // The refusal that names an event, if one came by now.
-            (Err(RunError::Publish(_) | RunError::Sink(SinkError::Publish(_))), Some(failure)) => {
-                return Err(RunError::Publish(Box::new(failure)));
-            }
-            (result, _) => result?,
-        }
+        result?;
         closed.map_err(RunError::from)
     }
 
@@ -918,6 +1076,7 @@ impl Session<'_> {
                 self.sink.observe(advance);
             }
             Step::Event(event) => {
+                self.metrics.events_received.inc();
                 if !state.in_transaction() {
                     return Err(SourceError::Order("event outside a transaction").into());
                 }
@@ -966,10 +1125,6 @@ impl Session<'_> {
                 let advance = state.keepalive(&mut self.sink.ledger(), wal_end);
                 self.sink.observe(advance);
                 self.received(wal_end);
-                let lag = wal_end.bytes_since(self.sink.confirmed());
-                self.metrics
-                    .source_lag_bytes
-                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
             }
             Step::Received { wal_end } => self.received(wal_end),
             Step::Unexpected(change) => {
@@ -998,6 +1153,7 @@ impl Session<'_> {
         commit_lsn: Lsn,
         reason: crate::event::RowError,
     ) -> Result<(), RunError> {
+        self.metrics.events_received.inc();
         self.metrics
             .publish_errors
             .with_label_values(&["invalid_row"])
@@ -1013,7 +1169,7 @@ impl Session<'_> {
                 commit_lsn,
                 reason,
             };
-            tracing::error!(error = %row, "the slot is not confirmed past this row (--on-poison halt)");
+            // Logged once, as the halt.
             return Err(row.into());
         };
         let failure = PublishFailure::invalid_row(

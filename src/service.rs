@@ -1,6 +1,7 @@
 //! `walrelay run` as a process: the metrics endpoint, the signal that stops
 //! it, and the pipeline, started and stopped in one place.
 use std::future::Future;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +26,33 @@ pub enum ServiceError {
     Run(#[from] RunError),
 }
 
+/// How much longer than its longest bounded step the pipeline may go without
+/// a sign of life before `/healthz` calls it wedged.
+pub const STALL_MARGIN: Duration = Duration::from_secs(30);
+
+impl ServiceError {
+    /// The halt's reason, when the pipeline halted.
+    pub fn halt_reason(&self) -> Option<&'static str> {
+        match self {
+            ServiceError::Run(e) => e.halt_reason(),
+            ServiceError::Bind { .. } => None,
+        }
+    }
+}
+
+/// How long the pipeline may show no sign of life: its longest step bounded
+/// by a timeout of its own (a request, a connection, a stall of the
+/// replication stream: at most 30 s), plus [`STALL_MARGIN`].
+pub fn stall_limit(config: &RunConfig) -> Duration {
+    let longest = config
+        .postgres
+        .requests
+        .timeout
+        .max(config.postgres.connect_timeout)
+        .max(Duration::from_secs(30));
+    longest + STALL_MARGIN
+}
+
 /// Serves metrics and runs the pipeline until `stop` completes (then drains)
 /// or the pipeline fails.
 pub async fn run(
@@ -37,6 +65,8 @@ pub async fn run(
     metrics
         .health()
         .set_request_timeout(config.postgres.requests.timeout);
+    metrics.health().set_stall_limit(stall_limit(&config));
+    metrics.health().beat();
     let listener =
         metrics::bind(config.metrics_addr)
             .await
@@ -69,8 +99,11 @@ pub async fn run(
         async move { server_stop.cancelled().await },
     ));
     let on_signal = shutdown.clone();
+    let health = std::sync::Arc::clone(metrics.health());
     let signal = tokio::spawn(async move {
         stop.await;
+        // The drain is bounded by --shutdown-timeout: still live meanwhile.
+        health.set_stopping();
         on_signal.cancel();
     });
 

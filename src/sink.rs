@@ -206,7 +206,7 @@ impl Shared {
         match (&report, record) {
             (Report::Acked, Record::Event) => {
                 self.metrics.events_published.inc();
-                self.metrics.bytes_published.inc_by(size);
+                self.metrics.published_bytes.inc_by(size);
             }
             (Report::Acked, Record::DeadLetter) => self.metrics.dead_lettered.inc(),
             (Report::Refused(failure), _) => self.count(failure),
@@ -380,7 +380,8 @@ fn log_refusal(failure: &PublishFailure, action: &Action) {
         ..
     } = failure;
     match action {
-        Action::Halt => tracing::error!(%aggregate, %seq_nr, %lsn, %topic, %reason,
+        // The halt that follows is the error line.
+        Action::Halt => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
             "event refused; halting, the slot is not confirmed past it"),
         Action::DeadLetter(_) => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
             "event refused; sending it to the dead-letter topic"),
@@ -490,6 +491,12 @@ impl Sink {
             trace_warned: AtomicBool::new(false),
         });
         let mut config = config.clone();
+        if let Some(max) = config
+            .get("queue.buffering.max.messages")
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        {
+            shared.metrics.inflight_events_max.set(max);
+        }
         if on_refusal == OnRefusal::Halt && config.get(GAPLESS).is_none() {
             config.set(GAPLESS, "true");
         }
@@ -588,6 +595,8 @@ impl Sink {
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     record = returned;
+                    // Waiting for the broker is on purpose: not a wedge.
+                    self.shared.metrics.health().beat();
                     // Room comes with each delivery report; the timeout covers
                     // a notification that raced with the check.
                     let _ = tokio::time::timeout(

@@ -108,9 +108,12 @@ pub fn first_start_lock_key(slot: &str) -> i64 {
 /// Takes the session-level lock that serializes the first starts of `slot`
 /// on `client`, waiting as long as another instance holds it (cancel the
 /// future to stop waiting). Dropping the connection releases it.
+/// `waiting(true)` is called when the wait begins, `waiting(false)` when it
+/// ends.
 pub async fn lock_first_start(
     client: &crate::pg::metadata::Client,
     slot: &str,
+    waiting: impl Fn(bool),
 ) -> Result<(), MetadataError> {
     let key = first_start_lock_key(slot);
     let mut waited = false;
@@ -124,10 +127,12 @@ pub async fn lock_first_start(
         if !waited {
             tracing::info!(slot = %slot, "waiting for another instance's first start (its initial snapshot) to finish");
             waited = true;
+            waiting(true);
         }
         tokio::time::sleep(LOCK_RETRY).await;
     }
     if waited {
+        waiting(false);
         tracing::info!(slot = %slot, "the other instance's first start is over; looking at the slot again");
     }
     Ok(())
@@ -171,6 +176,15 @@ impl InitialSnapshot {
             consistent_point: created.consistent_point,
         })
     }
+
+    /// Ends the transaction that holds the snapshot, keeping the session
+    /// (and with it the first-start lock): a snapshot held open for hours
+    /// would keep every database's dead rows from being vacuumed.
+    pub async fn end_transaction(&self) {
+        if let Err(error) = self.client.batch_execute("ROLLBACK").await {
+            tracing::debug!(error = %error, "ending the snapshot's transaction");
+        }
+    }
 }
 
 /// Publishes every row of the table as of the snapshot, waits until all are
@@ -180,7 +194,7 @@ pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
     metrics: &Metrics,
-    snapshot: InitialSnapshot,
+    snapshot: &InitialSnapshot,
     mut ensure_topic: impl AsyncFnMut(&str) -> Result<bool, SinkError>,
 ) -> Result<u64, SnapshotError> {
     let InitialSnapshot {
@@ -188,7 +202,8 @@ pub async fn publish(
         name,
         consistent_point,
     } = snapshot;
-    let relation = describe_table(&client, config).await?;
+    let consistent_point = *consistent_point;
+    let relation = describe_table(client, config).await?;
     let layout = EventLayout::new(&relation, &config.mapping).map_err(SourceError::from)?;
     let columns: Vec<String> = relation
         .columns
@@ -216,6 +231,10 @@ pub async fn publish(
     let txn = Transaction::new(consistent_point, commit_ts);
     let id = sink.begin(commit_ts);
     let mut sent = 0u64;
+    metrics.snapshot_running.set(1);
+    let running = metrics.snapshot_running.clone();
+    // However publishing ends (done, halted, stopped), it no longer runs.
+    let _running = scopeguard(move || running.set(0));
     tracing::info!(snapshot = %name, consistent_point = %consistent_point, "publishing the rows that existed when the slot was created");
     loop {
         let rows = client
@@ -239,6 +258,7 @@ pub async fn publish(
                     let row = row_error(&layout, &tuple, consistent_point, reason);
                     poison_row(config, sink, metrics, id, row).await?;
                     sent += 1;
+                    metrics.snapshot_rows.inc();
                     continue;
                 }
             };
@@ -257,6 +277,7 @@ pub async fn publish(
             }
             sink.send(id, &event).await?;
             sent += 1;
+            metrics.snapshot_rows.inc();
         }
     }
     client.batch_execute("COMMIT").await?;
@@ -286,6 +307,19 @@ pub async fn publish(
     Ok(sent)
 }
 
+/// Runs `f` when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> OnDrop<F> {
+    OnDrop(f)
+}
+
 /// A row of the snapshot that cannot become an event, as `--on-poison` says
 /// and as in streaming: counted, then either the end of the run (the marker
 /// stays, so the next start begins the snapshot again) or a record on the
@@ -311,7 +345,9 @@ async fn poison_row(
         },
     ) = (&config.dead_letter_topic, &row)
     else {
-        tracing::error!(error = %row, "the initial snapshot stops at this row (--on-poison halt); the next start begins it again");
+        tracing::warn!(
+            "the initial snapshot stops at this row (--on-poison halt); the next start begins it again"
+        );
         return Err(row.into());
     };
     let failure = PublishFailure::invalid_row(

@@ -115,7 +115,7 @@ enum Action {
         partitions: i32,
         /// Where walrelay's metrics endpoint is to listen (WALRELAY_METRICS_ADDR
         /// and BANK_WALRELAY_URL are set to it).
-        #[arg(long, default_value = "127.0.0.1:9187")]
+        #[arg(long, default_value = "127.0.0.1:9643")]
         metrics_addr: std::net::SocketAddr,
         /// Also write the environment to this file, once everything is up.
         #[arg(long)]
@@ -145,7 +145,7 @@ struct PublishOptions {
     #[arg(
         long,
         env = "BANK_WALRELAY_URL",
-        default_value = "http://127.0.0.1:9187"
+        default_value = "http://127.0.0.1:9643"
     )]
     walrelay_url: url::Url,
     /// How long --wait-published waits (then exit 5).

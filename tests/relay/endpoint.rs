@@ -108,3 +108,52 @@ async fn slow_http_clients_neither_stop_streaming_nor_hold_up_sigterm() {
     let status = relay.wait(SHUTDOWN_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", relay.stderr_text());
 }
+
+/// `walrelay healthcheck ARGS`: its exit code and what it printed.
+async fn healthcheck(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut probe = Walrelay::spawn(&[&["healthcheck"][..], args].concat(), env);
+    let code = probe.wait(Duration::from_secs(30)).await.code();
+    let printed = format!("{}{}", probe.stdout_lines().join("\n"), probe.stderr_text());
+    (code, printed)
+}
+
+#[tokio::test]
+async fn walrelay_healthcheck_probes_the_local_endpoint_as_a_container_healthcheck_would() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let (mut relay, addr) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    let addr_text = addr.to_string();
+    let (code, printed) = healthcheck(&["--metrics-addr", &addr_text], &[]).await;
+    assert_eq!((code, printed.as_str()), (Some(0), "ok"));
+    let (code, printed) =
+        healthcheck(&["--metrics-addr", &addr_text, "--probe", "readyz"], &[]).await;
+    assert_eq!((code, printed.as_str()), (Some(0), "ready"));
+    // As in the image: the address from the environment, on every interface.
+    let wildcard = format!("0.0.0.0:{}", addr.port());
+    let (code, _) = healthcheck(
+        &["--probe", "active"],
+        &[("WALRELAY_METRICS_ADDR", &wildcard)],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+
+    // A standby is live and ready, not active: exit 1 for that probe only.
+    let mut standby = Walrelay::start(&url, &kafka.bootstrap(), &[]);
+    let standby_addr = standby.metrics_addr().await.to_string();
+    standby.wait_for_stderr("standing by", WAIT).await;
+    let (code, _) = healthcheck(&["--metrics-addr", &standby_addr, "--probe", "readyz"], &[]).await;
+    assert_eq!(code, Some(0));
+    let (code, printed) =
+        healthcheck(&["--metrics-addr", &standby_addr, "--probe", "active"], &[]).await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(printed.contains("503 not active: standing by"), "{printed}");
+
+    // Nothing listening: unhealthy, at once.
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
+    let (code, printed) =
+        healthcheck(&["--metrics-addr", &addr_text, "--timeout", "2s"], &[]).await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(printed.starts_with("unhealthy: "), "{printed}");
+}

@@ -127,9 +127,10 @@ async fn assert_halted_at_poison(
     good_end: Lsn,
     poison_end: Lsn,
 ) {
+    // Halted, exiting at once (--exit-on-halt).
     assert_eq!(
         relay.wait(WAIT).await.code(),
-        Some(1),
+        Some(3),
         "{}",
         relay.stderr_text()
     );
@@ -158,7 +159,11 @@ async fn an_event_too_large_for_the_producer_halts_without_confirming_past_it() 
     let (mut relay, _) = Walrelay::run(
         &url(&pg),
         &kafka.bootstrap(),
-        &["--kafka-property", "message.max.bytes=20000"],
+        &[
+            "--kafka-property",
+            "message.max.bytes=20000",
+            "--exit-on-halt",
+        ],
     )
     .await;
     let (good_end, poison_end) = good_then_poison(&pg, 50_000).await;
@@ -170,7 +175,7 @@ async fn an_event_too_large_for_the_producer_halts_without_confirming_past_it() 
 async fn an_event_the_broker_refuses_halts_without_confirming_past_it() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &["--exit-on-halt"]).await;
     pg.psql("INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('warm', 1, 'Ok', '{}');").await;
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
     // The next produce requests are answered "too large", a permanent error.
@@ -182,7 +187,7 @@ async fn an_event_the_broker_refuses_halts_without_confirming_past_it() {
     let (_, poison_end) = good_then_poison(&pg, 10).await;
     assert_eq!(
         relay.wait(WAIT).await.code(),
-        Some(1),
+        Some(3),
         "{}",
         relay.stderr_text()
     );

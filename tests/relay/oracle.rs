@@ -24,19 +24,20 @@ async fn write_for(writer: Writer, period: Duration) -> Writer {
     task.await.expect("the writer")
 }
 
-/// The index of the one instance that streams (`/readyz` 200), once there is one.
+/// The index of the one instance that streams (`/active` 200; a standby is
+/// ready too), once there is one.
 async fn active(metrics: &[std::net::SocketAddr]) -> usize {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let ready: Vec<usize> = (0..metrics.len())
-            .filter(|i| http_get(metrics[*i], "/readyz").0 == 200)
+        let active: Vec<usize> = (0..metrics.len())
+            .filter(|i| http_get(metrics[*i], "/active").0 == 200)
             .collect();
-        if let [one] = ready[..] {
+        if let [one] = active[..] {
             return one;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not exactly one instance streams: {ready:?}"
+            "not exactly one instance streams: {active:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, metric};
+use crate::support::walrelay::{Walrelay, http_get, metric, wait_for_metric};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -38,30 +38,124 @@ fn loose_args(pg: &PgServer) -> (String, Vec<&'static str>) {
     )
 }
 
+/// How many times PostgreSQL refused the slot to another process so far.
+fn slot_refusals(pg: &PgServer) -> usize {
+    std::fs::read_to_string(pg.log_path())
+        .unwrap_or_default()
+        .matches("replication slot \"walrelay\" is active for PID")
+        .count()
+}
+
+/// Waits until the instance at `addr` halted on a poison row.
+async fn halted_on_a_poison_row(addr: std::net::SocketAddr) {
+    wait_for_metric(
+        addr,
+        r#"walrelay_halted{reason="poison_row"}"#,
+        |v| v == 1,
+        WAIT,
+    )
+    .await;
+}
+
+/// The PID of the walsender that holds the slot, if any.
+async fn slot_holder(pg: &PgServer) -> String {
+    pg.psql("SELECT coalesce(active_pid::text, '') FROM pg_replication_slots WHERE slot_name = 'walrelay'")
+        .await
+}
+
 #[tokio::test]
-async fn a_row_that_is_not_json_halts_by_default_without_confirming_past_it() {
+async fn a_row_that_is_not_json_halts_an_instance_that_stays_up_keeps_the_slot_and_exits_3_on_sigterm()
+ {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 3);
     loose_table(&pg).await;
     let (url, args) = loose_args(&pg);
-    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    let mut standby = Walrelay::start(&url, &kafka.bootstrap(), &args);
+    let standby_addr = standby.metrics_addr().await;
+    standby.wait_for_stderr("standing by", WAIT).await;
     pg.psql("INSERT INTO loose VALUES ('a', 1, 'Ok', '{}');")
         .await;
     let good_end = current_lsn(&pg).await;
+    wait_confirmed(&pg, "walrelay", good_end).await;
+    let holder = slot_holder(&pg).await;
     pg.psql("INSERT INTO loose VALUES ('a', 2, 'Bad', 'not json');")
         .await;
     let bad_end = current_lsn(&pg).await;
-    assert_eq!(relay.wait(WAIT).await.code(), Some(1));
+
+    // Halted: up, live, not ready, not active, the reason exported, and one
+    // error line saying why.
+    halted_on_a_poison_row(metrics).await;
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert_eq!(metric(metrics, "walrelay_halted"), 1);
+    assert_eq!(metric(metrics, "walrelay_active"), 0);
+    assert_eq!(http_get(metrics, "/healthz").0, 200);
+    let (status, body) = http_get(metrics, "/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("halted: poison_row"), "{body}");
+    assert_eq!(http_get(metrics, "/active").0, 503);
+    relay.wait_for_stderr("halted: fix the cause", WAIT).await;
     let logs = relay.stderr_text();
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{logs}");
     assert!(
-        logs.contains("aggregate Some(\"a\") seq_nr 2") && logs.contains("not valid JSON"),
+        errors[0].contains("halted")
+            && errors[0].contains("aggregate Some(\"a\") seq_nr 2")
+            && errors[0].contains("not valid JSON"),
         "{logs}"
     );
+
+    // It keeps the slot: the standby tries it again and again, and stays a
+    // ready standby meanwhile, rather than take over and halt on the same row.
+    let refused = slot_refusals(&pg);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while slot_refusals(&pg) < refused + 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby stopped trying"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        slot_holder(&pg).await,
+        holder,
+        "the halted instance let the slot go"
+    );
+    assert_eq!(metric(standby_addr, "walrelay_standby"), 1);
+    assert_eq!(http_get(standby_addr, "/readyz").0, 200);
+    assert_eq!(http_get(standby_addr, "/active").0, 503);
     let confirmed = slot_confirmed(&pg, "walrelay").await;
     assert!(
         confirmed >= good_end && confirmed < bad_end,
         "{confirmed} not between {good_end} and {bad_end}"
     );
+
+    // SIGTERM ends it at once with the halt's code; the standby then takes
+    // the slot and meets the same row.
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(3));
+    halted_on_a_poison_row(standby_addr).await;
+    assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(3));
+
+    // With --exit-on-halt, it exits with the halt's code by itself.
+    let mut exits = Walrelay::start(
+        &url,
+        &kafka.bootstrap(),
+        &[&args[..], &["--exit-on-halt"]].concat(),
+    );
+    assert_eq!(
+        exits.wait(WAIT).await.code(),
+        Some(3),
+        "{}",
+        exits.stderr_text()
+    );
+    assert!(
+        exits.stderr_text().contains("halted"),
+        "{}",
+        exits.stderr_text()
+    );
+
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(confirmed < bad_end, "{confirmed} past {bad_end}");
     let published = kafka.read("events", 1, WAIT);
     assert_eq!(
         published
@@ -148,13 +242,13 @@ async fn an_update_that_slipped_past_the_guard_halts_or_is_skipped_but_never_pub
          ALTER TABLE events ENABLE TRIGGER ALL;";
 
     // Default: halt, naming the change, with the slot before it.
-    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &["--exit-on-halt"]).await;
     pg.psql("INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', 1, 'Ok', '{}');")
         .await;
     let good_end = current_lsn(&pg).await;
     pg.psql(bypass).await;
     let bad_end = current_lsn(&pg).await;
-    assert_eq!(relay.wait(WAIT).await.code(), Some(1));
+    assert_eq!(relay.wait(WAIT).await.code(), Some(3));
     assert!(
         relay.stderr_text().contains("saw a UPDATE"),
         "{}",
@@ -193,7 +287,7 @@ async fn a_table_renamed_while_streaming_stops_walrelay_naming_both_names_and_lo
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 3);
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
-    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &["--exit-on-halt"]).await;
     let row = |table: &str, seq: i32| {
         format!(
             "INSERT INTO {table} (aggregate_id, seq_nr, event_type, payload) VALUES ('a', {seq}, 'Ok', '{{}}');"
@@ -208,7 +302,7 @@ async fn a_table_renamed_while_streaming_stops_walrelay_naming_both_names_and_lo
 
     assert_eq!(
         relay.wait(WAIT).await.code(),
-        Some(1),
+        Some(3),
         "{}",
         relay.stderr_text()
     );

@@ -97,22 +97,44 @@ async fn a_broker_down_at_start_is_waited_for() {
 async fn a_second_instance_stands_by_and_takes_over_when_the_first_dies() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
-    let (mut first, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let (mut first, first_addr) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
     let mut second = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
     let standby_addr = second.metrics_addr().await;
     second.wait_for_stderr("standing by", WAIT).await;
+    // Both ready, as Kubernetes probes them; exactly one active.
+    for addr in [first_addr, standby_addr] {
+        assert_eq!(http_get(addr, "/healthz").0, 200);
+        eventually("both instances are ready", || {
+            http_get(addr, "/readyz").0 == 200
+        })
+        .await;
+    }
+    assert_eq!(http_get(first_addr, "/active").0, 200);
+    assert_eq!(http_get(standby_addr, "/active").0, 503);
+    assert_eq!(metric(first_addr, "walrelay_active"), 1);
+    assert_eq!(metric(standby_addr, "walrelay_active"), 0);
     assert_eq!(metric(standby_addr, "walrelay_standby"), 1);
-    assert_eq!(http_get(standby_addr, "/readyz").0, 503);
 
     let mut client = pg.client().await;
     let mut seqs = HashMap::new();
     let mut committed = write_mixed(&mut client, "a", 10, 20, 0, &mut seqs).await;
     first.stop_with(Signal::SIGKILL).await;
     let killed_at = tokio::time::Instant::now();
-    second.wait_for_stderr("streaming", WAIT).await;
+    // The other becomes active within seconds (it tries every second).
+    let deadline = killed_at + Duration::from_secs(15);
+    while http_get(standby_addr, "/active").0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no takeover within 15 s:\n{}",
+            second.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let took = killed_at.elapsed();
-    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
+    assert_eq!(metric(standby_addr, "walrelay_active"), 1);
     assert_eq!(metric(standby_addr, "walrelay_standby"), 0);
+    assert_eq!(http_get(standby_addr, "/readyz").0, 200);
+    eprintln!("takeover took {took:?}");
 
     committed.extend(write_mixed(&mut client, "b", 10, 20, 0, &mut seqs).await);
     wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
@@ -147,7 +169,10 @@ async fn an_idle_events_table_does_not_pin_the_wal_of_a_busy_database() {
         "{retained} bytes behind at {confirmed}"
     );
     eventually("the slot's wal_status is exported", || {
-        metric(metrics, r#"walrelay_slot_wal_status{status="reserved"}"#) == 1
+        metric(
+            metrics,
+            r#"walrelay_slot_wal_status{slot="walrelay",status="reserved"}"#,
+        ) == 1
     })
     .await;
     assert_eq!(metric(metrics, "walrelay_slot_wal_status"), 1);

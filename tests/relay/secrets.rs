@@ -43,6 +43,37 @@ async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String
     (status.code(), printed)
 }
 
+/// Runs `walrelay [GLOBAL] run` against a fresh PostgreSQL and Kafka with
+/// `args` and `env` until it logs a line holding `streaming`, stops it with
+/// SIGTERM (it must exit 0), and returns its logs.
+async fn logs_of_a_run(
+    global: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    streaming: &str,
+) -> String {
+    use crate::support::kafka::Kafka;
+    use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let brokers = kafka.bootstrap();
+    let run = [
+        "run",
+        "--postgres-url",
+        &url,
+        "--kafka-brokers",
+        &brokers,
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    let mut relay = Walrelay::spawn(&[global, &run[..], args].concat(), env);
+    relay.wait_for_stderr(streaming, WAIT).await;
+    let status = relay.stop_with(nix::sys::signal::Signal::SIGTERM).await;
+    assert_eq!(status.code(), Some(0), "{}", relay.stderr_text());
+    relay.stderr_text()
+}
+
 #[tokio::test]
 async fn help_never_prints_a_secret_from_the_environment() {
     let url = format!("postgres://walrelay:{}@db/app", "hunter2%3B");
@@ -54,9 +85,11 @@ async fn help_never_prints_a_secret_from_the_environment() {
     for args in [
         &["--help"][..],
         &["run", "--help"],
+        &["run", "-h"],
         &["check", "--help"],
         &["tail", "--help"],
         &["demo", "--help"],
+        &["healthcheck", "--help"],
     ] {
         let (code, printed) = run_to_end(args, &env).await;
         assert_eq!(code, Some(0), "{args:?}:\n{printed}");
@@ -251,4 +284,84 @@ async fn tls_weakening_properties_are_warned_about_and_reported_by_check() {
     w.wait_for_stderr("ssl.endpoint.identification.algorithm=none", WAIT)
         .await;
     assert_hidden(&w.stderr_text(), "run");
+}
+
+#[tokio::test]
+async fn json_logs_are_flat_with_slot_and_version_and_never_show_a_secret_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // The secret in a file of its own, named from Kafka's client format.
+    let secret = private_file(dir.path(), "kafka-password", &format!("{SECRET}\n"), 0o600);
+    let properties = private_file(
+        dir.path(),
+        "client.properties",
+        &format!(
+            "# the Java client's file\nsasl.username: walrelay\nsasl.password=file:{}\n",
+            secret.display()
+        ),
+        0o644,
+    );
+    let logs = logs_of_a_run(
+        &["--log-format", "json"],
+        &[
+            "--slot",
+            "orders",
+            "--kafka-properties-file",
+            properties.to_str().unwrap(),
+        ],
+        &[],
+        "\"message\":\"streaming\"",
+    )
+    .await;
+    assert_hidden(&logs, "JSON logs");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(lines.len() > 3, "{logs}");
+    for line in &lines {
+        assert_eq!(line["slot"], "orders", "{line}");
+        assert_eq!(line["version"], env!("CARGO_PKG_VERSION"), "{line}");
+        assert!(
+            line["message"].is_string() && line.get("fields").is_none(),
+            "{line}"
+        );
+    }
+    // Fields at the top level: the start line's, and the warning that SASL
+    // credentials go without TLS (the password came from its file).
+    let starting = lines.iter().find(|l| l["message"] == "starting").unwrap();
+    assert_eq!(starting["topic"], "events");
+    assert!(starting["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .unwrap()
+                .contains("security.protocol=plaintext")),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn librdkafka_debug_logs_of_the_configuration_never_show_a_secret_property() {
+    // librdkafka's `debug=conf` logs every property set, at debug level.
+    let password = format!("sasl.password={SECRET}");
+    let logs = logs_of_a_run(
+        &[],
+        &[
+            "--kafka-property",
+            &password,
+            "--kafka-property",
+            "debug=conf",
+        ],
+        &[("WALRELAY_LOG", "debug")],
+        "streaming",
+    )
+    .await;
+    // The dump was logged, the property named in it, its value not.
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("sasl.password") && l.contains("redacted")),
+        "{logs}"
+    );
+    assert_hidden(&logs, "debug logs");
 }
