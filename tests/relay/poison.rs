@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
@@ -120,6 +121,64 @@ async fn dead_letter_describes_bad_rows_and_refused_events_and_goes_on() {
     // Handled, so the slot moves past them.
     wait_confirmed(&pg, "walrelay", end).await;
     assert_eq!(metric(metrics, "walrelay_dead_lettered_total"), 3);
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_refusal_of_the_delivery_halts_even_with_dead_letter_and_the_event_arrives_after_the_restart()
+ {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    kafka.cluster().create_topic("dead", 1, 1).unwrap();
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let args = ["--on-poison", "dead-letter", "--dead-letter-topic", "dead"];
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    let row = |seq: i32| {
+        format!(
+            "INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', {seq}, 'Ok', '{{}}');"
+        )
+    };
+    pg.psql(&row(1)).await;
+    let good_end = current_lsn(&pg).await;
+    wait_confirmed(&pg, "walrelay", good_end).await;
+    // The topic is not authorised for the next produce request: nothing is
+    // wrong with the event, so it must not be dead-lettered.
+    kafka.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    pg.psql(&row(2)).await;
+    let bad_end = current_lsn(&pg).await;
+    assert_eq!(
+        relay.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        relay.stderr_text()
+    );
+    let logs = relay.stderr_text();
+    assert!(
+        logs.contains("not about the event itself") && logs.contains("whatever --on-poison says"),
+        "{logs}"
+    );
+    assert!(
+        kafka.read("dead", 1, Duration::from_secs(2)).is_empty(),
+        "a valid event was dead-lettered"
+    );
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(
+        confirmed >= good_end && confirmed < bad_end,
+        "{confirmed} not between {good_end} and {bad_end}"
+    );
+    // The cause is gone: the restart publishes it.
+    kafka.cluster().clear_request_errors(RDKafkaApiKey::Produce);
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    wait_confirmed(&pg, "walrelay", bad_end).await;
+    let seqs: Vec<i64> = kafka
+        .read("events", 2, WAIT)
+        .iter()
+        .map(crate::support::kafka::Record::seq_nr)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
