@@ -289,6 +289,62 @@ async fn a_table_renamed_while_streaming_stops_walrelay_naming_both_names_and_lo
 }
 
 #[tokio::test]
+async fn a_table_that_lost_the_name_while_walrelay_was_down_is_not_published_after_the_restart() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let row = |table: &str, key: &str, seq: i32| {
+        format!(
+            "INSERT INTO {table} (aggregate_id, seq_nr, event_type, payload) VALUES ('{key}', {seq}, 'Ok', '{{}}');"
+        )
+    };
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    pg.psql(&row("events", "a", 1)).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+
+    // While walrelay is down: an event it has not published yet, then the
+    // table is renamed, a new events table takes its place, and writers
+    // keep inserting into the old one.
+    pg.psql(&row("events", "a", 2)).await;
+    pg.psql("ALTER TABLE events RENAME TO events_old;").await;
+    pg.apply_schema().await;
+    pg.psql(&format!("GRANT SELECT ON events TO {SCRAM_USER};"))
+        .await;
+    pg.psql(&row("events_old", "old", 1)).await;
+    pg.psql(&row("events", "new", 1)).await;
+
+    // The restart replays the rename: the old table's rows after it are
+    // another table's.
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    pg.psql(&row("events_old", "old", 2)).await;
+    pg.psql(&row("events", "new", 2)).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    let mut published: Vec<(String, i64)> = kafka
+        .read("events", 4, WAIT)
+        .iter()
+        .map(|r| (r.key.clone(), r.seq_nr()))
+        .collect();
+    published.sort();
+    assert_eq!(
+        published,
+        [
+            ("a".to_owned(), 1),
+            ("a".to_owned(), 2),
+            ("new".to_owned(), 1),
+            ("new".to_owned(), 2)
+        ],
+        "{}",
+        relay.stderr_text()
+    );
+    assert!(
+        kafka.read("events", 5, Duration::from_secs(2)).len() == 4,
+        "a row of events_old was published"
+    );
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn bad_rows_of_the_initial_snapshot_are_dead_lettered_too() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 3);
