@@ -498,7 +498,8 @@ impl Session<'_> {
                     .poison_row(&mut state, aggregate, seq_nr, commit_lsn, reason)
                     .await
                 {
-                    Ok(()) => continue,
+                    Ok(Flow::Continue) => continue,
+                    Ok(Flow::Stop) => break Ok(()),
                     Err(e) => break Err(e),
                 },
                 Ok(Err(e)) => break Err(e.into()),
@@ -620,7 +621,10 @@ impl Session<'_> {
     }
 
     /// A row that cannot become an event: counted, then either the end of
-    /// the run or a record on the dead-letter topic in its place.
+    /// the run or a record on the dead-letter topic in its place. Handing
+    /// that record over waits while the producer queue is full, so shutdown
+    /// may stop the wait (the session then ends inside the transaction, which
+    /// the next start replays).
     async fn poison_row(
         &mut self,
         state: &mut SessionState,
@@ -628,7 +632,7 @@ impl Session<'_> {
         seq_nr: String,
         commit_lsn: Lsn,
         reason: crate::event::RowError,
-    ) -> Result<(), RunError> {
+    ) -> Result<Flow, RunError> {
         self.metrics
             .publish_errors
             .with_label_values(&["invalid_row"])
@@ -656,9 +660,14 @@ impl Session<'_> {
         );
         tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
             reason = %failure.reason, "row cannot be published; sending it to the dead-letter topic");
-        self.sink.dead_letter(txn, &failure).await?;
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Ok(Flow::Stop),
+            // Waits while the producer queue is full, as an event does.
+            sent = self.sink.dead_letter(txn, &failure) => sent?,
+        }
         state.sent();
-        Ok(())
+        Ok(Flow::Continue)
     }
 
     fn received(&self, lsn: Lsn) {

@@ -8,7 +8,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, metric};
+use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -180,6 +180,44 @@ async fn a_refusal_of_the_delivery_halts_even_with_dead_letter_and_the_event_arr
         .collect();
     assert_eq!(seqs, [1, 2]);
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_stops_a_dead_letter_record_waiting_for_room_in_the_producer() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    kafka.cluster().create_topic("dead", 1, 1).unwrap();
+    loose_table(&pg).await;
+    let (url, mut args) = loose_args(&pg);
+    args.extend([
+        "--on-poison",
+        "dead-letter",
+        "--dead-letter-topic",
+        "dead",
+        "--kafka-property",
+        "queue.buffering.max.messages=3",
+        "--shutdown-timeout",
+        "2s",
+    ]);
+    let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    // The broker goes away; three events fill the producer's queue, and the
+    // record describing the bad row behind them waits for room.
+    kafka.set_all_brokers(false);
+    pg.psql(
+        "INSERT INTO loose VALUES ('a', 1, 'Ok', '{}'), ('a', 2, 'Ok', '{}'), ('a', 3, 'Ok', '{}'),
+                                  ('a', 4, 'Bad', 'not json');",
+    )
+    .await;
+    wait_for_metric(metrics, "walrelay_inflight_events", |v| v == 3, WAIT).await;
+    relay
+        .wait_for_stderr("sending it to the dead-letter topic", WAIT)
+        .await;
+    assert_eq!(
+        relay.stop_with(Signal::SIGTERM).await.code(),
+        Some(0),
+        "{}",
+        relay.stderr_text()
+    );
 }
 
 #[tokio::test]
