@@ -121,16 +121,8 @@ impl RunError {
     fn is_transient(&self) -> bool {
         match self {
             RunError::Conn(e) => e.is_transient(),
-            RunError::Metadata(MetadataError::Postgres(e))
-            | RunError::Setup(SetupError::Metadata(MetadataError::Postgres(e))) => {
-                e.as_db_error().is_none()
-                    || e.code()
-                        .is_some_and(|c| c.code().starts_with("57") || c.code().starts_with("08"))
-            }
-            RunError::Metadata(MetadataError::Timeout(_))
-            | RunError::Setup(SetupError::Metadata(MetadataError::Timeout(_)))
-            | RunError::Sink(SinkError::Unreachable(_))
-            | RunError::SlotPosition(_) => true,
+            RunError::Metadata(e) | RunError::Setup(SetupError::Metadata(e)) => e.is_transient(),
+            RunError::Sink(SinkError::Unreachable(_)) | RunError::SlotPosition(_) => true,
             _ => false,
         }
     }

@@ -82,6 +82,24 @@ pub enum MetadataError {
 }
 
 impl MetadataError {
+    /// Whether trying again later may succeed without anyone changing
+    /// anything: no answer, a lost connection (class 08), a server short of
+    /// resources such as connection slots (class 53: too_many_connections,
+    /// out_of_memory, ...), or one shutting down, starting up or cancelling
+    /// (class 57: admin_shutdown, cannot_connect_now, query_canceled, ...).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MetadataError::Postgres(e) => match e.as_db_error() {
+                None => true,
+                Some(db) => ["08", "53", "57"]
+                    .iter()
+                    .any(|class| db.code().code().starts_with(class)),
+            },
+            MetadataError::Timeout(_) => true,
+            MetadataError::Tls(_) => false,
+        }
+    }
+
     /// The SQLSTATE when the server reported the error.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

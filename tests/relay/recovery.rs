@@ -94,6 +94,34 @@ async fn a_broker_down_at_start_is_waited_for() {
 }
 
 #[tokio::test]
+async fn a_server_out_of_connection_slots_at_start_is_waited_for() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    // Every connection of walrelay's role is refused with 53300
+    // (too_many_connections), as on a server whose slots are all taken: a
+    // shortage that ends by itself, so walrelay retries instead of exiting.
+    pg.psql(&format!("ALTER ROLE {SCRAM_USER} CONNECTION LIMIT 0"))
+        .await;
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    relay
+        .wait_for_stderr_count("PostgreSQL is not reachable yet; retrying", 2, WAIT)
+        .await;
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert!(
+        relay.stderr_text().contains("53300"),
+        "{}",
+        relay.stderr_text()
+    );
+    pg.psql(&format!("ALTER ROLE {SCRAM_USER} CONNECTION LIMIT -1"))
+        .await;
+    relay.wait_for_stderr("streaming", WAIT).await;
+    let committed = write_mixed(&mut pg.client().await, "x", 3, 5, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn a_second_instance_stands_by_and_takes_over_when_the_first_dies() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
