@@ -441,7 +441,9 @@ enum Flow {
 impl Session<'_> {
     async fn run(mut self) -> Result<(), RunError> {
         let mut repl = ReplicationConnection::connect(&self.config.postgres).await?;
-        let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        let timing =
+            conn::StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await?);
+        let interval = timing.status_interval;
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
@@ -463,7 +465,7 @@ impl Session<'_> {
             .map_err(|_| RunError::SlotPosition(interval))??;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
-        let mut stream = started.report(self.sink.feedback().clone(), interval);
+        let mut stream = started.report(self.sink.feedback().clone(), timing);
         self.metrics.health().set_streaming(true);
         self.metrics.standby.set(0);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");

@@ -60,7 +60,8 @@ pub async fn run<W: Write>(
     drop(client);
 
     let mut repl = ReplicationConnection::connect(&options.postgres).await?;
-    let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+    let timing =
+        conn::StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await?);
     let anchor = source::anchor(&mut repl, &options.table)
         .await?
         .ok_or_else(|| SourceError::TableMissing(options.table.clone()))?;
@@ -77,7 +78,7 @@ pub async fn run<W: Write>(
         )
         .await?
         // A temporary slot of its own: nobody else moved it since its creation.
-        .report(Feedback::new(slot.consistent_point), interval);
+        .report(Feedback::new(slot.consistent_point), timing);
     tracing::info!(slot = %slot.name, start = %slot.consistent_point, table = %options.table, "tailing");
 
     let mut source = Source::new(options.table.clone(), options.topic.clone(), anchor);

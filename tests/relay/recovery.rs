@@ -425,6 +425,54 @@ async fn a_stalled_connection_is_detected_and_survived() {
 }
 
 #[tokio::test]
+async fn a_walsender_silent_for_less_than_its_timeout_is_not_taken_for_a_stall() {
+    // A walsender busy decoding a large transaction reads status updates,
+    // and answers their requests for a keepalive, only every half
+    // wal_sender_timeout: with 40 s, it says nothing for 20 s plus a status
+    // interval (10 s), and longer while it catches up. Freezing it for 34 s
+    // stands in for that; a limit below the timeout (30 s, as three capped
+    // intervals made it) reconnects and decodes the same transaction again,
+    // forever.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = '40s'".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "a", 5, 10, 0, &mut seqs).await;
+    kafka.read("events", committed.len(), WAIT);
+
+    let walsender: i32 = pg
+        .psql("SELECT pid FROM pg_stat_replication")
+        .await
+        .parse()
+        .unwrap();
+    let walsender = nix::unistd::Pid::from_raw(walsender);
+    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    committed.extend(write_mixed(&mut client, "b", 5, 10, 0, &mut seqs).await);
+    // The silence itself is what is tested: its length is the condition.
+    tokio::time::sleep(Duration::from_secs(34)).await;
+    nix::sys::signal::kill(walsender, Signal::SIGCONT).unwrap();
+
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    assert!(
+        !relay.stderr_text().contains("the connection stalls"),
+        "{}",
+        relay.stderr_text()
+    );
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        0
+    );
+    assert_eq!(pg.decoding_sessions("walrelay").len(), 1);
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn the_heartbeat_moves_the_slot_with_no_writes_at_all() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
