@@ -14,7 +14,13 @@
 //! reported. A holder whose report has not changed at all for
 //! `--stale-slot-grace`, timed on the standby's own monotonic clock, is dead
 //! or frozen. The holder's clock is never compared with anyone else's: a
-//! holder whose clock is hours off is as alive as any other.
+//! holder whose clock is hours off is as alive as any other. The grace is
+//! never shorter than the server's `wal_sender_timeout` plus 10 s when that
+//! is set ([`holder_grace`]): a walsender busy decoding reads its client's
+//! updates only every half timeout (and the server ends a silent
+//! connection itself after the timeout). Only a walsender is judged: a session that holds
+//! the slot through the SQL functions (`pg_logical_slot_get_changes`) sends
+//! no replies, and is waited for, never terminated.
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -151,8 +157,12 @@ enum Holder {
     /// A walsender whose replies this role may not see: without
     /// `pg_read_all_stats`, `pg_stat_replication` shows its PID only.
     Hidden(i32),
-    /// The holder with its replies (`None`: not a walsender, so it sends none).
-    Seen(i32, Option<Replies>),
+    /// A backend that is not a walsender (a session calling
+    /// `pg_logical_slot_get_changes`, say): it sends no replies, so their
+    /// standing still says nothing about it.
+    Backend(i32),
+    /// A walsender with its replies.
+    Seen(i32, Replies),
 }
 
 /// What a look at the holder concluded.
@@ -162,6 +172,8 @@ enum Verdict {
     Alive,
     /// The holder's replies cannot be seen: no judgement is possible.
     Hidden(i32),
+    /// The holder is not a walsender: never judged, never terminated.
+    Backend(i32),
     /// The holder's replies have not changed for this long, past the grace.
     Stale(i32, Duration),
 }
@@ -171,17 +183,41 @@ enum Verdict {
 #[derive(Debug, Default)]
 pub struct HolderWatch {
     /// The holder's PID, its replies, and when this instance first saw them so.
-    last: Option<(i32, Option<Replies>, Instant)>,
+    last: Option<(i32, Replies, Instant)>,
     /// The PID last reported as stale, so that each is reported once.
     reported_stale: Option<i32>,
     /// The PID last reported as hidden, likewise.
     reported_hidden: Option<i32>,
+    /// The PID last reported as not a walsender, likewise.
+    reported_backend: Option<i32>,
+}
+
+/// The grace a standby gives the slot's holder: `configured`
+/// (`--stale-slot-grace`), and never less than the server's
+/// `wal_sender_timeout` plus a margin ([`silence_limit`]), as `SHOW` prints
+/// it in `wal_sender_timeout_shown`. A walsender busy decoding a large
+/// transaction reads its client's status updates only every half
+/// `wal_sender_timeout`, so `pg_stat_replication` may show the same reply
+/// for that long and more while the holder is well; the server itself ends a
+/// connection whose client stays silent for `wal_sender_timeout`. With the
+/// timeout disabled (0), a walsender reads the updates as they come (every
+/// 10 s from a healthy holder) and never ends a silent connection itself:
+/// `configured` applies as it is.
+///
+/// [`silence_limit`]: crate::pg::conn::silence_limit
+pub fn holder_grace(configured: Duration, wal_sender_timeout_shown: &str) -> Duration {
+    if wal_sender_timeout_shown.trim() == "0" {
+        return configured;
+    }
+    configured.max(crate::pg::conn::silence_limit(wal_sender_timeout_shown))
 }
 
 impl HolderWatch {
-    /// Looks at the holder of `slot` once. When its replies have not changed
-    /// for `grace`, reports it with its PID (once) and, with `take_over`,
-    /// terminates it so that this instance can take the slot.
+    /// Looks at the holder of `slot` once. When it is a walsender whose
+    /// replies have not changed for `grace` (raised to [`holder_grace`]),
+    /// reports it with its PID (once) and, with `take_over`, terminates it so
+    /// that this instance can take the slot. A holder that is not a walsender
+    /// is reported once and left alone.
     pub async fn check(
         &mut self,
         client: &crate::pg::metadata::Client,
@@ -189,6 +225,11 @@ impl HolderWatch {
         grace: Duration,
         take_over: bool,
     ) -> Result<(), MetadataError> {
+        let shown: String = client
+            .query_one("SELECT current_setting('wal_sender_timeout')", &[])
+            .await?
+            .get(0);
+        let grace = holder_grace(grace, &shown);
         let holder = match client
             .query_opt(
                 "SELECT s.active_pid, r.pid IS NOT NULL, r.state IS NOT NULL,
@@ -201,14 +242,15 @@ impl HolderWatch {
         {
             None => Holder::Nobody,
             Some(row) => match (row.get(0), row.get(1), row.get(2)) {
+                (pid, false, _) => Holder::Backend(pid),
                 (pid, true, false) => Holder::Hidden(pid),
-                (pid, walsender, _) => Holder::Seen(
+                (pid, true, true) => Holder::Seen(
                     pid,
-                    walsender.then(|| Replies {
+                    Replies {
                         reply_time: row.get(3),
                         write_lsn: row.get(4),
                         flush_lsn: row.get(5),
-                    }),
+                    },
                 ),
             },
         };
@@ -220,6 +262,14 @@ impl HolderWatch {
                         "cannot tell whether the slot's holder is alive: pg_stat_replication shows its replies only to roles with \
                          pg_read_all_stats; GRANT pg_read_all_stats to walrelay's role for --stale-slot-grace to apply");
                     self.reported_hidden = Some(pid);
+                }
+            }
+            Verdict::Backend(pid) => {
+                if self.reported_backend != Some(pid) {
+                    tracing::warn!(slot = %slot, pid,
+                        "the slot is held by a session that is not a walsender (pg_logical_slot_get_changes or similar); \
+                         standing by until it lets go, never terminating it");
+                    self.reported_backend = Some(pid);
                 }
             }
             Verdict::Stale(pid, unchanged) => {
@@ -256,6 +306,10 @@ impl HolderWatch {
             Holder::Hidden(pid) => {
                 self.last = None;
                 return Verdict::Hidden(pid);
+            }
+            Holder::Backend(pid) => {
+                self.last = None;
+                return Verdict::Backend(pid);
             }
             Holder::Seen(pid, replies) => (pid, replies),
         };
@@ -341,11 +395,11 @@ mod tests {
     fn seen(pid: i32, reply_time: &str, flush: &str) -> Holder {
         Holder::Seen(
             pid,
-            Some(Replies {
+            Replies {
                 reply_time: Some(reply_time.into()),
                 write_lsn: Some(flush.into()),
                 flush_lsn: Some(flush.into()),
-            }),
+            },
         )
     }
 
@@ -388,15 +442,37 @@ mod tests {
             watch.observe(other(), at(31), grace),
             Verdict::Stale(8, Duration::from_secs(15))
         );
-        // A holder that is not a walsender never replies.
+    }
+
+    #[test]
+    fn a_holder_that_is_not_a_walsender_is_never_called_stale() {
+        // A session decoding with pg_logical_slot_get_changes sends no
+        // replies: their standing still says nothing about it.
+        let grace = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut watch = HolderWatch::default();
+        for s in [0, 15, 60, 3600] {
+            assert_eq!(
+                watch.observe(Holder::Backend(9), start + Duration::from_secs(s), grace),
+                Verdict::Backend(9)
+            );
+        }
+    }
+
+    #[test]
+    fn the_grace_outlasts_a_busy_walsender() {
+        let configured = Duration::from_secs(15);
+        // 60 s: a busy walsender may leave the reply unchanged for 30 s and more.
+        assert_eq!(holder_grace(configured, "1min"), Duration::from_secs(70));
+        assert_eq!(holder_grace(configured, "5s"), Duration::from_secs(15));
         assert_eq!(
-            watch.observe(Holder::Seen(9, None), at(40), grace),
-            Verdict::Alive
+            holder_grace(Duration::from_secs(600), "1min"),
+            Duration::from_secs(600)
         );
-        assert!(matches!(
-            watch.observe(Holder::Seen(9, None), at(55), grace),
-            Verdict::Stale(9, _)
-        ));
+        // Disabled: the walsender reads every update as it comes.
+        assert_eq!(holder_grace(configured, "0"), configured);
+        // Unreadable: PostgreSQL's default is assumed.
+        assert_eq!(holder_grace(configured, "?"), Duration::from_secs(70));
     }
 
     #[test]

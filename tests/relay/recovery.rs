@@ -205,7 +205,15 @@ async fn stale_slot_standby(postgres_url: &str, kafka: &Kafka) -> Walrelay {
 
 #[tokio::test]
 async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
-    let pg = PgServer::start_default().await;
+    // Without wal_sender_timeout the server never ends the frozen holder's
+    // connection itself: the standby's check is what frees the slot (with a
+    // timeout, the grace is at least the timeout plus 10 s, and the server
+    // comes first).
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = 0".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
     let kafka = Kafka::start(1, 4);
     let (mut frozen, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
     let holder = slot_holder(&pg).await.expect("the slot is held");
@@ -235,6 +243,79 @@ async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
     frozen.signal(Signal::SIGCONT);
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
     frozen.stop_with(Signal::SIGKILL).await;
+}
+
+#[tokio::test]
+async fn a_session_decoding_from_the_slot_with_sql_functions_is_never_terminated() {
+    // A plain backend holding the slot (pg_logical_slot_peek_changes) sends
+    // no status updates: nothing in pg_stat_replication moves for it, which
+    // says nothing about whether it is alive. A standby waits for it.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = 0".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 4);
+    pg.psql("SELECT pg_create_logical_replication_slot('walrelay', 'pgoutput');")
+        .await;
+    pg.psql(&format!("GRANT pg_read_all_stats TO {SCRAM_USER};"))
+        .await;
+    // Enough WAL that decoding it takes a while, so that the session can be
+    // caught (and frozen) while it holds the slot.
+    pg.psql(
+        "CREATE TABLE bulk (n int, pad text);
+         INSERT INTO bulk SELECT n, repeat('x', 100) FROM generate_series(1, 400000) n;",
+    )
+    .await;
+    let decoder = pg.client().await;
+    let decoder_pid: i32 = decoder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let decoding = tokio::spawn(async move {
+        decoder
+            .query(
+                "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('walrelay', NULL, NULL,
+                   'proto_version', '1', 'publication_names', 'walrelay_events')",
+                &[],
+            )
+            .await
+            .map(|_| ())
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while slot_holder(&pg).await != Some(decoder_pid) {
+        assert!(
+            !decoding.is_finished() && tokio::time::Instant::now() < deadline,
+            "the decoding session never held the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let decoder = nix::unistd::Pid::from_raw(decoder_pid);
+    nix::sys::signal::kill(decoder, Signal::SIGSTOP).unwrap();
+    let mut standby = stale_slot_standby(&url(&pg), &kafka).await;
+    standby
+        .wait_for_stderr("held by a session that is not a walsender", WAIT)
+        .await;
+    // Watched for longer than the grace, it is never called stale.
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(20) {
+        assert!(
+            !standby.stderr_text().contains("has not replied"),
+            "{}",
+            standby.stderr_text()
+        );
+        assert_eq!(slot_holder(&pg).await, Some(decoder_pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // It lets go when done, and the standby takes over.
+    nix::sys::signal::kill(decoder, Signal::SIGCONT).unwrap();
+    decoding
+        .await
+        .unwrap()
+        .expect("the decoding session was not terminated");
+    standby.wait_for_stderr("streaming", WAIT).await;
+    assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
 /// Holds the slot `walrelay` as a walrelay instance would, replying every
@@ -336,7 +417,13 @@ async fn expect_no_error(tcp: &mut tokio::net::TcpStream) -> u8 {
 #[tokio::test]
 async fn a_live_holder_with_a_wrong_clock_is_left_alone_until_it_freezes() {
     const GRACE: Duration = Duration::from_secs(15);
-    let pg = PgServer::start_default().await;
+    // Without wal_sender_timeout, so that the grace is the one given and the
+    // server never ends the frozen holder's connection itself.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = 0".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
     let kafka = Kafka::start(1, 4);
     pg.psql("SELECT pg_create_logical_replication_slot('walrelay', 'pgoutput');")
         .await;
