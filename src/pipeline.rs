@@ -268,7 +268,14 @@ async fn stream(
                 tracing::warn!("stopped during the initial snapshot; the next start begins it again");
                 return Ok(());
             }
-            published = publish => { published?; }
+            published = publish => match published {
+                Ok(_) => {}
+                Err(e @ SnapshotError::ShutDown) => {
+                    tracing::warn!("{e}");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            },
         }
     }
     let mut standby_since: Option<tokio::time::Instant> = None;

@@ -78,6 +78,10 @@ pub enum SnapshotError {
     /// The table's rows cannot become events.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// Shutdown came while the snapshot waited for the broker: not every row
+    /// was handed over, so the marker stays and the next start begins again.
+    #[error("stopped during the initial snapshot; the next start begins it again")]
+    ShutDown,
 }
 
 /// The name of the marker slot of `slot`.
@@ -172,7 +176,9 @@ impl InitialSnapshot {
 
 /// Publishes every row of the table as of the snapshot, waits until all are
 /// acknowledged, then removes the marker and releases the first-start lock.
-/// Returns the number of rows.
+/// Returns the number of rows, or [`SnapshotError::ShutDown`] when
+/// `ensure_topic` says shutdown came first (never `Ok` unless every row was
+/// acknowledged and the marker is gone).
 pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
@@ -234,7 +240,7 @@ pub async fn publish(
                 }
             };
             if !ensure_topic(&event.topic).await? {
-                return Ok(sent);
+                return Err(SnapshotError::ShutDown);
             }
             sink.send(id, &event).await?;
             sent += 1;
