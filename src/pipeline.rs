@@ -29,7 +29,7 @@ use crate::pg::conn::{self, ConnError, ReplicationConnection, SnapshotAction};
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
-use crate::slot::{self, HolderWatch, SlotProblem};
+use crate::slot::{self, HistoryError, HolderWatch, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotError};
 use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 
@@ -80,6 +80,9 @@ pub enum RunError {
     /// The slot cannot be used.
     #[error(transparent)]
     Slot(#[from] SlotProblem),
+    /// The server does not continue the history walrelay confirmed in.
+    #[error(transparent)]
+    History(#[from] HistoryError),
     /// The slot disappeared while walrelay used it.
     #[error(
         "replication slot {slot:?} disappeared while walrelay streamed from it (last confirmed position \
@@ -280,6 +283,7 @@ async fn stream(
     }
     let mut standby_since: Option<tokio::time::Instant> = None;
     let mut holder = HolderWatch::default();
+    let mut system_id = None;
     loop {
         let session = Session {
             config,
@@ -287,6 +291,7 @@ async fn stream(
             metrics,
             shutdown,
             known_topics: &mut known_topics,
+            system_id: &mut system_id,
         };
         let started = tokio::time::Instant::now();
         let result = session.run().await;
@@ -437,6 +442,9 @@ struct Session<'a> {
     metrics: &'a Metrics,
     shutdown: &'a CancellationToken,
     known_topics: &'a mut HashSet<String>,
+    /// The system identifier of the cluster this process streams from, once
+    /// a session saw it.
+    system_id: &'a mut Option<String>,
 }
 
 /// What the session loop does after a step.
@@ -451,6 +459,7 @@ impl Session<'_> {
         let timing =
             conn::StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await?);
         let interval = timing.status_interval;
+        let system = repl.identify_system().await?;
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
@@ -467,9 +476,20 @@ impl Session<'_> {
         // (a standby that takes over would otherwise report the position it
         // read when it started, moving the slot back). Bounded, so that the
         // first status update still goes out before wal_sender_timeout.
-        let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed())
+        let (slot_confirmed, wal_end) = tokio::time::timeout(interval, self.slot_confirmed())
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
+        // Before any status update: nothing past this server's WAL end. Its
+        // end as read after the slot, since the slot's last holder may have
+        // confirmed WAL written after IDENTIFY_SYSTEM.
+        slot::check_history(
+            self.system_id,
+            &system.system_id,
+            &self.config.slot,
+            slot_confirmed,
+            self.sink.confirmed(),
+            wal_end.max(system.xlog_pos),
+        )?;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
         let mut stream = started.report(self.sink.feedback().clone(), timing);
@@ -549,13 +569,18 @@ impl Session<'_> {
         closed.map_err(RunError::from)
     }
 
-    /// The slot's confirmed position, read on the metadata connection.
-    async fn slot_confirmed(&self) -> Result<Lsn, RunError> {
+    /// The slot's confirmed position, then the server's WAL end, read on
+    /// the metadata connection.
+    async fn slot_confirmed(&self) -> Result<(Lsn, Lsn), RunError> {
         let client = metadata::connect(&self.config.postgres).await?;
         let state = slot::inspect(&client, &self.config.slot).await?;
-        Ok(state
-            .and_then(|s| s.confirmed_flush_lsn)
-            .unwrap_or(Lsn::ZERO))
+        let wal_end = metadata::wal_end(&client).await?;
+        Ok((
+            state
+                .and_then(|s| s.confirmed_flush_lsn)
+                .unwrap_or(Lsn::ZERO),
+            wal_end,
+        ))
     }
 
     /// Acts on one step of the source.

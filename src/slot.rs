@@ -329,6 +329,96 @@ impl HolderWatch {
     }
 }
 
+/// The server a session reached does not continue the history walrelay
+/// confirmed positions in: confirming anything there could skip its WAL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    /// `IDENTIFY_SYSTEM` names another cluster than the one this process
+    /// streamed from.
+    #[error(
+        "the PostgreSQL server walrelay reconnected to is another cluster (system identifier {found}, not \
+         {expected} as before): its WAL positions mean nothing for the one walrelay confirmed to. Stopping \
+         instead of confirming anything there. If the database was moved or restored on purpose, check that \
+         no event is missing, then restart walrelay: a new process starts from the slot as this server has it"
+    )]
+    OtherSystem {
+        /// The system identifier seen first.
+        expected: String,
+        /// The one seen now.
+        found: String,
+    },
+    /// The slot is confirmed past the end of the server's WAL.
+    #[error(
+        "replication slot {slot:?} is confirmed up to {confirmed}, past the end of the server's WAL \
+         ({wal_end}): the slot comes from another history than this server's (a restored backup, or a \
+         slot copied from another cluster). Stopping: streaming from it would skip what this server writes \
+         up to {confirmed}. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and start walrelay \
+         again to publish the table from a snapshot"
+    )]
+    SlotAhead {
+        /// The slot.
+        slot: String,
+        /// Its confirmed position.
+        confirmed: Lsn,
+        /// The server's WAL end (`IDENTIFY_SYSTEM`'s xlogpos).
+        wal_end: Lsn,
+    },
+    /// walrelay confirmed more, earlier in this process, than the server has.
+    #[error(
+        "the server's WAL ends at {wal_end}, behind {confirmed}, which walrelay already confirmed on the \
+         server it streamed from before: a failover to a standby that lagged behind, or a restored backup. \
+         Transactions committed on the old server after {wal_end} are not on this one. Stopping instead of \
+         confirming {confirmed} here, which would skip what this server writes up to it. Check which \
+         events the old server had, then restart walrelay: a new process resumes from the slot as this \
+         server has it"
+    )]
+    ServerBehind {
+        /// What this process confirmed before.
+        confirmed: Lsn,
+        /// The server's WAL end (`IDENTIFY_SYSTEM`'s xlogpos).
+        wal_end: Lsn,
+    },
+}
+
+/// Checks, at the start of a session and before any status update goes
+/// out, that the server continues the history this process confirmed
+/// positions in: the same cluster as before (`system_id`, remembered in
+/// `seen` from the first session on), a slot confirmed no further than the
+/// server's WAL end (`wal_end`, `IDENTIFY_SYSTEM`'s xlogpos), and nothing
+/// confirmed by this process past that end either. Every status update of
+/// the session then stays within the server's WAL: it reports what this
+/// session received, or the slot's own position.
+pub fn check_history(
+    seen: &mut Option<String>,
+    system_id: &str,
+    slot: &str,
+    slot_confirmed: Lsn,
+    confirmed: Lsn,
+    wal_end: Lsn,
+) -> Result<(), HistoryError> {
+    match seen {
+        Some(expected) if expected != system_id => {
+            return Err(HistoryError::OtherSystem {
+                expected: expected.clone(),
+                found: system_id.to_owned(),
+            });
+        }
+        Some(_) => {}
+        None => *seen = Some(system_id.to_owned()),
+    }
+    if slot_confirmed > wal_end {
+        return Err(HistoryError::SlotAhead {
+            slot: slot.to_owned(),
+            confirmed: slot_confirmed,
+            wal_end,
+        });
+    }
+    if confirmed > wal_end {
+        return Err(HistoryError::ServerBehind { confirmed, wal_end });
+    }
+    Ok(())
+}
+
 /// Whether `name` is a valid name for walrelay's slot: lower-case letters,
 /// digits and underscores, at most 58 characters (PostgreSQL allows 63, and
 /// the initial snapshot's marker slot adds `_init`).
@@ -489,6 +579,42 @@ mod tests {
         // Nobody holds it: nothing to watch, and the count starts afresh.
         assert_eq!(watch.observe(Holder::Nobody, start, grace), Verdict::Alive);
         assert!(watch.last.is_none());
+    }
+
+    #[test]
+    fn a_session_confirms_only_within_the_history_of_the_server() {
+        let mut seen = None;
+        // The first session remembers the cluster.
+        assert_eq!(
+            check_history(&mut seen, "7001", "w", Lsn(0x100), Lsn(0x100), Lsn(0x200)),
+            Ok(())
+        );
+        assert_eq!(seen.as_deref(), Some("7001"));
+        // The same cluster, further on: fine.
+        assert_eq!(
+            check_history(&mut seen, "7001", "w", Lsn(0x180), Lsn(0x180), Lsn(0x300)),
+            Ok(())
+        );
+        // Another cluster on the same address.
+        assert!(matches!(
+            check_history(&mut seen, "8002", "w", Lsn(0x100), Lsn(0x180), Lsn(0x300)),
+            Err(HistoryError::OtherSystem { .. })
+        ));
+        assert_eq!(seen.as_deref(), Some("7001"));
+        // A standby that lagged behind what this process confirmed.
+        assert_eq!(
+            check_history(&mut seen, "7001", "w", Lsn(0x100), Lsn(0x180), Lsn(0x150)),
+            Err(HistoryError::ServerBehind {
+                confirmed: Lsn(0x180),
+                wal_end: Lsn(0x150)
+            })
+        );
+        // A slot confirmed past the server's WAL.
+        let mut fresh = None;
+        assert!(matches!(
+            check_history(&mut fresh, "7001", "w", Lsn(0x400), Lsn(0x400), Lsn(0x300)),
+            Err(HistoryError::SlotAhead { .. })
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio_postgres::{GenericClient, IsolationLevel, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::ServerError;
+use super::lsn::Lsn;
 use super::params::{ConnectParams, SslMode};
 use super::request::{RequestLimit, TimedOut};
 use super::tls::{MakeRustlsConnect, TlsError, TlsSetup};
@@ -326,6 +327,20 @@ where
             tracing::debug!("metadata connection cut after a request timed out");
         }
     }
+}
+
+/// The end of the server's WAL: what it has flushed, or on a standby what
+/// it has replayed (IDENTIFY_SYSTEM's xlogpos, on an ordinary connection).
+pub async fn wal_end(client: &Client) -> Result<Lsn, MetadataError> {
+    let text: Option<String> = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                          ELSE pg_current_wal_flush_lsn() END)::text",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(text.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO))
 }
 
 /// The server's `wal_level`.

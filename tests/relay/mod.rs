@@ -8,6 +8,7 @@ mod delivery;
 mod demo;
 mod endpoint;
 mod faults;
+mod history;
 mod oracle;
 mod poison;
 mod recovery;
