@@ -62,6 +62,22 @@ const ACK_WAIT_REPORT: Duration = Duration::from_secs(5);
 /// How often an instance waiting for another's first start tries the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(500);
 
+/// How long a fetch from the snapshot cursor may take when `--request-timeout`
+/// is shorter: the first one sorts the whole table (`ORDER BY aggregate_id,
+/// seq_nr`) before it returns a row, which takes minutes on a large table.
+/// Abandoning it early would help nothing: the next start sorts again.
+pub const SNAPSHOT_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The server's timeouts that could end the snapshot's session while it
+/// waits on the broker, turned off for it: `statement_timeout` (the first
+/// fetch sorts the table), `idle_in_transaction_session_timeout` (the
+/// transaction that holds the snapshot idles while the producer queue is
+/// full), and, session-wide, `idle_session_timeout` (PostgreSQL 14+: the
+/// session idles after COMMIT while the acknowledgements come in, and must
+/// live on to drop the marker and hold the first-start lock).
+pub const SESSION_TIMEOUTS_OFF: &str = "SELECT set_config('idle_session_timeout', '0', false)
+      WHERE current_setting('server_version_num')::int >= 140000";
+
 /// Why the initial snapshot could not be published. The marker stays, so the
 /// next start begins it again.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +177,8 @@ impl InitialSnapshot {
         })?;
         client
             .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+                 SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0",
                 conn::quote_literal(&name)
             ))
             .await?;
@@ -216,7 +233,11 @@ pub async fn publish(
     tracing::info!(snapshot = %name, consistent_point = %consistent_point, "publishing the rows that existed when the slot was created");
     loop {
         let rows = client
-            .query(&format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"), &[])
+            .query_within(
+                SNAPSHOT_FETCH_TIMEOUT,
+                &format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"),
+                &[],
+            )
             .await?;
         if rows.is_empty() {
             break;

@@ -8,6 +8,7 @@
 //! late answer must not be read and whose backend may be stuck, and the
 //! caller connects again.
 use std::future::Future;
+use std::time::Duration;
 
 use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
 use tokio_postgres::types::ToSql;
@@ -177,6 +178,30 @@ impl<C: GenericClient + Sync> Bounded<C> {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, MetadataError> {
         self.guard.run(sql, self.inner.query(sql, params)).await
+    }
+
+    /// Runs `sql` like [`query`](Self::query), waiting up to `timeout` (at
+    /// least the usual request timeout) for its answer: for a request known
+    /// to take long, such as the first fetch of a sorted cursor.
+    pub async fn query_within(
+        &self,
+        timeout: Duration,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, MetadataError> {
+        let timeout = timeout.max(self.guard.requests.timeout);
+        match self
+            .guard
+            .requests
+            .run_within(timeout, sql, self.inner.query(sql, params))
+            .await
+        {
+            Ok(answer) => Ok(answer?),
+            Err(timed_out) => {
+                self.guard.cut.cancel();
+                Err(timed_out.into())
+            }
+        }
     }
 
     /// Runs `sql`, which returns exactly one row.
