@@ -20,7 +20,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OnUnexpectedChange, RunConfig, SnapshotMode};
@@ -195,18 +194,10 @@ pub async fn run(
             // first start: nothing to drain yet, and what was begun is redone
             // by the next start.
             () = shutdown.cancelled() => return Ok(()),
-            prepared = prepare_source(config, &producer_config) => prepared,
+            prepared = prepare_source(config) => prepared,
         };
         match prepared {
             Ok(prepared) => break prepared,
-            Err(e @ RunError::Sink(SinkError::Unreachable(_))) => {
-                metrics.health().set_broker_up(false);
-                tracing::warn!(error = %e, "the Kafka cluster is not reachable yet; retrying before the initial snapshot");
-                metrics.reconnects.with_label_values(&["kafka"]).inc();
-                if sleep_or_shutdown(backoff.next(), &shutdown).await {
-                    return Ok(());
-                }
-            }
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
                 metrics.reconnects.with_label_values(&["postgres"]).inc();
@@ -367,10 +358,7 @@ async fn check_stale_holder(
 /// initial snapshot waits for it instead of taking its marker for the trace
 /// of an interrupted start. The lock goes with the returned snapshot, and is
 /// released with the metadata connection otherwise.
-async fn prepare_source(
-    config: &RunConfig,
-    producer_config: &ClientConfig,
-) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
+async fn prepare_source(config: &RunConfig) -> Result<(Lsn, Option<InitialSnapshot>), RunError> {
     let client = metadata::connect(&config.postgres).await?;
     // This connection holds the first-start lock, and the snapshot, for as
     // long as they take: the server must not end it for idling meanwhile.
@@ -400,13 +388,6 @@ async fn prepare_source(
     }
     if !config.create_slot {
         return Err(RunError::NoSlot(config.slot.clone()));
-    }
-    if config.snapshot != SnapshotMode::Never {
-        // The snapshot holds a transaction open while it waits on the
-        // broker: make sure the broker answers before there is a slot, an
-        // exported snapshot and a transaction to hold.
-        let probe = Sink::new(producer_config, Lsn::ZERO, Metrics::new(), None)?;
-        probe.check_cluster(METADATA_TIMEOUT).await?;
     }
     let mut repl = ReplicationConnection::connect(&config.postgres).await?;
     if config.snapshot == SnapshotMode::Never {
