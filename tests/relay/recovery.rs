@@ -473,6 +473,19 @@ async fn a_live_holder_with_a_wrong_clock_is_left_alone_until_it_freezes() {
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
+/// Stops (SIGSTOP) the one walsender: its connection stays open, nothing
+/// moves on it. Returns its PID, for SIGCONT.
+async fn freeze_walsender(pg: &PgServer) -> nix::unistd::Pid {
+    let walsender: i32 = pg
+        .psql("SELECT pid FROM pg_stat_replication")
+        .await
+        .parse()
+        .unwrap();
+    let walsender = nix::unistd::Pid::from_raw(walsender);
+    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    walsender
+}
+
 #[tokio::test]
 async fn a_stalled_connection_is_detected_and_survived() {
     // A short wal_sender_timeout makes walrelay's status interval 2 s, and
@@ -491,13 +504,7 @@ async fn a_stalled_connection_is_detected_and_survived() {
 
     // The walsender stops answering: the TCP connection stays open, nothing
     // moves on it, as on a network that silently drops packets.
-    let walsender: i32 = pg
-        .psql("SELECT pid FROM pg_stat_replication")
-        .await
-        .parse()
-        .unwrap();
-    let walsender = nix::unistd::Pid::from_raw(walsender);
-    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    let walsender = freeze_walsender(&pg).await;
     committed.extend(write_mixed(&mut client, "b", 10, 20, 0, &mut seqs).await);
     relay.wait_for_stderr("the connection stalls", WAIT).await;
     assert_eq!(http_get(metrics, "/readyz").0, 503);
@@ -532,13 +539,7 @@ async fn a_walsender_silent_for_less_than_its_timeout_is_not_taken_for_a_stall()
     let mut committed = write_mixed(&mut client, "a", 5, 10, 0, &mut seqs).await;
     kafka.read("events", committed.len(), WAIT);
 
-    let walsender: i32 = pg
-        .psql("SELECT pid FROM pg_stat_replication")
-        .await
-        .parse()
-        .unwrap();
-    let walsender = nix::unistd::Pid::from_raw(walsender);
-    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    let walsender = freeze_walsender(&pg).await;
     committed.extend(write_mixed(&mut client, "b", 5, 10, 0, &mut seqs).await);
     // The silence itself is what is tested: its length is the condition.
     tokio::time::sleep(Duration::from_secs(34)).await;
