@@ -79,9 +79,14 @@ pub struct Checkpoint {
     pending: VecDeque<Pending>,
     /// The ID the next transaction gets.
     next_id: TxnId,
-    /// Transactions abandoned by a session that ended inside them (one per
-    /// such reconnect, so this stays tiny).
+    /// Transactions abandoned by a session that ended inside them, from the
+    /// front of `pending` on (one per such reconnect while the front waits).
+    /// Those before the front are forgotten, so that a process that
+    /// reconnects for months keeps no trace of each reconnect.
     abandoned: BTreeSet<TxnId>,
+    /// Every ID below this one that was abandoned has been forgotten: which
+    /// of them completed is no longer known (see [`completed`](Self::completed)).
+    forgotten_below: TxnId,
     confirmed: Lsn,
 }
 
@@ -92,6 +97,7 @@ impl Checkpoint {
             pending: VecDeque::new(),
             next_id: 0,
             abandoned: BTreeSet::new(),
+            forgotten_below: 0,
             confirmed,
         }
     }
@@ -117,6 +123,7 @@ impl Checkpoint {
             commit_ts,
             poisoned: false,
         });
+        self.forget_abandoned();
         id
     }
 
@@ -183,9 +190,14 @@ impl Checkpoint {
 
     /// Whether transaction `id`, and every transaction before it, is no
     /// longer pending, and `id` completed (was not abandoned): every one of
-    /// its events was acknowledged and its end may be confirmed.
+    /// its events was acknowledged and its end may be confirmed. Never true
+    /// of an abandoned transaction; false too for any transaction older than
+    /// an abandoned one that has been forgotten (which of those completed is
+    /// no longer known), so ask while waiting for it, as the initial snapshot
+    /// does before any session begins.
     pub fn completed(&self, id: TxnId) -> bool {
-        id < self.next_id
+        id >= self.forgotten_below
+            && id < self.next_id
             && !self.abandoned.contains(&id)
             && self.pending.front().is_none_or(|p| p.id > id)
     }
@@ -199,7 +211,24 @@ impl Checkpoint {
         };
         self.pending.remove(index);
         self.abandoned.insert(id);
-        self.advance()
+        let advance = self.advance();
+        self.forget_abandoned();
+        advance
+    }
+
+    /// Forgets the abandoned transactions before the front of `pending`:
+    /// reports about them are ignored all the same (they are not pending),
+    /// and [`completed`](Self::completed) answers no for them through
+    /// `forgotten_below`.
+    fn forget_abandoned(&mut self) {
+        let Some(front) = self.pending.front().map(|p| p.id) else {
+            return;
+        };
+        let kept = self.abandoned.split_off(&front);
+        if let Some(last) = self.abandoned.last() {
+            self.forgotten_below = self.forgotten_below.max(last + 1);
+        }
+        self.abandoned = kept;
     }
 
     /// A keepalive outside any transaction reported the server's WAL end.
@@ -381,6 +410,41 @@ mod tests {
         c.abandon(open);
         assert!(!c.completed(open));
         assert!(!c.completed(open + 1));
+    }
+
+    #[test]
+    fn a_million_mid_transaction_reconnects_leave_no_trace_and_nothing_abandoned_counts() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let mut end = 0;
+        let mut last_abandoned = None;
+        for _ in 0..1_000_000 {
+            // A transaction completes, then a session ends inside the next.
+            let done = c.begin(0);
+            end += 100;
+            c.commit(done, 1, Lsn(end));
+            c.acked(done);
+            let open = c.begin(0);
+            c.abandon(open);
+            assert!(!c.completed(open));
+            last_abandoned = Some(open);
+        }
+        assert!(c.abandoned.len() <= 1, "{} kept", c.abandoned.len());
+        // A late acknowledgement of an abandoned copy still never counts,
+        // nor does that transaction ever complete.
+        let open = last_abandoned.unwrap();
+        let replay = c.begin(0);
+        assert!(
+            c.abandoned.is_empty(),
+            "forgotten once a later one is pending"
+        );
+        c.commit(replay, 1, Lsn(end + 100));
+        for id in [open, open - 1, 1] {
+            assert_eq!(c.acked(id).advance.confirmed, None);
+            assert!(!c.completed(id), "{id}");
+        }
+        assert_eq!(c.confirmed(), Lsn(end));
+        assert_eq!(c.acked(replay).advance.confirmed, Some(Lsn(end + 100)));
+        assert!(c.completed(replay) && !c.completed(open));
     }
 
     /// One step of a simulated session.

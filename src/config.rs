@@ -1132,6 +1132,7 @@ impl RunArgs {
             self.dead_letter_topic.or(file.dead_letter_topic),
             &mapping,
         )?;
+        kafka_properties.check_halt_mode(dead_letter_topic.is_none())?;
         let stale_slot_grace = match self.stale_slot_grace.or(file.stale_slot_grace) {
             // Longer than the 10 s between a healthy holder's status updates.
             Some(text) => parse_duration("stale-slot-grace", &text, Duration::from_secs(15))?,

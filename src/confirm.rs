@@ -110,6 +110,15 @@ pub struct PublishFailure {
     pub kind: &'static str,
     /// The broker's or producer's error.
     pub reason: String,
+    /// Whether the refusal is about this record itself (too large, invalid,
+    /// corrupt; a row that is no event), so that a dead-letter record may
+    /// take its place. Any other refusal (a timeout, an authorisation
+    /// failure, an unknown topic or partition, a fatal producer error) says
+    /// nothing wrong about the event: a dead-letter record in its place
+    /// would take a valid event off the topic for good, so it halts
+    /// whatever `--on-poison` says, and the event is published again after
+    /// the restart.
+    pub record_at_fault: bool,
 }
 
 impl PublishFailure {
@@ -136,6 +145,7 @@ impl PublishFailure {
             topic,
             kind: "invalid_row",
             reason: reason.to_string(),
+            record_at_fault: true,
         }
     }
 }
@@ -248,12 +258,16 @@ impl Ledger {
     /// when handed to the producer.
     pub fn refused(&mut self, txn: TxnId, record: Record, failure: PublishFailure) -> Action {
         match (record, self.on_refusal) {
-            (Record::Event, OnRefusal::DeadLetter) if self.checkpoint.is_pending(txn) => {
+            (Record::Event, OnRefusal::DeadLetter)
+                if failure.record_at_fault && self.checkpoint.is_pending(txn) =>
+            {
                 Action::DeadLetter(failure)
             }
             // An abandoned copy: its replay meets the same row.
-            (Record::Event, OnRefusal::DeadLetter) => Action::Nothing,
-            // Halting, or the dead-letter topic refused too.
+            (Record::Event, OnRefusal::DeadLetter) if failure.record_at_fault => Action::Nothing,
+            // Halting; a refusal that is not about the record (a timeout, an
+            // authorisation failure, ...), which no dead-letter record may
+            // replace; or the dead-letter topic refused too.
             _ => {
                 self.checkpoint.poison(txn);
                 self.record(failure);
@@ -420,6 +434,7 @@ mod tests {
             topic: "events".into(),
             kind: "refused",
             reason: "too large".into(),
+            record_at_fault: true,
         }
     }
 
@@ -555,11 +570,48 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_not_about_the_record_halts_even_in_dead_letter_mode() {
+        // message.timeout.ms ran out during a broker outage, the topic is
+        // not authorised, the partition is unknown: the event is valid, and
+        // a dead-letter record acknowledged in its place would let the slot
+        // pass an event the topic never got.
+        let mut l = ledger(0, OnRefusal::DeadLetter);
+        let (mut s, _) = SessionState::start(&mut l, Lsn(0));
+        let timed_out = one_event(&mut l, &mut s, 100);
+        let failure = PublishFailure {
+            kind: "timed_out",
+            reason: "Local: Message timed out".into(),
+            record_at_fault: false,
+            ..failure("a")
+        };
+        let refused = l.delivered(timed_out, Record::Event, Report::Refused(failure.clone()));
+        assert_eq!(refused.action, Action::Halt);
+        assert_eq!(l.failure(), Some(&failure));
+        // Nothing moves past it, not even a keepalive.
+        assert_eq!(s.keepalive(&mut l, Lsn(500)).confirmed, None);
+        assert_eq!(l.confirmed(), Lsn(0));
+        // An abandoned copy's refusal of that kind halts too: the replay
+        // cannot be dead-lettered either.
+        let mut l = ledger(0, OnRefusal::DeadLetter);
+        let (mut first, _) = SessionState::start(&mut l, Lsn(0));
+        first.begin(&mut l, 0);
+        let copy = first.event(&mut l).unwrap();
+        first.sent();
+        first.end(&mut l);
+        assert_eq!(
+            l.delivered(copy, Record::Event, Report::Refused(failure))
+                .action,
+            Action::Halt
+        );
+    }
+
+    #[test]
     fn an_events_refusal_is_kept_over_a_nameless_fatal_error() {
         let mut l = ledger(0, OnRefusal::Halt);
         let fatal = PublishFailure {
             aggregate: "?".into(),
             kind: "fatal",
+            record_at_fault: false,
             ..failure("?")
         };
         assert_eq!(l.fatal(fatal), Action::Halt);

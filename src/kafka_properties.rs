@@ -37,6 +37,19 @@ struct Guard {
     why: &'static str,
 }
 
+/// Why a finite message timeout is refused.
+const MESSAGE_TIMEOUT: &str = "a message timeout makes the producer give up on an event, which \
+    walrelay never does: during a broker outage longer than the timeout, events would be refused \
+    and (with --on-poison dead-letter) replaced by dead-letter records while they never reached \
+    the topic, and librdkafka's gap-less guarantee does not cover timeouts, so a later event of an \
+    aggregate could be delivered before an earlier one that timed out. 0 (the default) retries \
+    for ever: an outage delays events (walrelay_inflight_events and walrelay_source_lag_bytes \
+    show it), it never drops them";
+
+/// The property that makes a refused batch a fatal producer error, so that
+/// nothing behind it is sent; walrelay sets it with `--on-poison halt`.
+pub const GAPLESS: &str = "enable.gapless.guarantee";
+
 /// Settings that would break walrelay's guarantees, with why.
 const GUARDS: &[Guard] = &[
     Guard {
@@ -71,6 +84,18 @@ const GUARDS: &[Guard] = &[
               aggregate over partitions, consistent_random does so for an empty aggregate_id, and \
               any other hash moves aggregates to other partitions, where consumers see their \
               events out of order",
+    },
+    // librdkafka's default is 300000 (five minutes); walrelay's is 0.
+    Guard {
+        name: "message.timeout.ms",
+        allowed: &["0"],
+        why: MESSAGE_TIMEOUT,
+    },
+    Guard {
+        // An alias of message.timeout.ms.
+        name: "delivery.timeout.ms",
+        allowed: &["0"],
+        why: MESSAGE_TIMEOUT,
     },
     Guard {
         name: "queuing.strategy",
@@ -412,6 +437,28 @@ impl KafkaProperties {
         Ok(())
     }
 
+    /// Refuses what breaks `--on-poison halt`'s promise when `halting`:
+    /// `enable.gapless.guarantee=false` (librdkafka's bool forms: `false`,
+    /// `f`, `0`) would let events queued behind a refused one reach the
+    /// broker before it.
+    pub fn check_halt_mode(&self, halting: bool) -> Result<(), PropertyError> {
+        let off = self.get(GAPLESS).is_some_and(|v| {
+            ["false", "f", "0"]
+                .iter()
+                .any(|x| v.eq_ignore_ascii_case(x))
+        });
+        if halting && off {
+            return Err(PropertyError::Forbidden {
+                key: GAPLESS.to_owned(),
+                allowed: "true (walrelay's setting with --on-poison halt)".to_owned(),
+                why: "with --on-poison halt, a refused event must stop the producer before \
+                      anything queued behind it reaches the broker, or the first deliveries of \
+                      an aggregate come out of seq_nr order across the halt and the restart",
+            });
+        }
+        Ok(())
+    }
+
     /// Adds `other`'s properties, which win.
     pub fn extend(&mut self, other: KafkaProperties) {
         self.0.extend(other.0);
@@ -740,6 +787,8 @@ mod tests {
             "acks=1",
             "request.required.acks=0",
             "enable.idempotence=false",
+            "message.timeout.ms=60000",
+            "delivery.timeout.ms=300000",
         ] {
             assert!(
                 matches!(parse(&[bad]), Err(PropertyError::Forbidden { .. })),
@@ -751,8 +800,38 @@ mod tests {
             "acks=-1",
             "request.required.acks=-1",
             "acks=ALL",
+            "message.timeout.ms=0",
+            "delivery.timeout.ms=0",
         ] {
             assert!(parse(&[fine]).is_ok(), "{fine}");
+        }
+        let e = parse(&["message.timeout.ms=60000"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give up on an event"), "{e}");
+    }
+
+    #[test]
+    fn halting_keeps_the_gapless_guarantee() {
+        for off in [
+            "enable.gapless.guarantee=false",
+            "enable.gapless.guarantee=F",
+            "enable.gapless.guarantee=0",
+        ] {
+            let p = parse(&[off]).unwrap();
+            let e = p.check_halt_mode(true).unwrap_err().to_string();
+            assert!(
+                e.contains("enable.gapless.guarantee") && e.contains("--on-poison halt"),
+                "{e}"
+            );
+            // With dead-letter records the producer does not need it.
+            assert!(p.check_halt_mode(false).is_ok(), "{off}");
+        }
+        for fine in ["enable.gapless.guarantee=true", "linger.ms=5"] {
+            assert!(
+                parse(&[fine]).unwrap().check_halt_mode(true).is_ok(),
+                "{fine}"
+            );
         }
     }
 

@@ -30,14 +30,15 @@ use crate::confirm::SessionState;
 use crate::failover::{self, FAILOVER_SLOTS_SINCE, FollowError, Switch};
 use crate::metrics::{Health, Metrics, Role, beating};
 use crate::pg::conn::{
-    self, ConnError, ReplicationConnection, ReplicationStream, SnapshotAction, SystemId,
+    self, ConnError, ReplicationConnection, ReplicationStream, SnapshotAction, StartedReplication,
+    SystemId,
 };
 use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::pg::params::ConnectParams;
 use crate::pg::primary::{self, NoPrimary};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
-use crate::slot::{self, HolderWatch, SlotProblem};
+use crate::slot::{self, HistoryError, HolderWatch, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotError};
 use crate::source::{self, Source, SourceError, Step, UnexpectedChange};
 
@@ -91,6 +92,9 @@ pub enum RunError {
     /// The slot cannot be used.
     #[error(transparent)]
     Slot(#[from] SlotProblem),
+    /// The server does not continue the history walrelay confirmed in.
+    #[error(transparent)]
+    History(#[from] HistoryError),
     /// The slot disappeared while walrelay used it.
     #[error(
         "replication slot {slot:?} disappeared while walrelay streamed from it (last confirmed position \
@@ -458,44 +462,12 @@ impl Sessions<'_> {
             }
         }
         if let Some(initial) = initial {
-            let known = &mut known_topics;
-            let ensure = async |topic: &str| -> Result<bool, SinkError> {
-                if known.contains(topic) {
-                    return Ok(true);
-                }
-                let exists = ensure_topic(sink, topic, metrics, shutdown).await?;
-                if exists {
-                    known.insert(topic.to_owned());
-                }
-                Ok(exists)
-            };
-            // Active: this instance publishes, and holds the first-start lock.
-            metrics.set_role(Role::Active);
-            let publish = snapshot::publish(config, sink, metrics, &initial, ensure);
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    tracing::warn!("stopped during the initial snapshot; the next start begins it again");
-                    return Ok(());
-                }
-                // Each fetch is bounded by --request-timeout; sending waits for
-                // the broker on purpose.
-                published = beating(health, publish) => {
-                    if let Err(e) = published {
-                        let e = RunError::from(e);
-                        if e.halt_reason().is_some() && !config.exit_on_halt {
-                            initial.end_transaction().await;
-                            *held = Some(Held::FirstStart(initial));
-                        }
-                        return Err(e);
-                    }
-                }
+            if !self
+                .publish_initial(initial, &mut known_topics, held)
+                .await?
+            {
+                return Ok(());
             }
-            // Acknowledged whole, unless a shutdown cut it short.
-            if !shutdown.is_cancelled() {
-                metrics.progress().vouch(sink.confirmed());
-            }
-            metrics.set_role(Role::Starting);
         }
         let mut standby_since: Option<tokio::time::Instant> = None;
         let mut holder = HolderWatch::default();
@@ -555,6 +527,62 @@ impl Sessions<'_> {
                 return Ok(());
             }
         }
+    }
+
+    /// Publishes the initial snapshot of a new slot; `false` when shutdown
+    /// stopped it (the next start begins it again). A halt in it leaves the
+    /// snapshot, and with it the first-start lock, in `held`.
+    async fn publish_initial(
+        &self,
+        initial: InitialSnapshot,
+        known_topics: &mut HashSet<String>,
+        held: &mut Option<Held>,
+    ) -> Result<bool, RunError> {
+        let (config, sink, metrics, shutdown) =
+            (self.config, self.sink, self.metrics, self.shutdown);
+        let ensure = async |topic: &str| -> Result<bool, SinkError> {
+            if known_topics.contains(topic) {
+                return Ok(true);
+            }
+            let exists = ensure_topic(sink, topic, metrics, shutdown).await?;
+            if exists {
+                known_topics.insert(topic.to_owned());
+            }
+            Ok(exists)
+        };
+        // Active: this instance publishes, and holds the first-start lock.
+        metrics.set_role(Role::Active);
+        let publish = snapshot::publish(config, sink, metrics, &initial, ensure);
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                tracing::warn!("stopped during the initial snapshot; the next start begins it again");
+                return Ok(false);
+            }
+            // Each fetch is bounded by --request-timeout; sending waits for
+            // the broker on purpose.
+            published = beating(metrics.health(), publish) => match published {
+                Ok(_) => {}
+                Err(e @ SnapshotError::ShutDown) => {
+                    tracing::warn!("{e}");
+                    return Ok(false);
+                }
+                Err(e) => {
+                    let e = RunError::from(e);
+                    if e.halt_reason().is_some() && !config.exit_on_halt {
+                        initial.end_transaction().await;
+                        *held = Some(Held::FirstStart(initial));
+                    }
+                    return Err(e);
+                }
+            },
+        }
+        // Acknowledged whole, unless a shutdown cut it short.
+        if !shutdown.is_cancelled() {
+            metrics.progress().vouch(sink.confirmed());
+        }
+        metrics.set_role(Role::Starting);
+        Ok(true)
     }
 }
 
@@ -623,6 +651,9 @@ async fn prepare_source(config: &RunConfig, metrics: &Metrics) -> Result<Prepare
     }
     let failover_slot = config.failover_slot != FailoverSlot::Off && major >= FAILOVER_SLOTS_SINCE;
     let client = metadata::connect(&primary).await?;
+    // This connection holds the first-start lock, and the snapshot, for as
+    // long as they take: the server must not end it for idling meanwhile.
+    client.batch_execute(snapshot::SESSION_TIMEOUTS_OFF).await?;
     let needed = config.mapping.needed_columns();
     metadata::verify_source(&client, &config.publication, &config.table, &needed).await?;
     snapshot::lock_first_start(&client, &config.slot, |waiting| {
@@ -868,38 +899,35 @@ impl Session<'_> {
         let health = self.metrics.health();
         let (mut repl, system, host, switch) = self.connect().await?;
         health.beat();
-        let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+        let timing =
+            conn::StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await?);
+        let interval = timing.status_interval;
         health.beat();
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
             .ok_or_else(|| SourceError::TableMissing(self.config.table.clone()))?;
         health.beat();
-        let options = source::pgoutput_options(repl.server_version(), &self.config.publication);
-        let started = repl
-            .start_logical(&self.config.slot, Lsn::ZERO, &options)
-            .await;
-        let started = match (started, switch) {
-            (Err(e), Some(switch)) if e.sqlstate() == Some(SLOT_MISSING) => {
-                return Err(self.slot_lost(&host, switch).await);
-            }
-            (started, _) => started?,
-        };
+        let started = self.start_replication(repl, &host, switch).await?;
         // The slot is held now, so nobody else moves it: where it stands is
         // where the server resumes, and the least any status update may say
         // (a standby that takes over would otherwise report the position it
         // read when it started, moving the slot back). Bounded, so that the
         // first status update still goes out before wal_sender_timeout.
         health.beat();
-        let slot_confirmed = tokio::time::timeout(interval, self.slot_confirmed(&host))
+        let (slot_confirmed, wal_end) = tokio::time::timeout(interval, self.slot_confirmed(&host))
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
         if let Some(switch) = switch {
             self.announce_failover(switch, slot_confirmed, &host);
         }
+        // Before any status update: nothing past this server's WAL end. Its
+        // end as read after the slot, since the slot's last holder may have
+        // confirmed WAL written after IDENTIFY_SYSTEM.
+        self.check_history(&system, slot_confirmed, wal_end)?;
         *self.streamed = system;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
-        let mut stream = started.report(self.sink.feedback().clone(), interval);
+        let mut stream = started.report(self.sink.feedback().clone(), timing);
         self.metrics.set_role(Role::Active);
         tracing::info!(slot = %self.config.slot, confirmed = %self.sink.confirmed(), "streaming");
 
@@ -932,7 +960,8 @@ impl Session<'_> {
                     .poison_row(&mut state, aggregate, seq_nr, commit_lsn, reason)
                     .await
                 {
-                    Ok(()) => continue,
+                    Ok(Flow::Continue) => continue,
+                    Ok(Flow::Stop) => break Ok(()),
                     Err(e) => break Err(e),
                 },
                 Ok(Err(e)) => break Err(e.into()),
@@ -987,6 +1016,47 @@ impl Session<'_> {
         tracing::info!(confirmed = %confirmed, "replication connection closed");
         result?;
         closed.map_err(RunError::from)
+    }
+
+    /// START_REPLICATION on the slot; a slot missing on a server walrelay
+    /// followed a promotion to is lost, and the error says what the setup
+    /// lacks.
+    async fn start_replication(
+        &self,
+        repl: ReplicationConnection,
+        host: &ConnectParams,
+        switch: Option<Switch>,
+    ) -> Result<StartedReplication, RunError> {
+        let options = source::pgoutput_options(repl.server_version(), &self.config.publication);
+        let started = repl
+            .start_logical(&self.config.slot, Lsn::ZERO, &options)
+            .await;
+        match (started, switch) {
+            (Err(e), Some(switch)) if e.sqlstate() == Some(SLOT_MISSING) => {
+                Err(self.slot_lost(host, switch).await)
+            }
+            (started, _) => Ok(started?),
+        }
+    }
+
+    /// That the server continues the history this process confirmed in: the
+    /// cluster streamed from before, a slot confirmed no further than the
+    /// server's WAL end, and nothing confirmed by this process past it.
+    fn check_history(
+        &self,
+        system: &SystemId,
+        slot_confirmed: Lsn,
+        wal_end: Lsn,
+    ) -> Result<(), RunError> {
+        slot::check_history(
+            &mut Some(self.streamed.system_id.clone()),
+            &system.system_id,
+            &self.config.slot,
+            slot_confirmed,
+            self.sink.confirmed(),
+            wal_end.max(system.xlog_pos),
+        )?;
+        Ok(())
     }
 
     /// Logs and counts a followed failover, and has the new primary's side
@@ -1059,13 +1129,18 @@ impl Session<'_> {
         }
     }
 
-    /// The slot's confirmed position, read on a metadata connection to `host`.
-    async fn slot_confirmed(&self, host: &ConnectParams) -> Result<Lsn, RunError> {
+    /// The slot's confirmed position, then the server's WAL end, read on a
+    /// metadata connection to `host`.
+    async fn slot_confirmed(&self, host: &ConnectParams) -> Result<(Lsn, Lsn), RunError> {
         let client = metadata::connect(host).await?;
         let state = slot::inspect(&client, &self.config.slot).await?;
-        Ok(state
-            .and_then(|s| s.confirmed_flush_lsn)
-            .unwrap_or(Lsn::ZERO))
+        let wal_end = metadata::wal_end(&client).await?;
+        Ok((
+            state
+                .and_then(|s| s.confirmed_flush_lsn)
+                .unwrap_or(Lsn::ZERO),
+            wal_end,
+        ))
     }
 
     /// Acts on one step of the source.
@@ -1087,15 +1162,15 @@ impl Session<'_> {
                         // Rows name it: a poison row, not a broken setup.
                         Err(SinkError::TopicMissing(topic)) => {
                             let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                            self.poison_row(
-                                state,
-                                Some(text(&event.key)),
-                                event.seq.as_deref().map_or_else(|| "?".to_owned(), text),
-                                event.commit_lsn,
-                                crate::event::RowError::TopicMissing(topic),
-                            )
-                            .await?;
-                            return Ok(Flow::Continue);
+                            return self
+                                .poison_row(
+                                    state,
+                                    Some(text(&event.key)),
+                                    event.seq.as_deref().map_or_else(|| "?".to_owned(), text),
+                                    event.commit_lsn,
+                                    crate::event::RowError::TopicMissing(topic),
+                                )
+                                .await;
                         }
                         Err(e) => return Err(e.into()),
                     }
@@ -1144,7 +1219,10 @@ impl Session<'_> {
     }
 
     /// A row that cannot become an event: counted, then either the end of
-    /// the run or a record on the dead-letter topic in its place.
+    /// the run or a record on the dead-letter topic in its place. Handing
+    /// that record over waits while the producer queue is full, so shutdown
+    /// may stop the wait (the session then ends inside the transaction, which
+    /// the next start replays).
     async fn poison_row(
         &mut self,
         state: &mut SessionState,
@@ -1152,7 +1230,7 @@ impl Session<'_> {
         seq_nr: String,
         commit_lsn: Lsn,
         reason: crate::event::RowError,
-    ) -> Result<(), RunError> {
+    ) -> Result<Flow, RunError> {
         self.metrics.events_received.inc();
         self.metrics
             .publish_errors
@@ -1181,9 +1259,14 @@ impl Session<'_> {
         );
         tracing::warn!(aggregate = %failure.aggregate, seq_nr = %failure.seq_nr, lsn = %failure.lsn,
             reason = %failure.reason, "row cannot be published; sending it to the dead-letter topic");
-        self.sink.dead_letter(txn, &failure).await?;
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Ok(Flow::Stop),
+            // Waits while the producer queue is full, as an event does.
+            sent = self.sink.dead_letter(txn, &failure) => sent?,
+        }
         state.sent();
-        Ok(())
+        Ok(Flow::Continue)
     }
 
     fn received(&self, lsn: Lsn) {

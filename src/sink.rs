@@ -18,8 +18,12 @@
 //! - an event the broker refuses for good (too large, not authorised, ...)
 //!   or a fatal producer error poisons its transaction: the watermark never
 //!   passes it, and the pipeline stops with a [`PublishFailure`] naming the
-//!   aggregate, `seq_nr` and LSN (`--on-poison halt`), or a dead-letter
-//!   record takes its place (`--on-poison dead-letter`).
+//!   aggregate, `seq_nr` and LSN (`--on-poison halt`), or, when the refusal
+//!   is about the record itself (too large, invalid, corrupt), a dead-letter
+//!   record takes its place (`--on-poison dead-letter`). A refusal about its
+//!   delivery (authorisation, an unknown topic, a fatal producer error)
+//!   halts in either mode: the event is valid, and its replay after the
+//!   restart may well go through.
 //!
 //! Halting keeps the first deliveries of an aggregate in `seq_nr` order: what
 //! follows a refused event in its partition must not reach the broker before
@@ -54,7 +58,10 @@ use tokio::sync::Notify;
 use crate::checkpoint::TxnId;
 use crate::confirm::{Action, Advance, Ledger, OnRefusal, Record, Report};
 use crate::event::{DEFAULT_SEQ_COLUMN, Event, LSN_HEADER};
-use crate::kafka_properties::KafkaProperties;
+// GAPLESS: librdkafka's switch that turns a refused batch into a fatal error
+// raised in the broker thread, so that nothing behind it is sent (halt mode,
+// where the configuration refuses turning it off).
+use crate::kafka_properties::{GAPLESS, KafkaProperties};
 use crate::metrics::Metrics;
 use crate::pg::conn::Feedback;
 use crate::pg::lsn::Lsn;
@@ -78,10 +85,6 @@ const DEFAULTS: &[(&str, &str)] = &[
     // topic template turns into a name nobody asked for.
     ("allow.auto.create.topics", "false"),
 ];
-
-/// librdkafka's switch that turns a refused batch into a fatal error raised
-/// in the broker thread, so that nothing behind it is sent (halt mode).
-const GAPLESS: &str = "enable.gapless.guarantee";
 
 /// The producer cannot be configured as asked.
 #[derive(Debug, thiserror::Error)]
@@ -223,7 +226,11 @@ impl Shared {
             delivered
         };
         if let Some(failure) = refusal {
-            log_refusal(&failure, &delivered.action);
+            log_refusal(
+                &failure,
+                &delivered.action,
+                self.dead_letter_topic.is_some(),
+            );
         }
         self.observe(delivered.advance);
         if let Some(ts) = delivered.commit_ts {
@@ -277,7 +284,7 @@ impl Shared {
     fn refused(&self, txn: TxnId, record: Record, failure: &PublishFailure) -> Action {
         self.count(failure);
         let action = self.ledger().refused(txn, record, failure.clone());
-        log_refusal(failure, &action);
+        log_refusal(failure, &action, self.dead_letter_topic.is_some());
         if action == Action::Halt {
             self.halt(false);
         }
@@ -324,6 +331,7 @@ impl ClientContext for SinkContext {
                 topic: "?".into(),
                 kind: "fatal",
                 reason: format!("fatal producer error: {reason}"),
+                record_at_fault: false,
             };
             tracing::error!(reason = %failure.reason, "the Kafka producer failed");
             self.0.count(&failure);
@@ -369,8 +377,9 @@ impl ProducerContext for SinkContext {
     }
 }
 
-/// Logs a refusal with what walrelay does about it.
-fn log_refusal(failure: &PublishFailure, action: &Action) {
+/// Logs a refusal with what walrelay does about it; `dead_letter_mode`:
+/// `--on-poison dead-letter`.
+fn log_refusal(failure: &PublishFailure, action: &Action, dead_letter_mode: bool) {
     let PublishFailure {
         aggregate,
         seq_nr,
@@ -381,6 +390,13 @@ fn log_refusal(failure: &PublishFailure, action: &Action) {
     } = failure;
     match action {
         // The halt that follows is the error line.
+        Action::Halt if dead_letter_mode && !failure.record_at_fault => tracing::warn!(
+            %aggregate, %seq_nr, %lsn, %topic, %reason,
+            "event refused for a reason that is not about the event itself (a timeout, an \
+             authorisation failure, an unknown topic or partition, a failed producer); halting \
+             whatever --on-poison says, since a dead-letter record in its place would take a \
+             valid event off the topic for good. The slot is not confirmed past it: fix the \
+             cause and restart, and the event is published again"),
         Action::Halt => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
             "event refused; halting, the slot is not confirmed past it"),
         Action::DeadLetter(_) => tracing::warn!(%aggregate, %seq_nr, %lsn, %topic, %reason,
@@ -422,7 +438,28 @@ fn refusal(
             _ => "refused",
         },
         reason: error.to_string(),
+        record_at_fault: record_at_fault(code),
     }
+}
+
+/// Whether an error refusing a record is about that record itself (see
+/// [`PublishFailure::record_at_fault`]): larger than the producer's
+/// `message.max.bytes` or the topic's `max.message.bytes`, or a record the
+/// broker found invalid or corrupt. Everything else (a timeout, an
+/// authorisation failure, an unknown topic or partition, a fatal or
+/// gap-less error, `INVALID_DIFFERENT_RECORD` for a valid record in a batch
+/// with an invalid one) is about its delivery.
+fn record_at_fault(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::BadMessage
+        )
+    )
 }
 
 fn message_size(message: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
@@ -715,6 +752,7 @@ impl Sink {
             topic: event.topic.clone(),
             kind: "refused",
             reason: error.to_string(),
+            record_at_fault: record_at_fault(error.rdkafka_error_code()),
         };
         match self.shared.refused(txn, Record::Event, &failure) {
             Action::DeadLetter(failure) => self.dead_letter(txn, &failure).await,

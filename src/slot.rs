@@ -24,7 +24,13 @@
 //! reported. A holder whose report has not changed at all for
 //! `--stale-slot-grace`, timed on the standby's own monotonic clock, is dead
 //! or frozen. The holder's clock is never compared with anyone else's: a
-//! holder whose clock is hours off is as alive as any other.
+//! holder whose clock is hours off is as alive as any other. The grace is
+//! never shorter than the server's `wal_sender_timeout` plus 10 s when that
+//! is set ([`holder_grace`]): a walsender busy decoding reads its client's
+//! updates only every half timeout (and the server ends a silent
+//! connection itself after the timeout). Only a walsender is judged: a session that holds
+//! the slot through the SQL functions (`pg_logical_slot_get_changes`) sends
+//! no replies, and is waited for, never terminated.
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -360,8 +366,12 @@ enum Holder {
     /// A walsender whose replies this role may not see: without
     /// `pg_read_all_stats`, `pg_stat_replication` shows its PID only.
     Hidden(i32),
-    /// The holder with its replies (`None`: not a walsender, so it sends none).
-    Seen(i32, Option<Replies>),
+    /// A backend that is not a walsender (a session calling
+    /// `pg_logical_slot_get_changes`, say): it sends no replies, so their
+    /// standing still says nothing about it.
+    Backend(i32),
+    /// A walsender with its replies.
+    Seen(i32, Replies),
 }
 
 /// What a look at the holder concluded.
@@ -371,6 +381,8 @@ enum Verdict {
     Alive,
     /// The holder's replies cannot be seen: no judgement is possible.
     Hidden(i32),
+    /// The holder is not a walsender: never judged, never terminated.
+    Backend(i32),
     /// The holder's replies have not changed for this long, past the grace.
     Stale(i32, Duration),
 }
@@ -380,17 +392,41 @@ enum Verdict {
 #[derive(Debug, Default)]
 pub struct HolderWatch {
     /// The holder's PID, its replies, and when this instance first saw them so.
-    last: Option<(i32, Option<Replies>, Instant)>,
+    last: Option<(i32, Replies, Instant)>,
     /// The PID last reported as stale, so that each is reported once.
     reported_stale: Option<i32>,
     /// The PID last reported as hidden, likewise.
     reported_hidden: Option<i32>,
+    /// The PID last reported as not a walsender, likewise.
+    reported_backend: Option<i32>,
+}
+
+/// The grace a standby gives the slot's holder: `configured`
+/// (`--stale-slot-grace`), and never less than the server's
+/// `wal_sender_timeout` plus a margin ([`silence_limit`]), as `SHOW` prints
+/// it in `wal_sender_timeout_shown`. A walsender busy decoding a large
+/// transaction reads its client's status updates only every half
+/// `wal_sender_timeout`, so `pg_stat_replication` may show the same reply
+/// for that long and more while the holder is well; the server itself ends a
+/// connection whose client stays silent for `wal_sender_timeout`. With the
+/// timeout disabled (0), a walsender reads the updates as they come (every
+/// 10 s from a healthy holder) and never ends a silent connection itself:
+/// `configured` applies as it is.
+///
+/// [`silence_limit`]: crate::pg::conn::silence_limit
+pub fn holder_grace(configured: Duration, wal_sender_timeout_shown: &str) -> Duration {
+    if wal_sender_timeout_shown.trim() == "0" {
+        return configured;
+    }
+    configured.max(crate::pg::conn::silence_limit(wal_sender_timeout_shown))
 }
 
 impl HolderWatch {
-    /// Looks at the holder of `slot` once. When its replies have not changed
-    /// for `grace`, reports it with its PID (once) and, with `take_over`,
-    /// terminates it so that this instance can take the slot.
+    /// Looks at the holder of `slot` once. When it is a walsender whose
+    /// replies have not changed for `grace` (raised to [`holder_grace`]),
+    /// reports it with its PID (once) and, with `take_over`, terminates it so
+    /// that this instance can take the slot. A holder that is not a walsender
+    /// is reported once and left alone.
     pub async fn check(
         &mut self,
         client: &crate::pg::metadata::Client,
@@ -398,6 +434,11 @@ impl HolderWatch {
         grace: Duration,
         take_over: bool,
     ) -> Result<(), MetadataError> {
+        let shown: String = client
+            .query_one("SELECT current_setting('wal_sender_timeout')", &[])
+            .await?
+            .get(0);
+        let grace = holder_grace(grace, &shown);
         let holder = match client
             .query_opt(
                 "SELECT s.active_pid, r.pid IS NOT NULL, r.state IS NOT NULL,
@@ -410,14 +451,15 @@ impl HolderWatch {
         {
             None => Holder::Nobody,
             Some(row) => match (row.get(0), row.get(1), row.get(2)) {
+                (pid, false, _) => Holder::Backend(pid),
                 (pid, true, false) => Holder::Hidden(pid),
-                (pid, walsender, _) => Holder::Seen(
+                (pid, true, true) => Holder::Seen(
                     pid,
-                    walsender.then(|| Replies {
+                    Replies {
                         reply_time: row.get(3),
                         write_lsn: row.get(4),
                         flush_lsn: row.get(5),
-                    }),
+                    },
                 ),
             },
         };
@@ -429,6 +471,14 @@ impl HolderWatch {
                         "cannot tell whether the slot's holder is alive: pg_stat_replication shows its replies only to roles with \
                          pg_read_all_stats; GRANT pg_read_all_stats to walrelay's role for --stale-slot-grace to apply");
                     self.reported_hidden = Some(pid);
+                }
+            }
+            Verdict::Backend(pid) => {
+                if self.reported_backend != Some(pid) {
+                    tracing::warn!(slot = %slot, pid,
+                        "the slot is held by a session that is not a walsender (pg_logical_slot_get_changes or similar); \
+                         standing by until it lets go, never terminating it");
+                    self.reported_backend = Some(pid);
                 }
             }
             Verdict::Stale(pid, unchanged) => {
@@ -466,6 +516,10 @@ impl HolderWatch {
                 self.last = None;
                 return Verdict::Hidden(pid);
             }
+            Holder::Backend(pid) => {
+                self.last = None;
+                return Verdict::Backend(pid);
+            }
             Holder::Seen(pid, replies) => (pid, replies),
         };
         let since = match &self.last {
@@ -482,6 +536,96 @@ impl HolderWatch {
             Verdict::Alive
         }
     }
+}
+
+/// The server a session reached does not continue the history walrelay
+/// confirmed positions in: confirming anything there could skip its WAL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    /// `IDENTIFY_SYSTEM` names another cluster than the one this process
+    /// streamed from.
+    #[error(
+        "the PostgreSQL server walrelay reconnected to is another cluster (system identifier {found}, not \
+         {expected} as before): its WAL positions mean nothing for the one walrelay confirmed to. Stopping \
+         instead of confirming anything there. If the database was moved or restored on purpose, check that \
+         no event is missing, then restart walrelay: a new process starts from the slot as this server has it"
+    )]
+    OtherSystem {
+        /// The system identifier seen first.
+        expected: String,
+        /// The one seen now.
+        found: String,
+    },
+    /// The slot is confirmed past the end of the server's WAL.
+    #[error(
+        "replication slot {slot:?} is confirmed up to {confirmed}, past the end of the server's WAL \
+         ({wal_end}): the slot comes from another history than this server's (a restored backup, or a \
+         slot copied from another cluster). Stopping: streaming from it would skip what this server writes \
+         up to {confirmed}. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and start walrelay \
+         again to publish the table from a snapshot"
+    )]
+    SlotAhead {
+        /// The slot.
+        slot: String,
+        /// Its confirmed position.
+        confirmed: Lsn,
+        /// The server's WAL end (`IDENTIFY_SYSTEM`'s xlogpos).
+        wal_end: Lsn,
+    },
+    /// walrelay confirmed more, earlier in this process, than the server has.
+    #[error(
+        "the server's WAL ends at {wal_end}, behind {confirmed}, which walrelay already confirmed on the \
+         server it streamed from before: a failover to a standby that lagged behind, or a restored backup. \
+         Transactions committed on the old server after {wal_end} are not on this one. Stopping instead of \
+         confirming {confirmed} here, which would skip what this server writes up to it. Check which \
+         events the old server had, then restart walrelay: a new process resumes from the slot as this \
+         server has it"
+    )]
+    ServerBehind {
+        /// What this process confirmed before.
+        confirmed: Lsn,
+        /// The server's WAL end (`IDENTIFY_SYSTEM`'s xlogpos).
+        wal_end: Lsn,
+    },
+}
+
+/// Checks, at the start of a session and before any status update goes
+/// out, that the server continues the history this process confirmed
+/// positions in: the same cluster as before (`system_id`, remembered in
+/// `seen` from the first session on), a slot confirmed no further than the
+/// server's WAL end (`wal_end`, `IDENTIFY_SYSTEM`'s xlogpos), and nothing
+/// confirmed by this process past that end either. Every status update of
+/// the session then stays within the server's WAL: it reports what this
+/// session received, or the slot's own position.
+pub fn check_history(
+    seen: &mut Option<String>,
+    system_id: &str,
+    slot: &str,
+    slot_confirmed: Lsn,
+    confirmed: Lsn,
+    wal_end: Lsn,
+) -> Result<(), HistoryError> {
+    match seen {
+        Some(expected) if expected != system_id => {
+            return Err(HistoryError::OtherSystem {
+                expected: expected.clone(),
+                found: system_id.to_owned(),
+            });
+        }
+        Some(_) => {}
+        None => *seen = Some(system_id.to_owned()),
+    }
+    if slot_confirmed > wal_end {
+        return Err(HistoryError::SlotAhead {
+            slot: slot.to_owned(),
+            confirmed: slot_confirmed,
+            wal_end,
+        });
+    }
+    if confirmed > wal_end {
+        return Err(HistoryError::ServerBehind { confirmed, wal_end });
+    }
+    Ok(())
 }
 
 /// Whether `name` is a valid name for walrelay's slot: lower-case letters,
@@ -589,11 +733,11 @@ mod tests {
     fn seen(pid: i32, reply_time: &str, flush: &str) -> Holder {
         Holder::Seen(
             pid,
-            Some(Replies {
+            Replies {
                 reply_time: Some(reply_time.into()),
                 write_lsn: Some(flush.into()),
                 flush_lsn: Some(flush.into()),
-            }),
+            },
         )
     }
 
@@ -636,15 +780,37 @@ mod tests {
             watch.observe(other(), at(31), grace),
             Verdict::Stale(8, Duration::from_secs(15))
         );
-        // A holder that is not a walsender never replies.
+    }
+
+    #[test]
+    fn a_holder_that_is_not_a_walsender_is_never_called_stale() {
+        // A session decoding with pg_logical_slot_get_changes sends no
+        // replies: their standing still says nothing about it.
+        let grace = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut watch = HolderWatch::default();
+        for s in [0, 15, 60, 3600] {
+            assert_eq!(
+                watch.observe(Holder::Backend(9), start + Duration::from_secs(s), grace),
+                Verdict::Backend(9)
+            );
+        }
+    }
+
+    #[test]
+    fn the_grace_outlasts_a_busy_walsender() {
+        let configured = Duration::from_secs(15);
+        // 60 s: a busy walsender may leave the reply unchanged for 30 s and more.
+        assert_eq!(holder_grace(configured, "1min"), Duration::from_secs(70));
+        assert_eq!(holder_grace(configured, "5s"), Duration::from_secs(15));
         assert_eq!(
-            watch.observe(Holder::Seen(9, None), at(40), grace),
-            Verdict::Alive
+            holder_grace(Duration::from_secs(600), "1min"),
+            Duration::from_secs(600)
         );
-        assert!(matches!(
-            watch.observe(Holder::Seen(9, None), at(55), grace),
-            Verdict::Stale(9, _)
-        ));
+        // Disabled: the walsender reads every update as it comes.
+        assert_eq!(holder_grace(configured, "0"), configured);
+        // Unreadable: PostgreSQL's default is assumed.
+        assert_eq!(holder_grace(configured, "?"), Duration::from_secs(70));
     }
 
     #[test]
@@ -661,6 +827,42 @@ mod tests {
         // Nobody holds it: nothing to watch, and the count starts afresh.
         assert_eq!(watch.observe(Holder::Nobody, start, grace), Verdict::Alive);
         assert!(watch.last.is_none());
+    }
+
+    #[test]
+    fn a_session_confirms_only_within_the_history_of_the_server() {
+        let mut seen = None;
+        // The first session remembers the cluster.
+        assert_eq!(
+            check_history(&mut seen, "7001", "w", Lsn(0x100), Lsn(0x100), Lsn(0x200)),
+            Ok(())
+        );
+        assert_eq!(seen.as_deref(), Some("7001"));
+        // The same cluster, further on: fine.
+        assert_eq!(
+            check_history(&mut seen, "7001", "w", Lsn(0x180), Lsn(0x180), Lsn(0x300)),
+            Ok(())
+        );
+        // Another cluster on the same address.
+        assert!(matches!(
+            check_history(&mut seen, "8002", "w", Lsn(0x100), Lsn(0x180), Lsn(0x300)),
+            Err(HistoryError::OtherSystem { .. })
+        ));
+        assert_eq!(seen.as_deref(), Some("7001"));
+        // A standby that lagged behind what this process confirmed.
+        assert_eq!(
+            check_history(&mut seen, "7001", "w", Lsn(0x100), Lsn(0x180), Lsn(0x150)),
+            Err(HistoryError::ServerBehind {
+                confirmed: Lsn(0x180),
+                wal_end: Lsn(0x150)
+            })
+        );
+        // A slot confirmed past the server's WAL.
+        let mut fresh = None;
+        assert!(matches!(
+            check_history(&mut fresh, "7001", "w", Lsn(0x400), Lsn(0x400), Lsn(0x300)),
+            Err(HistoryError::SlotAhead { .. })
+        ));
     }
 
     #[test]

@@ -65,6 +65,22 @@ const ACK_WAIT_REPORT: Duration = Duration::from_secs(5);
 /// How often an instance waiting for another's first start tries the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(500);
 
+/// How long a fetch from the snapshot cursor may take when `--request-timeout`
+/// is shorter: the first one sorts the whole table (`ORDER BY aggregate_id,
+/// seq_nr`) before it returns a row, which takes minutes on a large table.
+/// Abandoning it early would help nothing: the next start sorts again.
+pub const SNAPSHOT_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The server's timeouts that could end the snapshot's session while it
+/// waits on the broker, turned off for it: `statement_timeout` (the first
+/// fetch sorts the table), `idle_in_transaction_session_timeout` (the
+/// transaction that holds the snapshot idles while the producer queue is
+/// full), and, session-wide, `idle_session_timeout` (PostgreSQL 14+: the
+/// session idles after COMMIT while the acknowledgements come in, and must
+/// live on to drop the marker and hold the first-start lock).
+pub const SESSION_TIMEOUTS_OFF: &str = "SELECT set_config('idle_session_timeout', '0', false)
+      WHERE current_setting('server_version_num')::int >= 140000";
+
 /// Why the initial snapshot could not be published. The marker stays, so the
 /// next start begins it again.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +97,10 @@ pub enum SnapshotError {
     /// The table's rows cannot become events.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// Shutdown came while the snapshot waited for the broker: not every row
+    /// was handed over, so the marker stays and the next start begins again.
+    #[error("stopped during the initial snapshot; the next start begins it again")]
+    ShutDown,
 }
 
 /// The name of the marker slot of `slot`.
@@ -165,7 +185,8 @@ impl InitialSnapshot {
         })?;
         client
             .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+                 SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0",
                 conn::quote_literal(&name)
             ))
             .await?;
@@ -187,9 +208,36 @@ impl InitialSnapshot {
     }
 }
 
+/// The cursor over the table's rows, every column as text, in the order the
+/// events of each aggregate were written.
+fn declare_cursor(config: &RunConfig, relation: &Relation) -> String {
+    let columns: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| format!("t.{}::text", conn::quote_ident(&c.name)))
+        .collect();
+    // Qualified, so that ORDER BY sorts by the columns, not by their text
+    // forms in the select list ("10" < "9").
+    let mapped = &config.mapping.columns;
+    let order = match &mapped.seq {
+        Some(seq) => conn::quote_ident(seq),
+        None => "ctid".to_owned(),
+    };
+    format!(
+        "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t \
+         ORDER BY t.{}, t.{order}",
+        columns.join(", "),
+        conn::quote_ident(&config.table.schema),
+        conn::quote_ident(&config.table.name),
+        conn::quote_ident(&mapped.key),
+    )
+}
+
 /// Publishes every row of the table as of the snapshot, waits until all are
 /// acknowledged, then removes the marker and releases the first-start lock.
-/// Returns the number of rows.
+/// Returns the number of rows, or [`SnapshotError::ShutDown`] when
+/// `ensure_topic` says shutdown came first (never `Ok` unless every row was
+/// acknowledged and the marker is gone).
 pub async fn publish(
     config: &RunConfig,
     sink: &Sink,
@@ -205,27 +253,9 @@ pub async fn publish(
     let consistent_point = *consistent_point;
     let relation = describe_table(client, config).await?;
     let layout = EventLayout::new(&relation, &config.mapping).map_err(SourceError::from)?;
-    let columns: Vec<String> = relation
-        .columns
-        .iter()
-        .map(|c| format!("t.{}::text", conn::quote_ident(&c.name)))
-        .collect();
-    // Qualified, so that ORDER BY sorts by the columns, not by their text
-    // forms in the select list ("10" < "9").
-    let mapped = &config.mapping.columns;
-    let order = match &mapped.seq {
-        Some(seq) => conn::quote_ident(seq),
-        None => "ctid".to_owned(),
-    };
-    let declare = format!(
-        "DECLARE walrelay_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{} AS t \
-         ORDER BY t.{}, t.{order}",
-        columns.join(", "),
-        conn::quote_ident(&config.table.schema),
-        conn::quote_ident(&config.table.name),
-        conn::quote_ident(&mapped.key),
-    );
-    client.batch_execute(&declare).await?;
+    client
+        .batch_execute(&declare_cursor(config, &relation))
+        .await?;
 
     let commit_ts = system_time_to_pg(SystemTime::now());
     let txn = Transaction::new(consistent_point, commit_ts);
@@ -238,7 +268,11 @@ pub async fn publish(
     tracing::info!(snapshot = %name, consistent_point = %consistent_point, "publishing the rows that existed when the slot was created");
     loop {
         let rows = client
-            .query(&format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"), &[])
+            .query_within(
+                SNAPSHOT_FETCH_TIMEOUT,
+                &format!("FETCH {FETCH_ROWS} FROM walrelay_snapshot"),
+                &[],
+            )
             .await?;
         if rows.is_empty() {
             break;
@@ -265,7 +299,7 @@ pub async fn publish(
             match ensure_topic(&event.topic).await {
                 Ok(true) => {}
                 // Shut down meanwhile.
-                Ok(false) => return Ok(sent),
+                Ok(false) => return Err(SnapshotError::ShutDown),
                 Err(SinkError::TopicMissing(topic)) => {
                     let reason = RowError::TopicMissing(topic);
                     let row = row_error(&layout, &tuple, consistent_point, reason);

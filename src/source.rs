@@ -236,8 +236,21 @@ pub struct Source {
     anchor: TableAnchor,
     /// The layout of each relation that is the events table, by OID: one,
     /// unless transactions from before a replacement are replayed.
-    layouts: HashMap<u32, EventLayout>,
+    layouts: HashMap<u32, Described>,
     txn: Option<Transaction>,
+}
+
+/// A relation taken for the events table, as its last Relation message
+/// described it.
+#[derive(Debug)]
+struct Described {
+    layout: EventLayout,
+    /// Its `schema.name` then.
+    name: String,
+    /// It had `--table`'s name.
+    named: bool,
+    /// It is the anchored OID.
+    anchored: bool,
 }
 
 impl Source {
@@ -275,35 +288,63 @@ impl Source {
     }
 
     /// Takes a Relation message: a description of the events table, the
-    /// sign of a rename or a replacement, or another table's.
+    /// sign of a rename or a replacement, or another table's. A table that
+    /// was the events table and no longer qualifies (it lost the name before
+    /// the anchor, replayed after a restart) is forgotten: its later rows are
+    /// another table's.
     fn relation(&mut self, relation: &Relation) -> Result<(), SourceError> {
         let named = self.table.matches(relation);
         let anchored = relation.oid == self.anchor.oid;
         if !named && !anchored {
+            self.layouts.remove(&relation.oid);
             return Ok(());
         }
+        let name = format!("{}.{}", relation.schema(), relation.name);
         let commit_lsn = self.txn.as_ref().map_or(Lsn(u64::MAX), |t| t.commit_lsn);
-        // Committed before the anchor: either says it is the events table.
-        if commit_lsn >= self.anchor.as_of && !(named && anchored) {
-            return Err(if anchored {
-                SourceError::Renamed {
-                    table: self.table.clone(),
-                    oid: relation.oid,
-                    renamed: format!("{}.{}", relation.schema(), relation.name),
-                    commit_lsn,
-                }
-            } else {
-                SourceError::Replaced {
-                    table: self.table.clone(),
-                    oid: self.anchor.oid,
-                    other: relation.oid,
-                    commit_lsn,
-                }
-            });
-        }
-        self.layouts
-            .insert(relation.oid, EventLayout::new(relation, &self.mapping)?);
+        self.check_current(relation.oid, &name, named, anchored, commit_lsn)?;
+        let layout = EventLayout::new(relation, &self.mapping)?;
+        self.layouts.insert(
+            relation.oid,
+            Described {
+                layout,
+                name,
+                named,
+                anchored,
+            },
+        );
         Ok(())
+    }
+
+    /// Whether relation `oid`, known as `name`, named and anchored as said,
+    /// is the events table for a transaction committed at `commit_lsn`:
+    /// before the anchor, either says so; from the anchor on, it must be
+    /// both, or the table was renamed or replaced.
+    fn check_current(
+        &self,
+        oid: u32,
+        name: &str,
+        named: bool,
+        anchored: bool,
+        commit_lsn: Lsn,
+    ) -> Result<(), SourceError> {
+        if commit_lsn < self.anchor.as_of || (named && anchored) {
+            return Ok(());
+        }
+        Err(if anchored {
+            SourceError::Renamed {
+                table: self.table.clone(),
+                oid,
+                renamed: name.to_owned(),
+                commit_lsn,
+            }
+        } else {
+            SourceError::Replaced {
+                table: self.table.clone(),
+                oid: self.anchor.oid,
+                other: oid,
+                commit_lsn,
+            }
+        })
     }
 
     fn apply(&mut self, message: Message) -> Result<Step, SourceError> {
@@ -330,11 +371,21 @@ impl Source {
                 Step::Nothing
             }
             Message::Insert(insert) => match self.layouts.get(&insert.relation_oid) {
-                Some(layout) => {
+                Some(described) => {
                     let txn = self
                         .txn
                         .as_ref()
                         .ok_or(SourceError::Order("Insert outside a transaction"))?;
+                    // Described before the anchor as only one of the two:
+                    // from the anchor on, that is no longer the events table.
+                    self.check_current(
+                        insert.relation_oid,
+                        &described.name,
+                        described.named,
+                        described.anchored,
+                        txn.commit_lsn,
+                    )?;
+                    let layout = &described.layout;
                     layout
                         .event(txn, &insert.new)
                         .map(Step::Event)
@@ -598,5 +649,70 @@ mod tests {
         )
         .unwrap();
         assert_eq!(keys, ["now"]);
+        // OID 300 lost the name before the anchor; a row of it committed
+        // after the anchor, undescribed since, is not taken for an event.
+        let err = transaction(&mut s, 0x2100, vec![insert(300, "x")]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::Replaced {
+                    oid: 100,
+                    other: 300,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_table_that_lost_the_name_while_walrelay_was_down_is_no_longer_published() {
+        // While walrelay was down: ALTER TABLE events RENAME TO events_old;
+        // CREATE TABLE events (OID 300); writers kept inserting into
+        // events_old (OID 100). The session anchors OID 300 and replays
+        // from before the rename.
+        let mut s = Source::new(
+            "public.events".parse().unwrap(),
+            Mapping::new(
+                crate::event::Columns {
+                    seq: None,
+                    ..crate::event::Columns::default()
+                },
+                "events".parse().unwrap(),
+            ),
+            TableAnchor {
+                oid: 300,
+                as_of: Lsn(0x5000),
+            },
+        );
+        let keys = transaction(
+            &mut s,
+            0x1000,
+            vec![relation(100, "public", "events"), insert(100, "before")],
+        )
+        .unwrap();
+        assert_eq!(keys, ["before"], "it was the events table then");
+        // The rename and the new table: DDL, decoded to nothing.
+        transaction(&mut s, 0x2000, vec![]).unwrap();
+        let keys = transaction(
+            &mut s,
+            0x3000,
+            vec![relation(100, "public", "events_old"), insert(100, "old 1")],
+        )
+        .unwrap();
+        assert!(keys.is_empty(), "published a row of events_old: {keys:?}");
+        let keys = transaction(&mut s, 0x4000, vec![insert(100, "old 2")]).unwrap();
+        assert!(keys.is_empty(), "published a row of events_old: {keys:?}");
+        let keys = transaction(
+            &mut s,
+            0x6000,
+            vec![
+                insert(100, "old 3"),
+                relation(300, "public", "events"),
+                insert(300, "new"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(keys, ["new"]);
     }
 }

@@ -71,7 +71,8 @@ pub async fn run<W: Write>(
     .await?;
     drop(client);
 
-    let interval = conn::status_interval(&repl.show("wal_sender_timeout").await?);
+    let timing =
+        conn::StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await?);
     let anchor = source::anchor(&mut repl, &options.table)
         .await?
         .ok_or_else(|| SourceError::TableMissing(options.table.clone()))?;
@@ -84,7 +85,7 @@ pub async fn run<W: Write>(
         .start_logical(&slot.name, Lsn::ZERO, &pgoutput)
         .await?
         // A temporary slot of its own: nobody else moved it since its creation.
-        .report(Feedback::new(slot.consistent_point), interval);
+        .report(Feedback::new(slot.consistent_point), timing);
     tracing::info!(slot = %slot.name, start = %slot.consistent_point, table = %options.table, "tailing");
 
     let mut source = Source::new(options.table.clone(), options.mapping.clone(), anchor);

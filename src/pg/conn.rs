@@ -56,9 +56,13 @@ use super::transport::{self, Socket, TransportError};
 /// The default and largest interval between standby status updates.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A streaming read that hears nothing for this many status intervals (each
-/// of which asked the server for a keepalive) declares the connection stalled.
-pub const SILENCE_LIMIT_INTERVALS: u32 = 3;
+/// What a streaming read adds to the server's `wal_sender_timeout` before it
+/// declares the connection stalled (see [`silence_limit`]).
+pub const SILENCE_MARGIN: Duration = Duration::from_secs(10);
+
+/// The `wal_sender_timeout` the silence limit assumes when the server's is
+/// disabled (0) or unreadable: PostgreSQL's default.
+pub const ASSUMED_WAL_SENDER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long `CREATE_REPLICATION_SLOT ... LOGICAL` may take when
 /// `--request-timeout` is shorter: the server answers only once every
@@ -857,17 +861,19 @@ pub struct StartedReplication {
 
 impl StartedReplication {
     /// Starts the status updates, which report `feedback`'s positions every
-    /// `status_interval` at least. Keep one [`Feedback`] across reconnects,
-    /// raised to the slot's confirmed position before this call, so that no
-    /// update ever reports less than the slot already has.
-    pub fn report(self, feedback: Feedback, status_interval: Duration) -> ReplicationStream {
+    /// status interval at least; a read that hears nothing from the server
+    /// for the silence limit declares a stall (both from [`StreamTiming`]).
+    /// Keep one [`Feedback`] across reconnects, raised to the slot's
+    /// confirmed position before this call, so that no update ever reports
+    /// less than the slot already has.
+    pub fn report(self, feedback: Feedback, timing: StreamTiming) -> ReplicationStream {
         let cancel = CancellationToken::new();
         let heard = Arc::new(Heard::new());
         let writer = tokio::spawn(status_updates(
             self.writer,
             feedback.clone(),
             Arc::clone(&heard),
-            status_interval,
+            timing.status_interval,
             cancel.clone(),
         ));
         ReplicationStream {
@@ -876,7 +882,7 @@ impl StartedReplication {
             heard,
             writer: Some(writer),
             cancel: cancel.drop_guard(),
-            silence_limit: status_interval.saturating_mul(SILENCE_LIMIT_INTERVALS),
+            silence_limit: timing.silence_limit,
         }
     }
 }
@@ -905,31 +911,75 @@ fn message_name(message: &backend::Message) -> &'static str {
     }
 }
 
-/// How often to send status updates, given the server's `wal_sender_timeout`
-/// as `SHOW` prints it (`60s`, `1min`, `500ms`, `0`): a third of the timeout,
-/// and never less often than every [`DEFAULT_STATUS_INTERVAL`].
-pub fn status_interval(wal_sender_timeout: &str) -> Duration {
-    let text = wal_sender_timeout.trim();
+/// The server's `wal_sender_timeout` as `SHOW` prints it (`60s`, `1min`,
+/// `500ms`, `0`); `None` when it is disabled (0) or cannot be read.
+fn wal_sender_timeout(show: &str) -> Option<Duration> {
+    let text = show.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let Ok(number) = number.parse::<u64>() else {
-        return DEFAULT_STATUS_INTERVAL;
-    };
+    let number = number.parse::<u64>().ok()?;
     let millis = match unit.trim() {
         "ms" => number,
         "" | "s" => number.saturating_mul(1000),
         "min" => number.saturating_mul(60_000),
         "h" => number.saturating_mul(3_600_000),
         "d" => number.saturating_mul(86_400_000),
-        _ => return DEFAULT_STATUS_INTERVAL,
+        _ => return None,
     };
-    if millis == 0 {
-        // 0 disables the timeout.
-        return DEFAULT_STATUS_INTERVAL;
+    (millis > 0).then(|| Duration::from_millis(millis))
+}
+
+/// How often to send status updates, given the server's `wal_sender_timeout`
+/// as `SHOW` prints it (`60s`, `1min`, `500ms`, `0`): a third of the timeout,
+/// and never less often than every [`DEFAULT_STATUS_INTERVAL`].
+pub fn status_interval(wal_sender_timeout_shown: &str) -> Duration {
+    wal_sender_timeout(wal_sender_timeout_shown).map_or(DEFAULT_STATUS_INTERVAL, |timeout| {
+        (timeout / 3)
+            .max(Duration::from_millis(100))
+            .min(DEFAULT_STATUS_INTERVAL)
+    })
+}
+
+/// How long a streaming read waits for any message from the server before
+/// it declares the connection stalled: the server's `wal_sender_timeout`
+/// plus [`SILENCE_MARGIN`] ([`ASSUMED_WAL_SENDER_TIMEOUT`] when it is 0 or
+/// unreadable).
+///
+/// Less would take a busy server for a dead one. A walsender decoding a
+/// large transaction reads the status updates, and so answers their requests
+/// for a keepalive, only once half of its `wal_sender_timeout` has passed
+/// since the last one it read; it may therefore be silent for that half plus
+/// a status interval, and then some while it catches up. Giving up sooner
+/// would reconnect, decode the same transaction again, and give up again:
+/// a livelock. The server itself ends a connection it has not heard from for
+/// `wal_sender_timeout`, so a live server is never silent much longer than
+/// that, while a stalled network is still caught within about a minute.
+pub fn silence_limit(wal_sender_timeout_shown: &str) -> Duration {
+    wal_sender_timeout(wal_sender_timeout_shown)
+        .unwrap_or(ASSUMED_WAL_SENDER_TIMEOUT)
+        .saturating_add(SILENCE_MARGIN)
+}
+
+/// The pace of a streaming connection, from the server's `wal_sender_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTiming {
+    /// How often a status update goes out at least ([`status_interval`]).
+    pub status_interval: Duration,
+    /// How long the server may be silent before the connection counts as
+    /// stalled ([`silence_limit`]).
+    pub silence_limit: Duration,
+}
+
+impl StreamTiming {
+    /// The timing for a server whose `SHOW wal_sender_timeout` printed `shown`.
+    pub fn from_wal_sender_timeout(shown: &str) -> Self {
+        StreamTiming {
+            status_interval: status_interval(shown),
+            silence_limit: silence_limit(shown),
+        }
     }
-    Duration::from_millis((millis / 3).max(100)).min(DEFAULT_STATUS_INTERVAL)
 }
 
 /// Quotes an identifier for a replication command or SQL.
@@ -1208,6 +1258,35 @@ mod tests {
     }
 
     #[test]
+    fn the_silence_limit_outlasts_a_busy_walsender() {
+        // A walsender decoding a large transaction answers only every half
+        // wal_sender_timeout, plus a status interval: the limit must exceed
+        // the whole timeout, whatever the status interval is capped at.
+        for (shown, timeout) in [
+            ("60s", 60_000),
+            ("1min", 60_000),
+            ("5min", 300_000),
+            ("9s", 9_000),
+            ("1500ms", 1_500),
+        ] {
+            let timing = StreamTiming::from_wal_sender_timeout(shown);
+            let timeout = Duration::from_millis(timeout);
+            assert_eq!(timing.silence_limit, timeout + SILENCE_MARGIN, "{shown}");
+            assert!(
+                timing.silence_limit > timeout / 2 + timing.status_interval * 2,
+                "{shown}: {timing:?}"
+            );
+        }
+        // Disabled or unreadable: PostgreSQL's default is assumed.
+        for shown in ["0", "nonsense"] {
+            assert_eq!(
+                silence_limit(shown),
+                ASSUMED_WAL_SENDER_TIMEOUT + SILENCE_MARGIN
+            );
+        }
+    }
+
+    #[test]
     fn feedback_never_moves_backwards() {
         let fb = Feedback::new(Lsn(100));
         fb.confirm(Lsn(50));
@@ -1270,7 +1349,7 @@ mod tests {
         // Progress updates every 300 ms reset the timer, so the timed update
         // never comes; the updates themselves must ask for a reply, or the
         // reader hears nothing from an idle server and declares a stall
-        // after SILENCE_LIMIT_INTERVALS.
+        // after its silence limit.
         let pings: Vec<Duration> = updates
             .iter()
             .filter(|(_, ping)| *ping)

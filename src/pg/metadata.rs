@@ -10,6 +10,7 @@
 //! request that times out cuts the connection, whose late answer must not
 //! be read and whose backend may be stuck, and the caller connects again.
 use std::future::Future;
+use std::time::Duration;
 
 use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode, SslNegotiation};
 use tokio_postgres::types::ToSql;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::{AuthExchange, AuthMethod, Channel, ChannelBindingMode};
 use super::conn::ServerError;
 use super::guard::{AuthGuard, Established, Refusal};
+use super::lsn::Lsn;
 use super::params::ConnectParams;
 use super::request::{RequestLimit, TimedOut};
 use super::tls::{TlsError, TlsSetup};
@@ -194,6 +196,30 @@ impl<C: GenericClient + Sync> Bounded<C> {
         self.guard.run(sql, self.inner.query(sql, params)).await
     }
 
+    /// Runs `sql` like [`query`](Self::query), waiting up to `timeout` (at
+    /// least the usual request timeout) for its answer: for a request known
+    /// to take long, such as the first fetch of a sorted cursor.
+    pub async fn query_within(
+        &self,
+        timeout: Duration,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, MetadataError> {
+        let timeout = timeout.max(self.guard.requests.timeout);
+        match self
+            .guard
+            .requests
+            .run_within(timeout, sql, self.inner.query(sql, params))
+            .await
+        {
+            Ok(answer) => Ok(answer?),
+            Err(timed_out) => {
+                self.guard.cut.cancel();
+                Err(timed_out.into())
+            }
+        }
+    }
+
     /// Runs `sql`, which returns exactly one row.
     pub async fn query_one(
         &self,
@@ -355,6 +381,20 @@ where
             tracing::debug!("metadata connection cut after a request timed out");
         }
     }
+}
+
+/// The end of the server's WAL: what it has flushed, or on a standby what
+/// it has replayed (IDENTIFY_SYSTEM's xlogpos, on an ordinary connection).
+pub async fn wal_end(client: &Client) -> Result<Lsn, MetadataError> {
+    let text: Option<String> = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                          ELSE pg_current_wal_flush_lsn() END)::text",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(text.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO))
 }
 
 /// The server's `wal_level`.

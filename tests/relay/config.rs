@@ -49,6 +49,28 @@ async fn bad_run_configuration_exits_2_naming_the_setting() {
             .concat(),
             "--dead-letter-topic",
         ),
+        // The producer would give up on events during a broker outage.
+        (
+            [&base[..], &["--kafka-property", "message.timeout.ms=60000"]].concat(),
+            "--kafka-property message.timeout.ms: not allowed but as 0",
+        ),
+        (
+            [
+                &base[..],
+                &["--kafka-property", "delivery.timeout.ms=300000"],
+            ]
+            .concat(),
+            "--kafka-property delivery.timeout.ms: not allowed but as 0",
+        ),
+        // --on-poison halt (the default) needs the gap-less guarantee.
+        (
+            [
+                &base[..],
+                &["--kafka-property", "enable.gapless.guarantee=false"],
+            ]
+            .concat(),
+            "--kafka-property enable.gapless.guarantee",
+        ),
         (
             [&base[..], &["--create-slot=maybe"]].concat(),
             "create-slot",

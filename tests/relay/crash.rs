@@ -15,7 +15,10 @@
 //! published: the duplicates of each crash are the events it had published
 //! but not yet confirmed. A SIGTERM adds at most the one transaction that was
 //! open when the signal came (walrelay stops reading mid-transaction, and
-//! that transaction's events published so far are not confirmable).
+//! that transaction's events published so far are not confirmable). A
+//! SIGKILL replays at most what the producer held (its queue bound,
+//! `queue.buffering.max.messages`, set low here so that a regression that
+//! replays everything shows) plus the transaction open at the kill.
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -46,6 +49,12 @@ const KILLS: usize = 12;
 const POSTGRES_CRASHES: usize = 4;
 const TERMS: usize = 4;
 
+/// The producer's queue bound in this test (`queue.buffering.max.messages`).
+const QUEUE_BOUND: usize = 1000;
+
+/// The largest transaction the workload writes.
+const BIG_EVENTS: usize = 300;
+
 /// `--shutdown-timeout` of the relays: a SIGTERM must end in this.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -60,8 +69,11 @@ struct Interruption {
     /// The WAL end right after it (after the restart for a PostgreSQL crash):
     /// nothing committed later was published before it.
     wal_end: Lsn,
-    /// For a SIGTERM: each partition's end right after the exit.
+    /// For a SIGTERM or a SIGKILL: each partition's end right after the exit.
     published: Option<Vec<i64>>,
+    /// Each partition's end when the process interrupted began its work, so
+    /// that what it published lies between this and `published`.
+    began: Vec<i64>,
 }
 
 #[tokio::test]
@@ -75,7 +87,13 @@ async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
     kafka.set_round_trip_time(Duration::from_millis(100));
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
     let timeout = format!("{}s", SHUTDOWN_TIMEOUT.as_secs());
-    let args = ["--shutdown-timeout", timeout.as_str()];
+    let queue = format!("queue.buffering.max.messages={QUEUE_BOUND}");
+    let args = [
+        "--shutdown-timeout",
+        timeout.as_str(),
+        "--kafka-property",
+        queue.as_str(),
+    ];
 
     // The first start creates the slot; the writes begin once it streams, so
     // that every event is published from the WAL (none from the snapshot).
@@ -86,7 +104,7 @@ async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
     let stop = CancellationToken::new();
     let mix = Mix {
         big_every: 25,
-        big_events: 300,
+        big_events: BIG_EVENTS,
         pause: Duration::from_millis(10),
         ..Mix::default()
     };
@@ -102,6 +120,7 @@ async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
 
     let mut interruptions = Vec::new();
     for fault in faults {
+        let began = partition_ends(&kafka);
         let (mut current, metrics) = match relay.take() {
             Some(running) => running,
             None => Walrelay::run(&url, &kafka.bootstrap(), &args).await,
@@ -112,7 +131,10 @@ async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
         let sessions_before = pg.decoding_sessions("walrelay").len();
         let mut published = None;
         match fault {
-            Fault::Kill => current.kill().await,
+            Fault::Kill => {
+                current.kill().await;
+                published = Some(partition_ends(&kafka));
+            }
             Fault::Term => published = Some(stop_cleanly(&mut current, &kafka).await),
             Fault::PostgresCrash => {
                 let streamed = current.stderr_text().matches("streaming").count();
@@ -130,6 +152,7 @@ async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
             sessions_before,
             wal_end: current_lsn(&pg).await,
             published,
+            began,
         });
     }
     stop.cancel();
@@ -146,6 +169,7 @@ async fn sigkill_postgres_crash_and_sigterm_under_load_lose_nothing() {
     let sessions = pg.decoding_sessions("walrelay");
     report.assert_clean_replays(&sessions, &last.stderr_text());
 
+    assert_kills_replay_at_most_the_in_flight_window(&interruptions, &sessions, &records);
     assert_clean_stops_replay_at_most_one_transaction(&interruptions, &sessions, &records);
     print_windows(&interruptions, &sessions, &report);
     eprintln!(
@@ -176,12 +200,66 @@ async fn stop_cleanly(relay: &mut Walrelay, kafka: &Kafka) -> Vec<i64> {
         !logs.contains("stopped waiting for acknowledgements"),
         "the drain gave up with the broker up:\n{logs}"
     );
+    partition_ends(kafka)
+}
+
+/// Each partition's end (high watermark) now.
+fn partition_ends(kafka: &Kafka) -> Vec<i64> {
     kafka
         .watermarks("events", WAIT)
         .expect("the broker answers")
         .into_iter()
         .map(|(_, high)| high)
         .collect()
+}
+
+/// The records published before interruption `stopped` (by its partition
+/// ends) that the next session sent again: those at or after where it resumed.
+fn replayed<'r>(
+    stopped: &Interruption,
+    published: &[i64],
+    sessions: &[Lsn],
+    records: &'r [Record],
+) -> Vec<&'r Record> {
+    let resumed = sessions[stopped.sessions_before];
+    records
+        .iter()
+        .filter(|r| r.offset < published[usize::try_from(r.partition).unwrap()])
+        .filter(|r| r.header("lsn").parse::<Lsn>().unwrap() >= resumed)
+        .collect()
+}
+
+/// A SIGKILL republishes at most what the killed process had in flight:
+/// what the producer held (its queue bound); what the broker acknowledged
+/// but whose confirmation had not reached the server yet (status updates
+/// follow the watermark within 200 ms, two round trips of this 100 ms broker,
+/// each acknowledging at most a queue's worth: two queue bounds more); and
+/// the transaction open at the kill. Counted over the distinct events the process itself published (from
+/// its first record to the kill) at or after where the next session resumed.
+/// A walrelay that confirmed too little (or nothing) replays far more.
+fn assert_kills_replay_at_most_the_in_flight_window(
+    interruptions: &[Interruption],
+    sessions: &[Lsn],
+    records: &[Record],
+) {
+    for (n, killed) in interruptions.iter().enumerate() {
+        let (Fault::Kill, Some(published)) = (killed.fault, &killed.published) else {
+            continue;
+        };
+        let replayed: BTreeSet<(&str, i64)> = replayed(killed, published, sessions, records)
+            .into_iter()
+            .filter(|r| r.offset >= killed.began[usize::try_from(r.partition).unwrap()])
+            .map(|r| (r.key.as_str(), r.seq_nr()))
+            .collect();
+        let replayed = replayed.len();
+        eprintln!("SIGKILL {n}: {replayed} events published before the kill were replayed");
+        assert!(
+            replayed <= 3 * QUEUE_BOUND + BIG_EVENTS,
+            "the SIGKILL of interruption {n} replayed {replayed} events the killed process \
+             published, more than its in-flight window: three times the producer's queue bound \
+             ({QUEUE_BOUND}) plus the largest transaction ({BIG_EVENTS})"
+        );
+    }
 }
 
 /// A clean stop republishes at most the transaction it stopped inside: of
@@ -193,15 +271,11 @@ fn assert_clean_stops_replay_at_most_one_transaction(
     records: &[Record],
 ) {
     for (n, stopped) in interruptions.iter().enumerate() {
-        let Some(published) = &stopped.published else {
+        let (Fault::Term, Some(published)) = (stopped.fault, &stopped.published) else {
             continue;
         };
         let resumed = sessions[stopped.sessions_before];
-        let replayed: Vec<&Record> = records
-            .iter()
-            .filter(|r| r.offset < published[usize::try_from(r.partition).unwrap()])
-            .filter(|r| r.header("lsn").parse::<Lsn>().unwrap() >= resumed)
-            .collect();
+        let replayed = replayed(stopped, published, sessions, records);
         let transactions: BTreeSet<&str> = replayed.iter().map(|r| r.header("lsn")).collect();
         eprintln!(
             "SIGTERM {n}: {} events of {} transactions published before the exit were replayed",

@@ -11,6 +11,7 @@ mod endpoint;
 mod event_table;
 mod failover;
 mod faults;
+mod history;
 mod metrics;
 mod oracle;
 mod poison;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
@@ -227,6 +228,102 @@ async fn dead_letter_describes_bad_rows_and_refused_events_and_goes_on() {
 }
 
 #[tokio::test]
+async fn a_refusal_of_the_delivery_halts_even_with_dead_letter_and_the_event_arrives_after_the_restart()
+ {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 1);
+    kafka.cluster().create_topic("dead", 1, 1).unwrap();
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let args = ["--on-poison", "dead-letter", "--dead-letter-topic", "dead"];
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    let row = |seq: i32| {
+        format!(
+            "INSERT INTO events (aggregate_id, seq_nr, event_type, payload) VALUES ('a', {seq}, 'Ok', '{{}}');"
+        )
+    };
+    pg.psql(&row(1)).await;
+    let good_end = current_lsn(&pg).await;
+    wait_confirmed(&pg, "walrelay", good_end).await;
+    // The topic is not authorised for the next produce request: nothing is
+    // wrong with the event, so it must not be dead-lettered.
+    kafka.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    pg.psql(&row(2)).await;
+    let bad_end = current_lsn(&pg).await;
+    assert_eq!(
+        relay.wait(WAIT).await.code(),
+        Some(1),
+        "{}",
+        relay.stderr_text()
+    );
+    let logs = relay.stderr_text();
+    assert!(
+        logs.contains("not about the event itself") && logs.contains("whatever --on-poison says"),
+        "{logs}"
+    );
+    assert!(
+        kafka.read("dead", 1, Duration::from_secs(2)).is_empty(),
+        "a valid event was dead-lettered"
+    );
+    let confirmed = slot_confirmed(&pg, "walrelay").await;
+    assert!(
+        confirmed >= good_end && confirmed < bad_end,
+        "{confirmed} not between {good_end} and {bad_end}"
+    );
+    // The cause is gone: the restart publishes it.
+    kafka.cluster().clear_request_errors(RDKafkaApiKey::Produce);
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    wait_confirmed(&pg, "walrelay", bad_end).await;
+    let seqs: Vec<i64> = kafka
+        .read("events", 2, WAIT)
+        .iter()
+        .map(crate::support::kafka::Record::seq_nr)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_stops_a_dead_letter_record_waiting_for_room_in_the_producer() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    kafka.cluster().create_topic("dead", 1, 1).unwrap();
+    loose_table(&pg).await;
+    let (url, mut args) = loose_args(&pg);
+    args.extend([
+        "--on-poison",
+        "dead-letter",
+        "--dead-letter-topic",
+        "dead",
+        "--kafka-property",
+        "queue.buffering.max.messages=3",
+        "--shutdown-timeout",
+        "2s",
+    ]);
+    let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
+    // The broker goes away; three events fill the producer's queue, and the
+    // record describing the bad row behind them waits for room.
+    kafka.set_all_brokers(false);
+    pg.psql(
+        "INSERT INTO loose VALUES ('a', 1, 'Ok', '{}'), ('a', 2, 'Ok', '{}'), ('a', 3, 'Ok', '{}'),
+                                  ('a', 4, 'Bad', 'not json');",
+    )
+    .await;
+    wait_for_metric(metrics, "walrelay_inflight_events", |v| v == 3, WAIT).await;
+    relay
+        .wait_for_stderr("sending it to the dead-letter topic", WAIT)
+        .await;
+    assert_eq!(
+        relay.stop_with(Signal::SIGTERM).await.code(),
+        Some(0),
+        "{}",
+        relay.stderr_text()
+    );
+}
+
+#[tokio::test]
 async fn an_update_that_slipped_past_the_guard_halts_or_is_skipped_but_never_published() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 3);
@@ -329,6 +426,62 @@ async fn a_table_renamed_while_streaming_stops_walrelay_naming_both_names_and_lo
         .map(crate::support::kafka::Record::seq_nr)
         .collect();
     assert_eq!(seqs, [1, 2], "{records:?}");
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_table_that_lost_the_name_while_walrelay_was_down_is_not_published_after_the_restart() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 3);
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
+    let row = |table: &str, key: &str, seq: i32| {
+        format!(
+            "INSERT INTO {table} (aggregate_id, seq_nr, event_type, payload) VALUES ('{key}', {seq}, 'Ok', '{{}}');"
+        )
+    };
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    pg.psql(&row("events", "a", 1)).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+
+    // While walrelay is down: an event it has not published yet, then the
+    // table is renamed, a new events table takes its place, and writers
+    // keep inserting into the old one.
+    pg.psql(&row("events", "a", 2)).await;
+    pg.psql("ALTER TABLE events RENAME TO events_old;").await;
+    pg.apply_schema().await;
+    pg.psql(&format!("GRANT SELECT ON events TO {SCRAM_USER};"))
+        .await;
+    pg.psql(&row("events_old", "old", 1)).await;
+    pg.psql(&row("events", "new", 1)).await;
+
+    // The restart replays the rename: the old table's rows after it are
+    // another table's.
+    let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
+    pg.psql(&row("events_old", "old", 2)).await;
+    pg.psql(&row("events", "new", 2)).await;
+    wait_confirmed(&pg, "walrelay", current_lsn(&pg).await).await;
+    let mut published: Vec<(String, i64)> = kafka
+        .read("events", 4, WAIT)
+        .iter()
+        .map(|r| (r.key.clone(), r.seq_nr()))
+        .collect();
+    published.sort();
+    assert_eq!(
+        published,
+        [
+            ("a".to_owned(), 1),
+            ("a".to_owned(), 2),
+            ("new".to_owned(), 1),
+            ("new".to_owned(), 2)
+        ],
+        "{}",
+        relay.stderr_text()
+    );
+    assert!(
+        kafka.read("events", 5, Duration::from_secs(2)).len() == 4,
+        "a row of events_old was published"
+    );
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 

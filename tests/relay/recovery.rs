@@ -94,6 +94,34 @@ async fn a_broker_down_at_start_is_waited_for() {
 }
 
 #[tokio::test]
+async fn a_server_out_of_connection_slots_at_start_is_waited_for() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 4);
+    // Every connection of walrelay's role is refused with 53300
+    // (too_many_connections), as on a server whose slots are all taken: a
+    // shortage that ends by itself, so walrelay retries instead of exiting.
+    pg.psql(&format!("ALTER ROLE {SCRAM_USER} CONNECTION LIMIT 0"))
+        .await;
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    relay
+        .wait_for_stderr_count("PostgreSQL is not reachable yet; retrying", 2, WAIT)
+        .await;
+    assert!(relay.exited().is_none(), "{}", relay.stderr_text());
+    assert!(
+        relay.stderr_text().contains("53300"),
+        "{}",
+        relay.stderr_text()
+    );
+    pg.psql(&format!("ALTER ROLE {SCRAM_USER} CONNECTION LIMIT -1"))
+        .await;
+    relay.wait_for_stderr("streaming", WAIT).await;
+    let committed = write_mixed(&mut pg.client().await, "x", 3, 5, 0, &mut HashMap::new()).await;
+    check(&committed, &kafka.read("events", committed.len(), WAIT))
+        .assert_clean(false, &relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn a_second_instance_stands_by_and_takes_over_when_the_first_dies() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 4);
@@ -202,7 +230,15 @@ async fn stale_slot_standby(postgres_url: &str, kafka: &Kafka) -> Walrelay {
 
 #[tokio::test]
 async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
-    let pg = PgServer::start_default().await;
+    // Without wal_sender_timeout the server never ends the frozen holder's
+    // connection itself: the standby's check is what frees the slot (with a
+    // timeout, the grace is at least the timeout plus 10 s, and the server
+    // comes first).
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = 0".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
     let kafka = Kafka::start(1, 4);
     let (mut frozen, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
     let holder = slot_holder(&pg).await.expect("the slot is held");
@@ -232,6 +268,79 @@ async fn a_frozen_holder_of_the_slot_is_reported_and_taken_over() {
     frozen.signal(Signal::SIGCONT);
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
     frozen.stop_with(Signal::SIGKILL).await;
+}
+
+#[tokio::test]
+async fn a_session_decoding_from_the_slot_with_sql_functions_is_never_terminated() {
+    // A plain backend holding the slot (pg_logical_slot_peek_changes) sends
+    // no status updates: nothing in pg_stat_replication moves for it, which
+    // says nothing about whether it is alive. A standby waits for it.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = 0".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 4);
+    pg.psql("SELECT pg_create_logical_replication_slot('walrelay', 'pgoutput');")
+        .await;
+    pg.psql(&format!("GRANT pg_read_all_stats TO {SCRAM_USER};"))
+        .await;
+    // Enough WAL that decoding it takes a while, so that the session can be
+    // caught (and frozen) while it holds the slot.
+    pg.psql(
+        "CREATE TABLE bulk (n int, pad text);
+         INSERT INTO bulk SELECT n, repeat('x', 100) FROM generate_series(1, 400000) n;",
+    )
+    .await;
+    let decoder = pg.client().await;
+    let decoder_pid: i32 = decoder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let decoding = tokio::spawn(async move {
+        decoder
+            .query(
+                "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('walrelay', NULL, NULL,
+                   'proto_version', '1', 'publication_names', 'walrelay_events')",
+                &[],
+            )
+            .await
+            .map(|_| ())
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while slot_holder(&pg).await != Some(decoder_pid) {
+        assert!(
+            !decoding.is_finished() && tokio::time::Instant::now() < deadline,
+            "the decoding session never held the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let decoder = nix::unistd::Pid::from_raw(decoder_pid);
+    nix::sys::signal::kill(decoder, Signal::SIGSTOP).unwrap();
+    let mut standby = stale_slot_standby(&url(&pg), &kafka).await;
+    standby
+        .wait_for_stderr("held by a session that is not a walsender", WAIT)
+        .await;
+    // Watched for longer than the grace, it is never called stale.
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(20) {
+        assert!(
+            !standby.stderr_text().contains("has not replied"),
+            "{}",
+            standby.stderr_text()
+        );
+        assert_eq!(slot_holder(&pg).await, Some(decoder_pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // It lets go when done, and the standby takes over.
+    nix::sys::signal::kill(decoder, Signal::SIGCONT).unwrap();
+    decoding
+        .await
+        .unwrap()
+        .expect("the decoding session was not terminated");
+    standby.wait_for_stderr("streaming", WAIT).await;
+    assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
 /// Holds the slot `walrelay` as a walrelay instance would, replying every
@@ -333,7 +442,13 @@ async fn expect_no_error(tcp: &mut tokio::net::TcpStream) -> u8 {
 #[tokio::test]
 async fn a_live_holder_with_a_wrong_clock_is_left_alone_until_it_freezes() {
     const GRACE: Duration = Duration::from_secs(15);
-    let pg = PgServer::start_default().await;
+    // Without wal_sender_timeout, so that the grace is the one given and the
+    // server never ends the frozen holder's connection itself.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = 0".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
     let kafka = Kafka::start(1, 4);
     pg.psql("SELECT pg_create_logical_replication_slot('walrelay', 'pgoutput');")
         .await;
@@ -383,6 +498,19 @@ async fn a_live_holder_with_a_wrong_clock_is_left_alone_until_it_freezes() {
     assert_eq!(standby.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 
+/// Stops (SIGSTOP) the one walsender: its connection stays open, nothing
+/// moves on it. Returns its PID, for SIGCONT.
+async fn freeze_walsender(pg: &PgServer) -> nix::unistd::Pid {
+    let walsender: i32 = pg
+        .psql("SELECT pid FROM pg_stat_replication")
+        .await
+        .parse()
+        .unwrap();
+    let walsender = nix::unistd::Pid::from_raw(walsender);
+    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    walsender
+}
+
 #[tokio::test]
 async fn a_stalled_connection_is_detected_and_survived() {
     // A short wal_sender_timeout makes walrelay's status interval 2 s, and
@@ -401,13 +529,7 @@ async fn a_stalled_connection_is_detected_and_survived() {
 
     // The walsender stops answering: the TCP connection stays open, nothing
     // moves on it, as on a network that silently drops packets.
-    let walsender: i32 = pg
-        .psql("SELECT pid FROM pg_stat_replication")
-        .await
-        .parse()
-        .unwrap();
-    let walsender = nix::unistd::Pid::from_raw(walsender);
-    nix::sys::signal::kill(walsender, Signal::SIGSTOP).unwrap();
+    let walsender = freeze_walsender(&pg).await;
     committed.extend(write_mixed(&mut client, "b", 10, 20, 0, &mut seqs).await);
     relay.wait_for_stderr("the connection stalls", WAIT).await;
     assert_eq!(http_get(metrics, "/readyz").0, 503);
@@ -418,6 +540,48 @@ async fn a_stalled_connection_is_detected_and_survived() {
     let records = kafka.read("events", committed.len(), WAIT);
     check(&committed, &records)
         .assert_clean_replays(&pg.decoding_sessions("walrelay"), &relay.stderr_text());
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_walsender_silent_for_less_than_its_timeout_is_not_taken_for_a_stall() {
+    // A walsender busy decoding a large transaction reads status updates,
+    // and answers their requests for a keepalive, only every half
+    // wal_sender_timeout: with 40 s, it says nothing for 20 s plus a status
+    // interval (10 s), and longer while it catches up. Freezing it for 34 s
+    // stands in for that; a limit below the timeout (30 s, as three capped
+    // intervals made it) reconnects and decodes the same transaction again,
+    // forever.
+    let pg = PgServer::start(crate::support::postgres::PgOptions {
+        extra_conf: vec!["wal_sender_timeout = '40s'".into()],
+        ..crate::support::postgres::PgOptions::default()
+    })
+    .await;
+    let kafka = Kafka::start(1, 4);
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let mut client = pg.client().await;
+    let mut seqs = HashMap::new();
+    let mut committed = write_mixed(&mut client, "a", 5, 10, 0, &mut seqs).await;
+    kafka.read("events", committed.len(), WAIT);
+
+    let walsender = freeze_walsender(&pg).await;
+    committed.extend(write_mixed(&mut client, "b", 5, 10, 0, &mut seqs).await);
+    // The silence itself is what is tested: its length is the condition.
+    tokio::time::sleep(Duration::from_secs(34)).await;
+    nix::sys::signal::kill(walsender, Signal::SIGCONT).unwrap();
+
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    assert!(
+        !relay.stderr_text().contains("the connection stalls"),
+        "{}",
+        relay.stderr_text()
+    );
+    assert_eq!(
+        metric(metrics, r#"walrelay_reconnects_total{target="postgres"}"#),
+        0
+    );
+    assert_eq!(pg.decoding_sessions("walrelay").len(), 1);
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }
 

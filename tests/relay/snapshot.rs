@@ -199,13 +199,34 @@ async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
         .unwrap();
     let mut relay = spawn_run(&pg, &kafka, &[]);
     relay.wait_for_stderr("publishing the rows", WAIT).await;
-    // A NAT or load balancer drops the idle replication connection that
-    // created the slot, as pg_terminate_backend does.
-    pg.psql(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-          WHERE backend_type = 'walsender' AND application_name = 'walrelay'",
-    )
-    .await;
+    // The replication connection that created the slot is closed once the
+    // snapshot is imported: no walsender of walrelay's is left for a NAT or a
+    // load balancer to cut while the rows are published.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let walsenders = pg
+            .psql(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE backend_type = 'walsender' AND application_name = 'walrelay'",
+            )
+            .await;
+        assert!(
+            !relay.stderr_text().contains("initial snapshot published"),
+            "the snapshot ended before the check"
+        );
+        if walsenders == "0" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a walsender of walrelay's stays open during the snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_stat_replication").await,
+        "0"
+    );
     kafka
         .cluster()
         .broker_round_trip_time(1, Duration::ZERO)
@@ -216,6 +237,48 @@ async fn a_cut_replication_connection_does_not_strand_the_snapshot() {
     assert_eq!(slots(&pg).await, "walrelay", "the marker is left behind");
     let records = kafka.read("events", committed.len(), WAIT);
     check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    relay.wait_for_stderr("streaming", WAIT).await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn the_servers_session_timeouts_do_not_end_a_snapshot_waiting_on_a_slow_broker() {
+    let pg = PgServer::start_default().await;
+    let kafka = Kafka::start(1, 6);
+    let committed = existing(&pg, "old", 50, 10).await;
+    // Timeouts far shorter than the snapshot's waits on the broker, for
+    // walrelay's role: inside the snapshot's transaction (a full producer
+    // queue), and after it while the acknowledgements come in.
+    pg.psql(&format!(
+        "ALTER ROLE {SCRAM_USER} SET idle_in_transaction_session_timeout = '1s';
+         ALTER ROLE {SCRAM_USER} SET statement_timeout = '1s';
+         ALTER ROLE {SCRAM_USER} SET idle_session_timeout = '2s';"
+    ))
+    .await;
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(2))
+        .unwrap();
+    let mut relay = spawn_run(
+        &pg,
+        &kafka,
+        &["--kafka-property", "queue.buffering.max.messages=100"],
+    );
+    relay
+        .wait_for_stderr("initial snapshot published", Duration::from_secs(90))
+        .await;
+    assert_eq!(slots(&pg).await, "walrelay", "the marker is left behind");
+    kafka
+        .cluster()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    let records = kafka.read("events", committed.len(), WAIT);
+    check(&committed, &records).assert_clean(false, &relay.stderr_text());
+    assert!(
+        !relay.stderr_text().contains("25P03") && !relay.stderr_text().contains("57014"),
+        "{}",
+        relay.stderr_text()
+    );
     relay.wait_for_stderr("streaming", WAIT).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(0));
 }

@@ -16,7 +16,11 @@
 //!   newest first, so some come very late), refusals for good by the broker,
 //!   by the producer, or of a row that is no event (with `--on-poison halt`
 //!   the producer stops writing at once, as `enable.gapless.guarantee` makes
-//!   it), dead-letter records, purges;
+//!   it), refusals of an event's delivery rather than of the record (a
+//!   partition out of reach past a message timeout, a topic not authorised:
+//!   the partition refuses every event until the cause is gone, and no
+//!   dead-letter record may stand in for the valid event), dead-letter
+//!   records, purges;
 //! - processes: reconnects at any point (inside a transaction too), error
 //!   drains that time out after a random part of the work, shutdowns,
 //!   crashes, halts, restarts, a second instance that started long ago (an
@@ -84,6 +88,19 @@ enum Poison {
     Producer,
     /// The row cannot become an event (not JSON, NULL key).
     Row,
+    /// The broker refuses its delivery, not the record: the topic is not
+    /// authorised, or its partition was out of reach for longer than a
+    /// message timeout. Every event of its partition is refused from then on
+    /// until the cause is gone. The event is valid: no dead-letter record may stand in
+    /// for it, and it must reach the topic once the cause is gone.
+    Delivery,
+}
+
+impl Poison {
+    /// Whether a dead-letter record may stand in for the event.
+    fn about_the_record(self) -> bool {
+        self != Poison::Delivery
+    }
 }
 
 #[derive(Debug)]
@@ -112,7 +129,8 @@ struct Msg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Acked,
-    Refused,
+    /// Refused for good; `true` when the refusal is about the record.
+    Refused(bool),
     Purged,
 }
 
@@ -251,6 +269,8 @@ struct Coverage {
     dead_letters: u64,
     /// A purged record's report.
     purged: u64,
+    /// A refusal of an event's delivery halted a process in dead-letter mode.
+    delivery_halts: u64,
 }
 
 impl Coverage {
@@ -261,6 +281,7 @@ impl Coverage {
         self.halts += other.halts;
         self.dead_letters += other.dead_letters;
         self.purged += other.purged;
+        self.delivery_halts += other.delivery_halts;
     }
 }
 
@@ -271,6 +292,11 @@ struct World {
     partitions: usize,
     /// Refusals stopped (the operator fixed the cause).
     cured: bool,
+    /// Refusals of deliveries stopped (the broker is back, the ACL fixed).
+    outage_over: bool,
+    /// Partitions that refuse every event until the outage is over, since
+    /// one of them was refused for its delivery.
+    blocked: [bool; PARTITIONS],
     events: Vec<Event>,
     txns: Vec<Txn>,
     /// Transactions committed so far.
@@ -329,12 +355,23 @@ impl World {
             });
         }
         let undelivered = txns.iter().map(|t| t.events.len()).collect();
+        // Some of the events the broker refuses are refused for their
+        // delivery rather than for themselves; drawn apart, so that the
+        // schedules of seeds without such refusals stay what they were.
+        let mut outages = fastrand::Rng::with_seed(!seed);
+        for event in &mut events {
+            if event.poison == Some(Poison::Broker) && outages.bool() {
+                event.poison = Some(Poison::Delivery);
+            }
+        }
         let partitions = rng.usize(1..=PARTITIONS);
         let mut world = World {
             rng,
             mode,
             partitions,
             cured: false,
+            outage_over: false,
+            blocked: [false; PARTITIONS],
             delivered: vec![false; events.len()],
             events,
             txns,
@@ -373,18 +410,30 @@ impl World {
     }
 
     fn refusing(&self, event: usize, how: Poison) -> bool {
-        !self.cured && self.events[event].poison == Some(how)
+        let cured = if how == Poison::Delivery {
+            self.outage_over
+        } else {
+            self.cured
+        };
+        !cured && self.events[event].poison == Some(how)
     }
 
-    fn failure(&self, event: usize) -> PublishFailure {
+    /// The failure a refusal of `event` reports; `about_the_record`: the
+    /// record is refused, not its delivery.
+    fn failure(&self, event: usize, about_the_record: bool) -> PublishFailure {
         let e = &self.events[event];
         PublishFailure {
             aggregate: format!("a{}", e.aggregate),
             seq_nr: e.seq.to_string(),
             lsn: "?".into(),
             topic: "events".into(),
-            kind: "refused",
+            kind: if about_the_record {
+                "refused"
+            } else {
+                "timed_out"
+            },
             reason: "refused for good".into(),
+            record_at_fault: about_the_record,
         }
     }
 
@@ -567,7 +616,7 @@ impl World {
         }
         let failure = self
             .refusing(event, Poison::Producer)
-            .then(|| self.failure(event));
+            .then(|| self.failure(event, true));
         let proc = &mut self.procs[p];
         let session = proc.session.as_mut().expect("streaming");
         let txn = session
@@ -629,12 +678,33 @@ impl World {
             return Ok(());
         };
         let refused = msg.record == Record::Event && self.refusing(msg.event, Poison::Broker);
+        let outage = msg.record == Record::Event
+            && (self.refusing(msg.event, Poison::Delivery)
+                || (!self.outage_over && self.blocked[queue]));
+        if msg.record == Record::DeadLetter
+            && !self.events[msg.event]
+                .poison
+                .is_some_and(Poison::about_the_record)
+        {
+            return Err(format!(
+                "event {} ({:?}), refused only for its delivery, was replaced by a dead-letter \
+                 record: it never reaches the topic",
+                msg.event, self.events[msg.event]
+            ));
+        }
         let proc = &mut self.procs[p];
         if refused {
-            proc.producer.reports.push((msg, Outcome::Refused));
+            proc.producer.reports.push((msg, Outcome::Refused(true)));
             // With --on-poison halt, enable.gapless.guarantee makes the
             // refusal a fatal error: nothing more leaves the producer.
             proc.producer.stopped = self.mode == OnRefusal::Halt;
+            return Ok(());
+        }
+        if outage {
+            // Nothing of the partition gets through while the cause lasts.
+            proc.producer.reports.push((msg, Outcome::Refused(false)));
+            proc.producer.stopped = self.mode == OnRefusal::Halt;
+            self.blocked[queue] = true;
             return Ok(());
         }
         proc.producer.reports.push((msg, Outcome::Acked));
@@ -652,7 +722,9 @@ impl World {
         self.coverage.purged += u64::from(outcome == Outcome::Purged);
         let report = match outcome {
             Outcome::Acked => Report::Acked,
-            Outcome::Refused => Report::Refused(self.failure(msg.event)),
+            Outcome::Refused(about_the_record) => {
+                Report::Refused(self.failure(msg.event, about_the_record))
+            }
             Outcome::Purged => Report::Purged,
         };
         let proc = &mut self.procs[p];
@@ -662,7 +734,12 @@ impl World {
                 record: Record::DeadLetter,
                 ..msg
             }),
-            Action::Halt => self.halt(p, true),
+            Action::Halt => {
+                let delivery = outcome == Outcome::Refused(false);
+                self.coverage.delivery_halts +=
+                    u64::from(delivery && self.mode == OnRefusal::DeadLetter && !proc.halted);
+                self.halt(p, true);
+            }
         }
     }
 
@@ -871,6 +948,17 @@ impl World {
         }
         let end = after(self.txns.len() - 1);
         for _ in 0..20_000 {
+            // The delivery refusals end once every process that met one
+            // knows: an authorisation or an unknown partition is fixed by an
+            // operator long after walrelay halted on it (and timeouts are
+            // refused by the configuration), not in the milliseconds between
+            // the refusal and its report.
+            self.outage_over |= self.procs.iter().all(|p| {
+                !p.producer
+                    .reports
+                    .iter()
+                    .any(|(_, o)| *o == Outcome::Refused(false))
+            });
             if self.procs.is_empty() {
                 self.spawn(self.slot);
             }
@@ -1020,6 +1108,10 @@ fn the_confirm_path_holds_its_invariants_under_random_schedules() {
             ("halts", coverage.halts),
             ("dead-letter records", coverage.dead_letters),
             ("purged records", coverage.purged),
+            (
+                "halts on a delivery refusal with --on-poison dead-letter",
+                coverage.delivery_halts,
+            ),
         ] {
             assert!(
                 count >= least,

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use walrelay::pg::conn::{Feedback, ReplicationConnection, SnapshotAction, status_interval};
+use walrelay::pg::conn::{Feedback, ReplicationConnection, SnapshotAction, StreamTiming};
 use walrelay::pg::lsn::Lsn;
 use walrelay::pg::params::ConnectParams;
 use walrelay::pg::pgoutput::Message;
@@ -13,8 +13,10 @@ use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
 
 #[tokio::test]
 async fn acknowledgements_trickling_in_on_an_idle_server_are_not_taken_for_a_stall() {
-    // wal_sender_timeout 3 s: status updates every second, and three silent
-    // seconds make a stall.
+    // wal_sender_timeout 3 s: status updates every second. A live server
+    // asked for keepalives is never silent for three of them (walrelay
+    // itself waits longer before it calls a stall: the timeout plus a margin,
+    // for a walsender busy decoding; this one is idle).
     let pg = PgServer::start(PgOptions {
         extra_conf: vec!["wal_sender_timeout = '3s'".into()],
         ..PgOptions::default()
@@ -23,7 +25,9 @@ async fn acknowledgements_trickling_in_on_an_idle_server_are_not_taken_for_a_sta
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
     let params = ConnectParams::from_url_with_env(&url, |_| None).unwrap();
     let mut repl = ReplicationConnection::connect(&params).await.unwrap();
-    let interval = status_interval(&repl.show("wal_sender_timeout").await.unwrap());
+    let timing =
+        StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await.unwrap());
+    let interval = timing.status_interval;
     assert_eq!(interval, Duration::from_secs(1));
     let slot = repl
         .create_logical_slot("trickle", true, SnapshotAction::Discard)
@@ -52,7 +56,7 @@ async fn acknowledgements_trickling_in_on_an_idle_server_are_not_taken_for_a_sta
         )
         .await
         .unwrap()
-        .report(feedback.clone(), interval);
+        .report(feedback.clone(), timing);
 
     // As walrelay does with a slow broker: every transaction is received at
     // once (and reported as written), and their acknowledgements come one
@@ -74,7 +78,14 @@ async fn acknowledgements_trickling_in_on_an_idle_server_are_not_taken_for_a_sta
         })
     };
     let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut last_heard = tokio::time::Instant::now();
     while let Ok(message) = tokio::time::timeout_at(until, stream.next()).await {
+        let silence = last_heard.elapsed();
+        assert!(
+            silence < interval * 3,
+            "the server was silent for {silence:?} while acknowledgements trickled in"
+        );
+        last_heard = tokio::time::Instant::now();
         match message {
             Ok(ReplicationMessage::XLogData { data, .. }) => {
                 if let Message::Commit(commit) = Message::parse(data).unwrap() {
@@ -89,6 +100,11 @@ async fn acknowledgements_trickling_in_on_an_idle_server_are_not_taken_for_a_sta
             ),
         }
     }
+    let silence = last_heard.elapsed();
+    assert!(
+        silence < interval * 3,
+        "the server was silent for the last {silence:?}"
+    );
     drop(ends);
     acks.abort();
     let confirmed = feedback.confirmed();
