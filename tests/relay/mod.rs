@@ -4,6 +4,7 @@ mod check;
 mod config;
 mod confirm;
 mod crash;
+mod dashboard;
 mod delivery;
 mod demo;
 mod endpoint;
