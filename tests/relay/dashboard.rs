@@ -13,7 +13,7 @@ use crate::support::walrelay::{Walrelay, http_get};
 
 /// PromQL words that are not metric names: aggregations, which may stand
 /// before their `by (...)` clause rather than right before `(`, and the
-/// keywords of binary operators.
+/// keywords of binary operators (with [`LABEL_LISTS`]).
 const KEYWORDS: &[&str] = &[
     "sum",
     "min",
@@ -29,12 +29,6 @@ const KEYWORDS: &[&str] = &[
     "group",
     "limitk",
     "limit_ratio",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "and",
     "or",
     "unless",
@@ -43,7 +37,8 @@ const KEYWORDS: &[&str] = &[
     "atan2",
 ];
 
-/// Keywords followed by a parenthesised list of label names.
+/// Keywords followed by a parenthesised list of label names (or, for
+/// `group_left` and `group_right`, by nothing).
 const LABEL_LISTS: &[&str] = &[
     "by",
     "without",
@@ -111,7 +106,10 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             let after = next_non_blank(i);
             if LABEL_LISTS.contains(&word.as_str()) && chars.get(after) == Some(&'(') {
                 i = skip_past(after, ')');
-            } else if chars.get(after) == Some(&'(') || KEYWORDS.contains(&word.as_str()) {
+            } else if chars.get(after) == Some(&'(')
+                || KEYWORDS.contains(&word.as_str())
+                || LABEL_LISTS.contains(&word.as_str())
+            {
                 // A function or an aggregation.
             } else {
                 names.insert(word);
@@ -218,11 +216,11 @@ fn promql_metric_names_leave_out_functions_labels_and_keywords() {
     let names = metric_names(
         r#"histogram_quantile(0.99, sum by (job, le) (rate(a_bucket{job=~"$job",x="b_total"}[5m])))
            > 5 unless on (job) max by (job) (changes(b:c[15m] offset 1h)) > 0 or vector(0)
-           and ignoring (le) d * 2 + $__rate_interval"#,
+           and ignoring (le) d * on (x) group_left e + 2 * $__rate_interval"#,
     );
     assert_eq!(
         names.into_iter().collect::<Vec<_>>(),
-        ["a_bucket", "b:c", "d"]
+        ["a_bucket", "b:c", "d", "e"]
     );
     assert_eq!(
         rule_expressions(
