@@ -5,6 +5,7 @@ mod cloudevents;
 mod config;
 mod confirm;
 mod crash;
+mod dashboard;
 mod delivery;
 mod demo;
 mod endpoint;
