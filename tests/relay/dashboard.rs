@@ -8,7 +8,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::support::kafka::Kafka;
-use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
+use crate::support::pg_versions;
+use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
 use crate::support::walrelay::{Walrelay, http_get};
 
 /// PromQL words that are not metric names: aggregations, which may stand
@@ -260,11 +261,24 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
     // Prometheus's own, for the scrape itself.
     named.retain(|(name, _)| name != "up");
 
-    let pg = PgServer::start_default().await;
+    // PostgreSQL 17+, for synchronized_standby_slots (the standby-sync lag
+    // that an alert names is exported per slot listed there).
+    let pg = PgServer::start(PgOptions {
+        version: pg_versions::at_least(17, "synchronized_standby_slots"),
+        ..PgOptions::default()
+    })
+    .await;
     // A limit on the WAL a slot may keep: PostgreSQL reports safe_wal_size
-    // only then, and walrelay_slot_safe_wal_size_bytes with it.
-    pg.psql("ALTER SYSTEM SET max_slot_wal_keep_size = '1GB'; SELECT pg_reload_conf();")
-        .await;
+    // only then, and walrelay_slot_safe_wal_size_bytes with it. A standby's
+    // physical slot listed in synchronized_standby_slots: its lag is
+    // walrelay_standby_sync_lag_bytes{slot}.
+    pg.psql(
+        "SELECT pg_create_physical_replication_slot('standby1', true); \
+         ALTER SYSTEM SET max_slot_wal_keep_size = '1GB'; \
+         ALTER SYSTEM SET synchronized_standby_slots = 'standby1'; \
+         SELECT pg_reload_conf();",
+    )
+    .await;
     let kafka = Kafka::start(1, 4);
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
     let (mut relay, metrics) = Walrelay::run(&url, &kafka.bootstrap(), &[]).await;
