@@ -676,11 +676,16 @@ impl Metrics {
     }
 
     /// Exports the series of `slot` that alerts need from the start: each
-    /// `wal_status` at 0 until the slot is read.
+    /// `wal_status`, `inactive_since` and the idle timeout at 0 until the
+    /// slot is read.
     pub fn watch_slot(&self, slot: &str) {
         for status in SLOT_WAL_STATUSES {
             self.slot_wal_status.with_label_values(&[slot, status]);
         }
+        // 0 (nothing to say) until read: PostgreSQL 14-16 never record
+        // inactive_since, and 0 is also "no idle timeout".
+        self.slot_inactive_since.with_label_values(&[slot]);
+        self.slot_idle_timeout.with_label_values(&[slot]);
     }
 
     /// The readiness flags.
@@ -1005,6 +1010,18 @@ mod tests {
             .slot_safe_wal_size
             .with_label_values(&["walrelay"])
             .set(1);
+        metrics
+            .slot_inactive_since
+            .with_label_values(&["walrelay"])
+            .set(0);
+        metrics
+            .slot_idle_timeout
+            .with_label_values(&["walrelay"])
+            .set(0);
+        metrics
+            .standby_sync_lag
+            .with_label_values(&["standby1"])
+            .set(0);
         let text = metrics.render();
         for name in [
             "walrelay_events_published_total",

@@ -37,6 +37,7 @@ use crate::pg::lsn::Lsn;
 use crate::pg::metadata::{self, MetadataError, SetupError};
 use crate::pg::params::ConnectParams;
 use crate::pg::primary::{self, NoPrimary};
+use crate::service::{STALL_MARGIN, stall_limit};
 use crate::sink::{PublishFailure, Sink, SinkConfigError, SinkError, producer_config};
 use crate::slot::{self, HistoryError, HolderWatch, SlotProblem};
 use crate::snapshot::{self, InitialSnapshot, SnapshotError};
@@ -121,6 +122,17 @@ pub enum RunError {
          than {0:?} after the stream started; reconnecting"
     )]
     SlotPosition(Duration),
+    /// A promoted server is there to follow while transactions streamed from
+    /// the old primary still wait for Kafka's acknowledgement: those could
+    /// confirm the new primary's slot past its branch point (where its own
+    /// transactions begin) once acknowledged. Transient: the next try
+    /// follows once they are acknowledged, or stops at the divergence if
+    /// they end past the branch point.
+    #[error(
+        "a promoted server is ready to follow, but {0} transaction(s) streamed from the old \
+         primary are not acknowledged by Kafka yet; following once they are"
+    )]
+    FollowPending(usize),
     /// No host of the URL is a primary walrelay may stream from.
     #[error(transparent)]
     NoPrimary(#[from] NoPrimary),
@@ -209,7 +221,9 @@ impl RunError {
             RunError::Conn(e) => e.is_transient(),
             RunError::NoPrimary(e) => e.is_transient(),
             RunError::Metadata(e) | RunError::Setup(SetupError::Metadata(e)) => e.is_transient(),
-            RunError::Sink(SinkError::Unreachable(_)) | RunError::SlotPosition(_) => true,
+            RunError::Sink(SinkError::Unreachable(_))
+            | RunError::SlotPosition(_)
+            | RunError::FollowPending(_) => true,
             _ => false,
         }
     }
@@ -902,6 +916,9 @@ impl Session<'_> {
         let timing =
             conn::StreamTiming::from_wal_sender_timeout(&repl.show("wal_sender_timeout").await?);
         let interval = timing.status_interval;
+        // The stream may be silent up to its silence limit (a walsender busy
+        // decoding a large transaction): liveness waits as long.
+        health.set_stall_limit(stall_limit(self.config).max(timing.silence_limit + STALL_MARGIN));
         health.beat();
         let anchor = source::anchor(&mut repl, &self.config.table)
             .await?
@@ -917,13 +934,11 @@ impl Session<'_> {
         let (slot_confirmed, wal_end) = tokio::time::timeout(interval, self.slot_confirmed(&host))
             .await
             .map_err(|_| RunError::SlotPosition(interval))??;
+        // Before any status update: nothing past this server's WAL end.
+        self.check_history(&system, slot_confirmed, wal_end)?;
         if let Some(switch) = switch {
             self.announce_failover(switch, slot_confirmed, &host);
         }
-        // Before any status update: nothing past this server's WAL end. Its
-        // end as read after the slot, since the slot's last holder may have
-        // confirmed WAL written after IDENTIFY_SYSTEM.
-        self.check_history(&system, slot_confirmed, wal_end)?;
         *self.streamed = system;
         let (mut state, advance) = SessionState::start(&mut self.sink.ledger(), slot_confirmed);
         self.sink.observe(advance);
@@ -956,14 +971,17 @@ impl Session<'_> {
                     seq_nr,
                     commit_lsn,
                     reason,
-                })) => match self
-                    .poison_row(&mut state, aggregate, seq_nr, commit_lsn, reason)
-                    .await
-                {
-                    Ok(Flow::Continue) => continue,
-                    Ok(Flow::Stop) => break Ok(()),
-                    Err(e) => break Err(e),
-                },
+                })) => {
+                    self.metrics.events_received.inc(); // received, though not an event
+                    match self
+                        .poison_row(&mut state, aggregate, seq_nr, commit_lsn, reason)
+                        .await
+                    {
+                        Ok(Flow::Continue) => continue,
+                        Ok(Flow::Stop) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
                 Ok(Err(e)) => break Err(e.into()),
                 Err(e) => break Err(e.into()),
             };
@@ -979,21 +997,7 @@ impl Session<'_> {
         // Nothing behind an event the broker refused may reach it before
         // that event: the drain below must not deliver what is still held.
         self.sink.purge().await;
-        // Wait for the acknowledgements of what was sent, so that the final
-        // status update confirms as much as possible: all of it on shutdown;
-        // up to a refused event (which the watermark never passes) on error.
-        let timeout = if result.is_ok() {
-            self.config.shutdown_timeout
-        } else {
-            self.config.shutdown_timeout.min(ERROR_DRAIN_TIMEOUT)
-        };
-        let left = self.sink.flush(timeout).await;
-        if left > 0 {
-            tracing::warn!(
-                unacknowledged = left,
-                "stopped waiting for acknowledgements; those events will be published again after a restart"
-            );
-        }
+        self.drain(result.is_ok()).await;
         let confirmed = self.sink.confirmed();
         let result = match (result, self.sink.failure()) {
             // The refusal that names an event, if one came by now.
@@ -1016,6 +1020,25 @@ impl Session<'_> {
         tracing::info!(confirmed = %confirmed, "replication connection closed");
         result?;
         closed.map_err(RunError::from)
+    }
+
+    /// Waits for the acknowledgements of what was sent, so that the final
+    /// status update confirms as much as possible: all of it on shutdown
+    /// (`clean`); up to a refused event (which the watermark never passes)
+    /// on error.
+    async fn drain(&self, clean: bool) {
+        let timeout = if clean {
+            self.config.shutdown_timeout
+        } else {
+            self.config.shutdown_timeout.min(ERROR_DRAIN_TIMEOUT)
+        };
+        let left = self.sink.flush(timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                unacknowledged = left,
+                "stopped waiting for acknowledgements; those events will be published again after a restart"
+            );
+        }
     }
 
     /// START_REPLICATION on the slot; a slot missing on a server walrelay
@@ -1041,7 +1064,10 @@ impl Session<'_> {
 
     /// That the server continues the history this process confirmed in: the
     /// cluster streamed from before, a slot confirmed no further than the
-    /// server's WAL end, and nothing confirmed by this process past it.
+    /// server's WAL end, and nothing confirmed by this process past it. The
+    /// end is the later of IDENTIFY_SYSTEM's and `wal_end`, read after the
+    /// slot, since the slot's last holder may have confirmed WAL written
+    /// after IDENTIFY_SYSTEM.
     fn check_history(
         &self,
         system: &SystemId,
@@ -1101,6 +1127,13 @@ impl Session<'_> {
             changed
         });
         let switch = if system.timeline > self.streamed.timeline {
+            // Late acknowledgements of the old primary's transactions must
+            // not count on the new one: wait for them first, so that the
+            // check below sees where they end.
+            let pending = self.sink.ledger().in_flight();
+            if pending > 0 {
+                return Err(RunError::FollowPending(pending));
+            }
             let history = repl.timeline_history(system.timeline).await?;
             failover::follow(self.streamed, &system, &history, self.sink.confirmed())?
         } else {
@@ -1231,7 +1264,6 @@ impl Session<'_> {
         commit_lsn: Lsn,
         reason: crate::event::RowError,
     ) -> Result<Flow, RunError> {
-        self.metrics.events_received.inc();
         self.metrics
             .publish_errors
             .with_label_values(&["invalid_row"])

@@ -40,9 +40,12 @@ impl ServiceError {
     }
 }
 
-/// How long the pipeline may show no sign of life: its longest step bounded
-/// by a timeout of its own (a request, a connection, a stall of the
-/// replication stream: at most 30 s), plus [`STALL_MARGIN`].
+/// How long the pipeline may show no sign of life before a session knows
+/// the server's `wal_sender_timeout`: its longest step bounded by a timeout
+/// of its own (a request, a connection), at least 30 s, plus
+/// [`STALL_MARGIN`]. Each session raises it to its stream's silence limit
+/// plus the margin (see `pipeline`), since a walsender busy decoding a
+/// large transaction may be silent that long.
 pub fn stall_limit(config: &RunConfig) -> Duration {
     let longest = config
         .postgres

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use super::delivery::{current_lsn, wait_confirmed};
 use crate::support::kafka::{Kafka, Record};
 use crate::support::postgres::{DATABASE, PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, metric};
+use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -106,7 +106,7 @@ async fn cloudevents_records_parse_with_the_sdk_and_keep_their_id_across_a_repla
         "events.{event_type}",
         "--allow-aggregate-across-topics",
     ];
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &args).await;
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &args).await;
     pg.psql(&format!(
         "{}{}",
         insert("a", 1, "Ok", r#"{"n": 1}"#),
@@ -122,7 +122,15 @@ async fn cloudevents_records_parse_with_the_sdk_and_keep_their_id_across_a_repla
         insert("a", 3, "Missing", r#"{"n": 4}"#)
     ))
     .await;
-    assert_eq!(relay.wait(WAIT).await.code(), Some(1));
+    // A halt: the instance stays up, not ready, until stopped (exit code 3).
+    wait_for_metric(
+        metrics,
+        r#"walrelay_halted{reason="poison_row"}"#,
+        |v| v == 1,
+        WAIT,
+    )
+    .await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(3));
     // a/2's first copy is on the topic before the restart.
     let offset = |r: &Record| (r.partition, r.offset);
     kafka.read_by("events.Ok", 3, WAIT, offset);

@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::{Kafka, Record};
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, metric};
+use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -313,18 +313,26 @@ async fn a_row_routed_to_a_missing_topic_halts_without_confirming_past_it() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 1);
     kafka.cluster().create_topic("events.Ok", 1, 1).unwrap();
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &BY_TYPE).await;
+    let (mut relay, metrics) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &BY_TYPE).await;
     pg.psql(&insert("a", 1, "Ok")).await;
     let good_end = current_lsn(&pg).await;
     pg.psql(&insert("a", 2, "Missing")).await;
     let bad_end = current_lsn(&pg).await;
-    assert_eq!(relay.wait(WAIT).await.code(), Some(1));
+    // A halt: the instance stays up, not ready, until stopped (exit code 3).
+    wait_for_metric(
+        metrics,
+        r#"walrelay_halted{reason="poison_row"}"#,
+        |v| v == 1,
+        WAIT,
+    )
+    .await;
+    assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(3));
     let logs = relay.stderr_text();
     assert!(
         logs.contains("aggregate Some(\"a\") seq_nr 2")
             && logs
                 .contains("topic \"events.Missing\", which the row's columns name, does not exist")
-            && logs.contains("--on-poison halt"),
+            && logs.contains("halted"),
         "{logs}"
     );
     let confirmed = slot_confirmed(&pg, "walrelay").await;

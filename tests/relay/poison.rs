@@ -234,7 +234,13 @@ async fn a_refusal_of_the_delivery_halts_even_with_dead_letter_and_the_event_arr
     let kafka = Kafka::start(1, 1);
     kafka.cluster().create_topic("dead", 1, 1).unwrap();
     let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), "sslmode=disable");
-    let args = ["--on-poison", "dead-letter", "--dead-letter-topic", "dead"];
+    let args = [
+        "--on-poison",
+        "dead-letter",
+        "--dead-letter-topic",
+        "dead",
+        "--exit-on-halt",
+    ];
     let (mut relay, _) = Walrelay::run(&url, &kafka.bootstrap(), &args).await;
     let row = |seq: i32| {
         format!(
@@ -252,9 +258,10 @@ async fn a_refusal_of_the_delivery_halts_even_with_dead_letter_and_the_event_arr
     );
     pg.psql(&row(2)).await;
     let bad_end = current_lsn(&pg).await;
+    // A halt, whatever --on-poison says (exit code 3 at once with --exit-on-halt).
     assert_eq!(
         relay.wait(WAIT).await.code(),
-        Some(1),
+        Some(3),
         "{}",
         relay.stderr_text()
     );

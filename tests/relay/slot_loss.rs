@@ -98,7 +98,7 @@ async fn an_invalidated_slot_halts_with_slot_invalidated_and_its_wal_status_stay
     let metrics = relay.metrics_addr().await;
     assert_halted(&mut relay, metrics, "slot_invalidated").await;
     relay
-        .wait_for_stderr("is invalidated (wal_status = lost)", WAIT)
+        .wait_for_stderr("is invalidated (wal_status = lost", WAIT)
         .await;
     // The slot's state stays in sight while halted, for the alerts.
     wait_for_metric(

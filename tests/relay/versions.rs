@@ -215,7 +215,7 @@ async fn a_slot_invalidated_for_its_wal_stops_walrelay_with_the_cause_and_the_wa
     })
     .await;
     let kafka = Kafka::start(1, 3);
-    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &[]).await;
+    let (mut relay, _) = Walrelay::run(&url(&pg), &kafka.bootstrap(), &["--exit-on-halt"]).await;
     let mut client = pg.client().await;
     let mut seqs = HashMap::new();
     write_mixed(&mut client, "before", 2, 3, 0, &mut seqs).await;
@@ -226,10 +226,11 @@ async fn a_slot_invalidated_for_its_wal_stops_walrelay_with_the_cause_and_the_wa
     write_mixed(&mut client, "held", 2, 1, 0, &mut seqs).await;
     invalidate_for_wal(&pg, "walrelay").await;
 
-    // PostgreSQL ends the walsender; the next START_REPLICATION is refused.
+    // PostgreSQL ends the walsender; the next START_REPLICATION is refused:
+    // a halt (exit code 3 at once with --exit-on-halt).
     let status = relay.wait(WAIT).await;
     let stderr = relay.stderr_text();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains("replication slot \"walrelay\" is invalidated (wal_status = lost")
             && stderr.contains("max_slot_wal_keep_size")
@@ -383,10 +384,11 @@ async fn a_slot_left_unused_past_the_idle_timeout_is_reported_before_and_explain
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &[]);
+    // A halt (exit code 3 at once with --exit-on-halt).
+    let mut relay = Walrelay::start(&url(&pg), &kafka.bootstrap(), &["--exit-on-halt"]);
     let status = relay.wait(WAIT).await;
     let stderr = relay.stderr_text();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains(
             "replication slot \"walrelay\" is invalidated (invalidation_reason = idle_timeout"
