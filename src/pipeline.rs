@@ -739,12 +739,21 @@ async fn prepare_source(config: &RunConfig, metrics: &Metrics) -> Result<Prepare
         return Ok(prepared(created.consistent_point, None));
     }
     // The marker first: from here until the snapshot is acknowledged, a
-    // crash leaves it behind and the next start begins again.
-    repl.simple_query(&format!(
-        "CREATE_REPLICATION_SLOT {} PHYSICAL",
-        conn::quote_ident(&marker)
-    ))
-    .await?;
+    // crash leaves it behind and the next start begins again. With a
+    // failover slot the marker is one too, so that standbys synchronize it
+    // with the slot: a server promoted during the snapshot then shows the
+    // snapshot unfinished, instead of a slot to resume from as though its
+    // rows were published (a physical slot is never synchronized).
+    if failover_slot {
+        repl.create_failover_slot(&marker, SnapshotAction::Discard)
+            .await?;
+    } else {
+        repl.simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} PHYSICAL",
+            conn::quote_ident(&marker)
+        ))
+        .await?;
+    }
     let created = create(&mut repl, SnapshotAction::Export).await?;
     tracing::info!(slot = %created.name, consistent_point = %created.consistent_point, failover_slot,
         "created the replication slot; the rows already in the table are published first");
