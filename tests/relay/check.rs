@@ -24,14 +24,6 @@ async fn check(url: &str, brokers: &str, extra: &[&str]) -> (Option<i32>, String
     (status.code(), output)
 }
 
-/// The URL query that verifies `pg`'s certificate and host name.
-fn verified(pg: &PgServer) -> String {
-    format!(
-        "sslmode=verify-full&sslrootcert={}",
-        pg.ca_cert_path().expect("TLS is on").display()
-    )
-}
-
 fn problems(output: &str) -> Vec<&str> {
     output
         .lines()
@@ -43,7 +35,7 @@ fn problems(output: &str) -> Vec<&str> {
 async fn a_sound_setup_passes() {
     let pg = PgServer::start_default().await;
     let kafka = Kafka::start(1, 3);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &verified(&pg));
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &pg.verify_full_params());
     let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
     assert_eq!(code, Some(0), "{output}");
     for line in [
@@ -150,7 +142,7 @@ async fn a_row_filter_or_a_column_list_that_hides_events_is_reported_with_its_fi
     })
     .await;
     let kafka = Kafka::start(1, 3);
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &verified(&pg));
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &pg.verify_full_params());
     pg.psql("ALTER PUBLICATION walrelay_events SET TABLE events WHERE (event_type <> 'Internal');")
         .await;
     let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
@@ -262,7 +254,7 @@ async fn an_unverified_server_and_a_password_weaker_than_scram_are_reported_with
         (MD5_USER, MD5_PASSWORD, "md5"),
         (PLAIN_USER, PLAIN_PASSWORD, "password (cleartext)"),
     ] {
-        let url = pg.url(user, Some(password), &verified(&pg));
+        let url = pg.url(user, Some(password), &pg.verify_full_params());
         let (code, output) = check(&url, &kafka.bootstrap(), &[]).await;
         assert!(!output.contains(password), "password leaked:\n{output}");
         assert_eq!(code, Some(2), "{user}: {output}");

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use super::delivery::{current_lsn, wait_confirmed};
 use crate::support::kafka::{Kafka, Record};
 use crate::support::postgres::{DATABASE, PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
+use crate::support::walrelay::{Walrelay, metric, wait_halted};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -123,13 +123,7 @@ async fn cloudevents_records_parse_with_the_sdk_and_keep_their_id_across_a_repla
     ))
     .await;
     // A halt: the instance stays up, not ready, until stopped (exit code 3).
-    wait_for_metric(
-        metrics,
-        r#"walrelay_halted{reason="poison_row"}"#,
-        |v| v == 1,
-        WAIT,
-    )
-    .await;
+    wait_halted(metrics, "poison_row", WAIT).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(3));
     // a/2's first copy is on the topic before the restart.
     let offset = |r: &Record| (r.partition, r.offset);

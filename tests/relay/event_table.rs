@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::{Kafka, Record};
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, metric, wait_for_metric};
+use crate::support::walrelay::{Walrelay, metric, wait_halted};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -319,13 +319,7 @@ async fn a_row_routed_to_a_missing_topic_halts_without_confirming_past_it() {
     pg.psql(&insert("a", 2, "Missing")).await;
     let bad_end = current_lsn(&pg).await;
     // A halt: the instance stays up, not ready, until stopped (exit code 3).
-    wait_for_metric(
-        metrics,
-        r#"walrelay_halted{reason="poison_row"}"#,
-        |v| v == 1,
-        WAIT,
-    )
-    .await;
+    wait_halted(metrics, "poison_row", WAIT).await;
     assert_eq!(relay.stop_with(Signal::SIGTERM).await.code(), Some(3));
     let logs = relay.stderr_text();
     assert!(

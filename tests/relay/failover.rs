@@ -41,18 +41,9 @@ async fn pair(hold_back: bool, standby_conf: &[&str]) -> (PgServer, PgServer) {
     (primary, standby)
 }
 
-/// The URL query that verifies `pg`'s certificate and host name (a copy of
-/// `pg` made into a standby serves the same certificate).
-fn verified(pg: &PgServer) -> String {
-    format!(
-        "sslmode=verify-full&sslrootcert={}",
-        pg.ca_cert_path().expect("TLS is on").display()
-    )
-}
-
 /// walrelay's URL with every host, as libpq takes it.
 fn hosts_url(user: &str, password: &str, servers: &[&PgServer]) -> String {
-    let tls = verified(servers[0]);
+    let tls = servers[0].verify_full_params();
     let hosts: Vec<String> = servers
         .iter()
         .map(|s| format!("127.0.0.1:{}", s.port()))
@@ -146,7 +137,7 @@ async fn single(version: u32) -> (PgServer, Kafka, String) {
         ..PgOptions::default()
     })
     .await;
-    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &verified(&pg));
+    let url = pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &pg.verify_full_params());
     (pg, Kafka::start(1, 2), url)
 }
 
@@ -193,7 +184,7 @@ async fn the_first_primary_among_the_hosts_is_used_and_each_skipped_host_is_name
     // Nothing listens on the first host; the second is a standby.
     let dead = crate::support::walrelay::free_local_addr().port();
     // The standby is a copy of the primary: one CA signed both certificates.
-    let tls = verified(&primary);
+    let tls = primary.verify_full_params();
     let url = format!(
         "postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@127.0.0.1:{dead},127.0.0.1:{},127.0.0.1:{}/walrelay_test?{tls}",
         standby.port(),

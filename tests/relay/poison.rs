@@ -8,7 +8,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use super::delivery::{current_lsn, slot_confirmed, wait_confirmed};
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, http_get, metric, wait_for_metric};
+use crate::support::walrelay::{Walrelay, http_get, metric, wait_for_metric, wait_halted};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -49,13 +49,7 @@ fn slot_refusals(pg: &PgServer) -> usize {
 
 /// Waits until the instance at `addr` halted on a poison row.
 async fn halted_on_a_poison_row(addr: std::net::SocketAddr) {
-    wait_for_metric(
-        addr,
-        r#"walrelay_halted{reason="poison_row"}"#,
-        |v| v == 1,
-        WAIT,
-    )
-    .await;
+    wait_halted(addr, "poison_row", WAIT).await;
 }
 
 /// The PID of the walsender that holds the slot, if any.

@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 
 use crate::support::kafka::Kafka;
 use crate::support::postgres::{PgOptions, PgServer, SCRAM_PASSWORD, SCRAM_USER};
-use crate::support::walrelay::{Walrelay, http_get, metric, wait_for_metric};
+use crate::support::walrelay::{Walrelay, http_get, metric, wait_for_metric, wait_halted};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -18,13 +18,7 @@ fn url(pg: &PgServer) -> String {
 /// Asserts that the instance at `addr` halted for `reason` and only that,
 /// says so on `/readyz`, and is still live.
 async fn assert_halted(relay: &mut Walrelay, addr: std::net::SocketAddr, reason: &str) {
-    wait_for_metric(
-        addr,
-        &format!("walrelay_halted{{reason=\"{reason}\"}}"),
-        |v| v == 1,
-        WAIT,
-    )
-    .await;
+    wait_halted(addr, reason, WAIT).await;
     assert!(relay.exited().is_none(), "{}", relay.stderr_text());
     assert_eq!(metric(addr, "walrelay_halted"), 1);
     assert_eq!(http_get(addr, "/healthz").0, 200);

@@ -24,7 +24,7 @@ const REPLICATED: i64 = 5;
 /// finds no problem with the channel), none where the test turned TLS off.
 fn url(pg: &PgServer) -> String {
     let params = match pg.ca_cert_path() {
-        Some(ca) => format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+        Some(_) => pg.verify_full_params(),
         None => "sslmode=disable".to_owned(),
     };
     pg.url(SCRAM_USER, Some(SCRAM_PASSWORD), &params)

@@ -342,6 +342,16 @@ impl PgServer {
         self.ca_cert_path.clone()
     }
 
+    /// The URL query that verifies the server's certificate and host name
+    /// (`sslmode=verify-full` with this cluster's CA); panics without TLS. A
+    /// standby made from a copy of this cluster serves the same certificate.
+    pub fn verify_full_params(&self) -> String {
+        format!(
+            "sslmode=verify-full&sslrootcert={}",
+            self.ca_cert_path().expect("TLS is on").display()
+        )
+    }
+
     /// The cluster's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

@@ -354,6 +354,18 @@ pub async fn wait_for_metric(
     }
 }
 
+/// Waits until the instance at `addr` halted for `reason` (one of
+/// `walrelay_halted`'s reasons): it stays up, not ready, until stopped.
+pub async fn wait_halted(addr: std::net::SocketAddr, reason: &str, timeout: Duration) {
+    wait_for_metric(
+        addr,
+        &format!("walrelay_halted{{reason=\"{reason}\"}}"),
+        |v| v == 1,
+        timeout,
+    )
+    .await;
+}
+
 /// [`metric`] on an exposition already fetched; `None` when no series matches.
 pub fn metric_in(body: &str, name: &str) -> Option<u64> {
     let mut found = None;
